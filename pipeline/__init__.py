@@ -1,0 +1,1 @@
+"""densenet-pipe: DenseNets on Ray, fed by FFCV, tracked in W&B."""

@@ -1,0 +1,47 @@
+"""The `densenet-pipe` command line: thin commands that parse, build a config and make one call.
+
+Nothing here imports torch, ray.train, ffcv or wandb at module level: `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import typer
+from typer.core import TyperGroup
+
+from ..errors import JobFailed, UserError
+from ..models.spec import SpecError
+from . import output
+
+
+class _Group(TyperGroup):
+    """Turns errors a user can fix into one line and an exit code, never a traceback."""
+
+    def invoke(self, ctx):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except (UserError, SpecError, JobFailed) as e:
+            output.error(str(e))
+            raise typer.Exit(code=getattr(e, "exit_code", 2)) from None
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="densenet-pipe",
+    help="Prepare FFCV stores, train and sweep DenseNets on Ray clusters, tracked in W&B.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _register() -> None:
+    from . import models  # noqa: F401  (each module adds its commands to `app`)
+    from . import train  # noqa: F401
+
+
+_register()
+
+
+def main() -> None:
+    app()

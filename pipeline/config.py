@@ -1,0 +1,381 @@
+"""One typed, sectioned config for a run, from recipe + flags + `--set` overrides.
+
+    >>> cfg = load_recipe("cifar")
+    >>> cfg = apply_overrides(cfg, ["optim.lr=0.05", "model.name=densenet40_k12"])
+    >>> cfg.optim.lr
+    0.05
+    >>> Config.from_json(cfg.to_json()) == cfg
+    True
+
+Unknown keys, wrong types and impossible values raise ConfigError with the key's dotted
+path; `validate` also applies the model family's depth and growth-rate rules. Torch-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from .errors import UserError
+from .models import spec as model_spec
+
+
+class ConfigError(UserError, ValueError):
+    """A config that must not be submitted; the message names the key and the fix."""
+
+
+@dataclass
+class ModelSection:
+    name: str = "densenet_bc100_k12"
+    depth: int | None = None
+    growth_rate: int | None = None
+    bottleneck: bool | None = None
+    compression: float | None = None
+    drop_rate: float | None = None
+    # None: taken from the store's manifest when the job starts.
+    num_classes: int | None = None
+    memory_efficient: bool = False
+
+
+@dataclass
+class DataSection:
+    store: str = ""
+    # The paper's "+": 4-pixel translation and horizontal flips for CIFAR; RandomResizedCrop
+    # and flips for ImageNet. SVHN is trained without it.
+    augment: bool = True
+    resolution: int | None = None
+    eval_resolution: int | None = None
+    loader_workers: int = 2
+    os_cache: bool = True
+    channels_last: bool = True
+    # Cap on steps per epoch, for smoke runs; 0 means the whole store.
+    max_steps_per_epoch: int = 0
+
+
+@dataclass
+class OptimSection:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    # Global batch, split evenly across all training workers.
+    batch_size: int = 64
+    # Linear scaling: lr * batch_size / lr_reference_batch when set.
+    lr_reference_batch: int | None = None
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class ScheduleSection:
+    kind: Literal["step", "cosine", "constant"] = "step"
+    # Where the lr is divided: fractions of training for unit "fraction", epochs for "epoch".
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    milestone_unit: Literal["fraction", "epoch"] = "fraction"
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 300
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    compile: bool = False
+    seed: int = 0
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 2
+    log_every_steps: int = 50
+
+
+@dataclass
+class ClusterSection:
+    address: str | None = None
+    nodes: int = 1
+    # None: the GPUs per node when the job asks for GPUs, else 1.
+    workers_per_node: int | None = None
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    storage: str | None = None
+    run_name: str | None = None
+    max_failures: int = 2
+    wait_for_nodes: float = 0.0
+
+
+@dataclass
+class TrackingSection:
+    wandb: Literal["online", "offline", "off"] = "offline"
+    project: str = "densenet-pipe"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        return _from_dict(cls, data, "")
+
+    @classmethod
+    def from_json(cls, text: str) -> "Config":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config is not valid JSON ({e.msg} at line {e.lineno}): "
+                              "pass the file that `densenet-pipe` wrote") from None
+        return cls.from_dict(data)
+
+    def digest(self) -> str:
+        """A short stable hash of the resolved config, for job metadata and run names."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
+
+    def save(self, path: Path) -> Path:
+        """Write the resolved config as JSON atomically (tmp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.to_json() + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> "Config":
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        return cls.from_json(text)
+
+    def model_spec(self) -> model_spec.DenseNetSpec:
+        m = self.model
+        try:
+            spec = model_spec.resolve(
+                m.name, depth=m.depth, growth_rate=m.growth_rate, bottleneck=m.bottleneck,
+                compression=m.compression, drop_rate=m.drop_rate, num_classes=m.num_classes,
+                input_size=self.data.resolution,
+            )
+        except model_spec.SpecError as e:
+            raise ConfigError(f"model: {e}") from None
+        if m.drop_rate is None and not self.data.augment and spec.stem == "cifar":
+            # The paper's rule for CIFAR and SVHN nets trained without augmentation.
+            spec = dataclasses.replace(spec, drop_rate=0.2)
+        return spec
+
+    def epochs_milestones(self) -> list[float]:
+        """LR milestones in epochs, whatever unit the recipe wrote them in."""
+        s = self.schedule
+        if s.milestone_unit == "fraction":
+            return [m * self.train.epochs for m in s.milestones]
+        return list(s.milestones)
+
+
+_SECTIONS = {f.name: f.type for f in fields(Config)}
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (inner,) = get_args(tp)
+        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _from_dict(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]}: {where} takes {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name in known & set(data):
+        tp = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _from_dict(tp, data[name], f"{key}.")
+        else:
+            kwargs[name] = _coerce(tp, data[name], key)
+    return cls(**kwargs)
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` with YAML scalars: `optim.lr=0.05`, `tracking.tags=[a,b]`."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not KEY=VALUE: write e.g. optim.lr=0.05")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise ConfigError(f"override key {key!r} must be section.key, e.g. optim.lr")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Config:
+    """Apply `section.key=value` strings (or a {dotted: value} dict) and re-check every type."""
+    data = cfg.to_dict()
+    items = overrides.items() if isinstance(overrides, dict) else [
+        (".".join(p), v) for p, v in map(parse_override, overrides)]
+    for dotted, value in items:
+        section, key = dotted.split(".", 1) if "." in dotted else (dotted, "")
+        if section not in _SECTIONS:
+            raise ConfigError(f"unknown section {section!r} in {dotted}: sections are "
+                              f"{', '.join(_SECTIONS)}")
+        if key not in data[section]:
+            raise ConfigError(f"unknown key {dotted}: {section} takes "
+                              f"{', '.join(sorted(data[section]))}")
+        data[section][key] = value
+    return Config.from_dict(data)
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("pipeline.recipes").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def load_recipe(name_or_path: str) -> Config:
+    """A recipe by name (`cifar`, `svhn`, `imagenet`, `smoke`) or a YAML file path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read recipe {path}: {e.strerror}") from None
+    else:
+        res = resources.files("pipeline.recipes").joinpath(f"{name_or_path}.yaml")
+        if not res.is_file():
+            raise ConfigError(f"unknown recipe {name_or_path!r}; recipes: "
+                              f"{', '.join(recipe_names())} (or a path to a .yaml file)")
+        text = res.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {name_or_path} is not valid YAML: {e}") from None
+    return Config.from_dict(data)
+
+
+def validate(cfg: Config) -> Config:
+    """Every rule a config must pass before it is submitted; returns it unchanged."""
+    cfg.model_spec()
+    o, s, t, d, c = cfg.optim, cfg.schedule, cfg.train, cfg.data, cfg.cluster
+    checks = [
+        (o.lr > 0, f"optim.lr must be > 0, got {o.lr}"),
+        (0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}"),
+        (o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}"),
+        (o.batch_size >= 1, f"optim.batch_size must be >= 1, got {o.batch_size}"),
+        (o.lr_reference_batch is None or o.lr_reference_batch >= 1,
+         "optim.lr_reference_batch must be >= 1 when set"),
+        (0 <= o.label_smoothing < 1, f"optim.label_smoothing must be in [0, 1), got {o.label_smoothing}"),
+        (not (o.nesterov and o.name == "sgd" and o.momentum == 0),
+         "optim.nesterov needs optim.momentum > 0"),
+        (0 < s.gamma <= 1, f"schedule.gamma must be in (0, 1], got {s.gamma}"),
+        (s.warmup_epochs >= 0, "schedule.warmup_epochs must be >= 0"),
+        (t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}"),
+        (s.warmup_epochs <= t.epochs, "schedule.warmup_epochs must not exceed train.epochs"),
+        (t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
+        (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (t.log_every_steps >= 1, "train.log_every_steps must be >= 1"),
+        (d.loader_workers >= 1, "data.loader_workers must be >= 1"),
+        (d.max_steps_per_epoch >= 0, "data.max_steps_per_epoch must be >= 0"),
+        (d.resolution is None or d.resolution >= 8, "data.resolution must be >= 8 pixels"),
+        (c.nodes >= 1, f"cluster.nodes must be >= 1, got {c.nodes}"),
+        (c.workers_per_node is None or c.workers_per_node >= 1, "cluster.workers_per_node must be >= 1"),
+        (c.cpus_per_worker > 0, "cluster.cpus_per_worker must be > 0"),
+        (c.max_failures >= 0, "cluster.max_failures must be >= 0"),
+        (c.wait_for_nodes >= 0, "cluster.wait_for_nodes must be >= 0"),
+        (not (t.amp == "fp16" and not c.use_gpu), "train.amp=fp16 needs GPUs: use bf16 or off on CPUs"),
+    ]
+    if s.milestone_unit == "fraction":
+        checks.append((all(0 < m < 1 for m in s.milestones),
+                       "schedule.milestones must be fractions in (0, 1) with milestone_unit=fraction"))
+    else:
+        checks.append((all(0 < m <= t.epochs for m in s.milestones),
+                       f"schedule.milestones must be epochs in (0, {t.epochs}]"))
+    checks.append((list(s.milestones) == sorted(s.milestones), "schedule.milestones must increase"))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    workers = c.nodes * (c.workers_per_node or 1)
+    if o.batch_size % workers:
+        raise ConfigError(
+            f"global batch {o.batch_size} does not divide across {workers} workers "
+            f"({c.nodes} nodes x {c.workers_per_node or 1}): pick a multiple of {workers}"
+        )
+    return cfg

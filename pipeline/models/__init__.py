@@ -1,0 +1,1 @@
+"""DenseNet architectures: `spec` (torch-free rules), `densenet` (the nets), `flops`."""

@@ -1,0 +1,1 @@
+"""Recipe YAML files; load them with `pipeline.config.load_recipe`."""
