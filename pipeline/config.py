@@ -137,7 +137,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Config":
-        return _from_dict(cls, data, "")
+        return parse_dataclass(cls, data)
 
     @classmethod
     def from_json(cls, text: str) -> "Config":
@@ -244,7 +244,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
 
-def _from_dict(cls: type, data: Any, prefix: str) -> Any:
+def parse_dataclass(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from plain data: unknown keys and wrong types raise ConfigError."""
     where = prefix.rstrip(".") or "config"
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {data!r}")
@@ -260,7 +261,7 @@ def _from_dict(cls: type, data: Any, prefix: str) -> Any:
         tp = hints[name]
         key = f"{prefix}{name}"
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _from_dict(tp, data[name], f"{key}.")
+            kwargs[name] = parse_dataclass(tp, data[name], f"{key}.")
         else:
             kwargs[name] = _coerce(tp, data[name], key)
     return cls(**kwargs)

@@ -46,7 +46,14 @@ export PKG_CONFIG_PATH=$SHIM/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 # The machine's pip config lists local indexes that may be absent; their warnings are noise.
-pip_install() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep -v "is ignored: it is neither" || [ "${PIPESTATUS[0]}" -eq 0 ]; }
+pip_install() {
+  local rc
+  set +e
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep -v "is ignored: it is neither"
+  rc=${PIPESTATUS[0]}
+  set -e
+  return "$rc"
+}
 # torch first: ffcv's dependency pytorch_pfn_extras would otherwise pull an arbitrary torch.
 pip_install "torch==2.14.1" "torchvision==0.29.1"
 pip_install -e ".[dev]"
