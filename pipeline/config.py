@@ -368,7 +368,8 @@ def validate(cfg: Config) -> Config:
                        "schedule.milestones must be fractions in (0, 1) with milestone_unit=fraction"))
     else:
         checks.append((all(0 < m <= t.epochs for m in s.milestones),
-                       f"schedule.milestones must be epochs in (0, {t.epochs}]"))
+                       f"schedule.milestones {s.milestones} must be epochs in (0, {t.epochs}]: set "
+                       "schedule.milestones or use schedule.milestone_unit=fraction"))
     checks.append((list(s.milestones) == sorted(s.milestones), "schedule.milestones must increase"))
     for ok, message in checks:
         if not ok:

@@ -46,14 +46,25 @@ class _DenseLayer(nn.Module):
         else:
             self.conv1 = nn.Conv2d(in_features, growth_rate, kernel_size=3, padding=1, bias=False)
 
-    def _first(self, *features: Tensor) -> Tensor:
-        out = self.conv1(self.relu1(self.norm1(torch.cat(features, 1))))
+    def _first(self, *features: Tensor, state: dict | None = None) -> Tensor:
+        x = torch.cat(features, 1)
+        if state is not None and not state.setdefault("first_pass", True):
+            # Recomputation in backward: same batch statistics, but the running statistics
+            # were already updated once in the forward pass and must not move twice.
+            n = self.norm1
+            x = F.batch_norm(x, n.running_mean.clone(), n.running_var.clone(), n.weight, n.bias,
+                             True, n.momentum or 0.0, n.eps)
+        else:
+            x = self.norm1(x)
+        if state is not None:
+            state["first_pass"] = False
+        out = self.conv1(self.relu1(x))
         # The paper (and its reference code) drops out after every conv but the stem.
         return F.dropout(out, p=self.drop_rate, training=self.training) if self.drop_rate else out
 
     def forward(self, features: list[Tensor]) -> Tensor:
         if self.memory_efficient and self.training and any(f.requires_grad for f in features):
-            out = cp.checkpoint(self._first, *features, use_reentrant=False)
+            out = cp.checkpoint(self._first, *features, state={}, use_reentrant=False)
         else:
             out = self._first(*features)
         if self.bottleneck:

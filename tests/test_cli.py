@@ -1,0 +1,79 @@
+"""The CLI surface that needs no cluster: help, models, config resolution and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.models import spec
+
+runner = CliRunner()
+
+
+def test_help_does_not_import_heavy_modules():
+    code = ("import sys; from typer.testing import CliRunner; from pipeline.cli import app; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+            "print(' '.join(m for m in ('torch', 'ffcv', 'ray.train', 'ray', 'wandb', 'numba') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_models_json_lists_the_whole_zoo():
+    r = runner.invoke(app, ["models", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert [row["name"] for row in rows] == spec.names()
+    for row in rows:
+        assert {"name", "depth", "growth_rate", "bottleneck", "compression", "num_classes",
+                "input_size", "params", "macs"} <= set(row)
+    by_name = {row["name"]: row for row in rows}
+    assert round(by_name["densenet_bc190_k40"]["params"] / 1e6, 1) == 25.6
+    assert by_name["densenet161"]["growth_rate"] == 48
+    assert round(by_name["densenet121"]["macs"] / 1e9, 2) == 2.83
+
+
+def test_models_table_and_overrides():
+    r = runner.invoke(app, ["models"])
+    assert r.exit_code == 0
+    assert "densenet_bc250_k24" in r.stdout and "15.32M" in r.stdout
+    r = runner.invoke(app, ["models", "densenet_bc100_k12", "--growth-rate", "24", "--format", "json"])
+    (row,) = json.loads(r.stdout)
+    assert row["growth_rate"] == 24 and row["depth"] == 100
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["models", "densenet99"], "unknown model 'densenet99'; known models: densenet121"),
+    (["models", "densenet_bc100_k12", "--depth", "101"], "(depth - 4) must be a positive multiple of 6"),
+    (["models", "--format", "xml"], "unknown --format"),
+    (["train", "densenet_bc100_k12", "--depth", "102", "--dry-run"], "multiple of 6"),
+    (["train", "densenet_bc100_k12", "--batch-size", "63", "--nodes", "2", "--dry-run"], "does not divide"),
+    (["train", "densenet_bc100_k12", "--set", "optim.lrr=1", "--dry-run"], "unknown key optim.lrr"),
+    (["train", "resnet50", "--dry-run"], "unknown model 'resnet50'"),
+    (["train", "densenet121", "--epochs", "3", "--dry-run"], "milestones [30.0, 60.0] must be epochs in (0, 3]"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, needle):
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0]
+    assert "Traceback" not in r.output
+
+
+def test_train_dry_run_resolves_recipe_flags_and_sets(tmp_path):
+    out = tmp_path / "cfg.json"
+    r = runner.invoke(app, ["train", "densenet169", "--nodes", "4", "--epochs", "60", "--lr", "0.4",
+                            "--set", "optim.label_smoothing=0.1", "--dry-run", "--save-config", str(out)])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads(r.stdout)
+    assert cfg == json.loads(out.read_text())
+    # ImageNet nets default to the imagenet recipe; flags and --set go on top.
+    assert cfg["optim"]["batch_size"] == 256 and cfg["schedule"]["milestones"] == [30, 60]
+    assert (cfg["cluster"]["nodes"], cfg["train"]["epochs"], cfg["optim"]["lr"]) == (4, 60, 0.4)
+    assert cfg["optim"]["label_smoothing"] == 0.1 and cfg["model"]["name"] == "densenet169"
+    r = runner.invoke(app, ["train", "densenet_bc100_k12", "--dry-run"])
+    assert json.loads(r.stdout)["train"]["epochs"] == 300
