@@ -1,0 +1,228 @@
+"""Read a dataset, write its FFCV store into a temporary folder, verify it, publish it.
+
+    manifest = prepare(PrepareConfig(dataset="cifar10", source="cifar-10-python.tar.gz",
+                                     out="stores/cifar10"), log=print)
+
+Publishing is a rename: the store is written into `.<name>.prepare-<id>/` beside `out`,
+checked (sample counts, labels, sha256 via `open_store`), and only then renamed to `out`.
+Anything that fails or is interrupted removes the temporary folder; one left behind by a
+killed process has no manifest in place of `out`, so nothing reads it. An existing store is
+replaced only with `force`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import UserError
+from .prepare_config import PrepareConfig, validate_prepare
+from .readers import ArraySplit, FileSplit, Source, read_source
+from .store import FORMAT_VERSION, MANIFEST, Manifest, SplitInfo, WriterInfo, md5_file, open_store, sha256_file, write_manifest
+from .writer import DISK_FULL, WriteFailed, WriteSettings, read_labels, write_beton
+
+Log = Callable[[str], None]
+
+
+def writer_settings(cfg: PrepareConfig, src: Source) -> WriteSettings:
+    """Flags win over the card's defaults."""
+    d = src.card.write
+    mode = cfg.write_mode or d.write_mode
+    return WriteSettings(
+        write_mode=mode,
+        max_resolution=cfg.max_resolution if cfg.max_resolution is not None else d.max_resolution,
+        jpeg_quality=cfg.jpeg_quality if cfg.jpeg_quality is not None else d.jpeg_quality,
+        compress_probability=(cfg.compress_probability if cfg.compress_probability is not None
+                              else d.compress_probability),
+        smart_threshold=cfg.smart_threshold if mode == "smart" else None,
+    )
+
+
+def _fixed_size(src: Source, settings: WriteSettings) -> list[int] | None:
+    split = src.splits["train"]
+    if isinstance(split, ArraySplit):
+        h, w = split.images.shape[1:3]
+    elif src.dataset == "synthetic" and src.info["synthetic"]["min_size"] is None:
+        h = w = src.info["synthetic"]["resolution"]
+    else:
+        return None
+    r = settings.max_resolution
+    if r and max(h, w) > r:
+        ratio = r / max(h, w)
+        h, w = int(ratio * h), int(ratio * w)
+    return [int(h), int(w)]
+
+
+def _estimate_bytes(src: Source, settings: WriteSettings) -> int:
+    total = 0
+    for split in src.splits.values():
+        if isinstance(split, FileSplit):
+            side = settings.max_resolution or 500
+            per = side * side * 3 * 0.75
+        elif isinstance(split, ArraySplit):
+            per = int(np.prod(split.images.shape[1:]))
+        else:
+            side = settings.max_resolution or src.info.get("synthetic", {}).get("resolution", 32)
+            per = side * side * 3
+        if settings.write_mode == "jpg":
+            per /= 8
+        elif settings.write_mode == "proportion":
+            per *= 1 - settings.compress_probability * 7 / 8
+        total += int(per * len(split))
+    return total
+
+
+def _check_output(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: choose a folder path for the store")
+    if out.exists() and any(out.iterdir()) and not force:
+        what = "a store" if (out / MANIFEST).exists() else "a non-empty folder"
+        raise UserError(f"{out} is already {what}: pass --force to replace it, or choose another --out")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {parent} ({e.strerror}): choose an --out you can write to") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {parent} (permission denied): choose an --out you can "
+                        "write to, or fix that folder's permissions")
+
+
+def _write_split(name: str, src: Source, tmp: Path, settings: WriteSettings, cfg: PrepareConfig,
+                 log: Log) -> tuple[SplitInfo, list[dict], int]:
+    split = src.splits[name]
+    bad_dir = tmp / f".bad-{name}"
+    bad_dir.mkdir()
+    split.bad_dir = bad_dir
+    path = tmp / f"{name}.beton"
+    indices: list[int] | None = None
+    skipped: dict[int, str] = {}
+    for _ in range(3):
+        page = write_beton(path, split, settings, workers=cfg.workers, indices=indices, log=log, label=name)
+        bad = {int(p.name): p.read_text() for p in bad_dir.iterdir()}
+        new = {i: t for i, t in bad.items() if i not in skipped}
+        for p in bad_dir.iterdir():
+            p.unlink()
+        if not new:
+            break
+        for i in sorted(new):
+            log(f"unreadable image: {new[i].replace(chr(9), ' (', 1)})")
+        if not cfg.skip_bad:
+            first, reason = new[min(new)].split("\t", 1)
+            raise UserError(f"{len(new)} {name} image(s) cannot be read, first {first} ({reason}): "
+                            "replace them, or pass --skip-bad to leave them out (listed in the "
+                            "manifest); nothing was published")
+        skipped.update(new)
+        indices = [i for i in range(len(split)) if i not in skipped]
+        log(f"{name}: rewriting without {len(skipped)} unreadable image(s)")
+    else:
+        raise UserError(f"{name}: images keep failing to decode in different ways; check the disk")
+    if indices is not None and not indices:
+        raise UserError(f"every {name} image is unreadable: check --source")
+    bad_dir.rmdir()
+    expected = split.labels if indices is None else split.labels[indices]
+    count, labels = read_labels(path)
+    if count != len(expected) or not np.array_equal(labels, expected):
+        raise RuntimeError(f"{path} verification failed: {count} samples, expected {len(expected)}")
+    info = SplitInfo(file=path.name, count=count, sha256=sha256_file(path), bytes=path.stat().st_size)
+    skipped_list = [dict(zip(("path", "reason"), skipped[i].split("\t", 1)), split=name) for i in sorted(skipped)]
+    return info, skipped_list, page
+
+
+def _sources(src: Source, log: Log) -> list[dict]:
+    card_md5 = {f.name: f.md5 for f in src.card.files if f.md5}
+    out = []
+    for f in src.files:
+        log(f"checksumming {f}")
+        digest = md5_file(f)
+        want = card_md5.get(f.name)
+        if want and want != digest:
+            src.notes.append(f"md5 of {f.name} is {digest}, the card says {want} (a different release?)")
+        out.append({"name": f.name, "path": str(f), "bytes": f.stat().st_size, "md5": digest,
+                    "matches_card": None if not want else want == digest})
+    return out
+
+
+def _publish(tmp: Path, out: Path, force: bool) -> None:
+    old = None
+    if out.exists():
+        if not force and any(out.iterdir()):
+            raise UserError(f"{out} appeared while preparing: pass --force to replace it")
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare(cfg: PrepareConfig, log: Log = print) -> Manifest:
+    """Write the store `cfg.out` from `cfg.source`; returns its verified Manifest."""
+    validate_prepare(cfg)
+    out = Path(cfg.out).expanduser().absolute()
+    _check_output(out, cfg.force)
+    src = read_source(cfg)
+    settings = writer_settings(cfg, src)
+    sizes = ", ".join(f"{k} {len(v):,}" for k, v in src.splits.items())
+    log(f"{src.dataset}: {len(src.classes)} classes, {sizes}; writing {settings.write_mode} "
+        f"(max resolution {settings.max_resolution or 'none'}) with {cfg.workers} workers")
+    need = _estimate_bytes(src, settings)
+    free = shutil.disk_usage(out.parent).free
+    if need > free:
+        raise UserError(f"not enough disk space for {out}: about {need / 2**30:.1f} GiB needed, "
+                        f"{free / 2**30:.1f} GiB free; free some space or choose another --out")
+    tmp = out.parent / f".{out.name}.prepare-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        sources = _sources(src, log)
+        splits, skipped, page = {}, [], 0
+        for name in ("train", "val"):
+            splits[name], bad, page = _write_split(name, src, tmp, settings, cfg, log)
+            skipped += bad
+        card = src.card
+        manifest = Manifest(
+            format_version=FORMAT_VERSION, dataset=src.dataset, num_classes=len(src.classes),
+            classes=list(src.classes), splits=splits,
+            fields={"image": {"type": "RGBImageField"}, "label": {"type": "IntField"}},
+            writer=WriterInfo(write_mode=settings.write_mode, max_resolution=settings.max_resolution,
+                              jpeg_quality=settings.jpeg_quality,
+                              compress_probability=settings.compress_probability,
+                              smart_threshold=settings.smart_threshold,
+                              page_size=page),
+            mean=list(card.mean), std=list(card.std), resolution=card.resolution,
+            eval_resolution=card.eval_resolution, family=card.family, augment=card.augment,
+            fixed_size=_fixed_size(src, settings), sources=sources, skipped=skipped,
+            card_differences=list(src.notes), info=src.info,
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+        write_manifest(tmp, manifest)
+        open_store(tmp)
+        for note in src.notes:
+            log(f"note: {note}")
+        if skipped:
+            log(f"skipped {len(skipped)} unreadable image(s); they are listed in {MANIFEST}")
+        _publish(tmp, out, cfg.force)
+    except WriteFailed as e:
+        if e.disk_full:
+            raise UserError(f"disk full while writing {out} ({e.message}): free some space or "
+                            "choose --out on a larger disk; nothing was published") from None
+        raise
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise UserError(f"disk full while writing {out} ({e.strerror}): free some space or "
+                            "choose --out on a larger disk; nothing was published") from None
+        if isinstance(e, PermissionError):
+            raise UserError(f"permission denied writing {e.filename or out}: choose an --out you "
+                            "can write to") from None
+        raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log(f"wrote {out}: train {splits['train'].count:,}, val {splits['val'].count:,} images, "
+        f"{(splits['train'].bytes + splits['val'].bytes) / 2**20:,.1f} MiB")
+    return open_store(out)
