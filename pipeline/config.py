@@ -91,6 +91,8 @@ class TrainSection:
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     compile: bool = False
     seed: int = 0
+    # Continue the run named cluster.run_name from its latest checkpoint.
+    resume: bool = False
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
     log_every_steps: int = 50
@@ -193,6 +195,7 @@ class Config:
 
 
 _SECTIONS = {f.name: f.type for f in fields(Config)}
+_BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
 
 
 def _type_name(tp: Any) -> str:
@@ -221,7 +224,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 continue
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
-        if value in get_args(tp):
+        if isinstance(value, bool):
+            # YAML 1.1 reads a bare off/on/no/yes as a boolean.
+            value = {False: "off", True: "on"}[value] if {"off", "on"} & set(get_args(tp)) else value
+        if value in get_args(tp) and not isinstance(value, bool):
             return value
         raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
     if origin is list:
@@ -232,6 +238,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -282,6 +290,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = key.strip().split(".")
     if len(path) != 2 or not all(path):
         raise ConfigError(f"override key {key!r} must be section.key, e.g. optim.lr")
+    if raw.strip().lower() in _BOOL_WORDS and raw.strip().lower() not in ("true", "false"):
+        # Left as a word: a bool field takes it as a bool, a choice field as its name.
+        return path, raw.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:

@@ -97,3 +97,10 @@ def test_recipe_files_and_errors(tmp_path):
     (tmp_path / "bad.yaml").write_text("model: [")
     with pytest.raises(C.ConfigError, match="not valid YAML"):
         C.load_recipe(str(tmp_path / "bad.yaml"))
+
+
+def test_yaml_words_for_choices_and_bools():
+    cfg = C.apply_overrides(C.load_recipe("cifar"), ["tracking.wandb=off", "data.augment=no"])
+    assert cfg.tracking.wandb == "off" and cfg.data.augment is False
+    cfg = C.Config.from_dict({"tracking": {"wandb": False}, "data": {"augment": "yes"}})
+    assert cfg.tracking.wandb == "off" and cfg.data.augment is True

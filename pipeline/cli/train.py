@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from .. import config as C
+from ..errors import UserError
 from ..models import spec
 from . import app, output
 from .options import Address, Detach, Recipe, Sets, StopOnInterrupt
@@ -51,7 +53,9 @@ def train(
     memory_efficient: Annotated[Optional[bool], typer.Option("--memory-efficient/--no-memory-efficient")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Checkpoints and results: folder or URI.")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Run name (default: model and config hash).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Run name (default: model and start time).")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Continue the run NAME from its latest checkpoint.")] = None,
+    wait_for_nodes: Annotated[Optional[float], typer.Option(help="Seconds to wait for an autoscaling cluster to have --nodes.")] = None,
     wandb: Annotated[Optional[str], typer.Option(help="online, offline or off.")] = None,
     wandb_project: Annotated[Optional[str], typer.Option(help="W&B project.")] = None,
     sets: Sets = None,
@@ -71,12 +75,54 @@ def train(
         "model.memory_efficient": memory_efficient, "train.compile": compile,
         "cluster.storage": storage, "cluster.run_name": name, "tracking.wandb": wandb,
         "tracking.project": wandb_project, "cluster.address": address,
+        "cluster.wait_for_nodes": wait_for_nodes,
     }, sets)
+    if resume:
+        if name and name != resume:
+            raise UserError(f"--resume {resume} and --name {name} disagree: give only --resume")
+        cfg = C.apply_overrides(cfg, {"cluster.run_name": resume, "train.resume": True})
+    cfg = finalize_paths(cfg, address)
     if save_config:
         cfg.save(save_config)
     if dry_run:
         output.result(cfg.to_json())
         return
-    from ..errors import UserError
+    code = submit_job("train", cfg, address, detach, stop_on_interrupt)
+    raise typer.Exit(code)
 
-    raise UserError("training jobs are not available yet in this build: use --dry-run to check a config")
+
+def finalize_paths(cfg: C.Config, address: str | None) -> C.Config:
+    """Absolute store and storage paths, and a run name, fixed before the job is submitted.
+
+    The job runs in a copy of the project, so relative paths would point into that copy. On
+    the embedded cluster the default storage is ./runs; a remote cluster's default is its
+    own ~/densenet-pipe/runs, resolved by the job.
+    """
+    updates: dict[str, Any] = {}
+    if cfg.data.store and "://" not in cfg.data.store:
+        store = Path(cfg.data.store).expanduser()
+        if address is None and not store.exists():
+            raise UserError(f"store {cfg.data.store} does not exist: run `densenet-pipe prepare` "
+                            "first or fix --data")
+        updates["data.store"] = str(store.resolve()) if address is None else str(store)
+    if not cfg.data.store:
+        raise UserError("no training data: pass --data STORE (a folder made by `densenet-pipe prepare`)")
+    if cfg.cluster.storage is None and address is None:
+        updates["cluster.storage"] = str(Path("runs").resolve())
+    elif cfg.cluster.storage and "://" not in cfg.cluster.storage and address is None:
+        updates["cluster.storage"] = str(Path(cfg.cluster.storage).expanduser().resolve())
+    if cfg.cluster.run_name is None:
+        updates["cluster.run_name"] = f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return C.apply_overrides(cfg, updates) if updates else cfg
+
+
+def submit_job(job: str, cfg: C.Config, address: str | None, detach: bool, stop_on_interrupt: bool) -> int:
+    from .. import submit
+
+    c = cfg.cluster
+    wpn = c.workers_per_node or 1
+    resources = {"nodes": c.nodes, "cpus_per_node": wpn * c.cpus_per_worker,
+                 "gpus_per_node": wpn if c.use_gpu else 0}
+    return submit.run_job(job, cfg.to_dict(), address=address, detach=detach,
+                          stop_on_interrupt=stop_on_interrupt, resources=resources,
+                          wait_for_nodes=c.wait_for_nodes)

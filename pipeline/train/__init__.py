@@ -1,0 +1,1 @@
+"""Training: the Ray Train worker loop, optimizer and schedules, AMP, checkpoints."""

@@ -1,0 +1,259 @@
+"""The Ray Train worker loop: one process per DDP rank.
+
+`train_worker` is what `TorchTrainer` runs on every worker. Distributed code lives here and
+nowhere else: one unwrapped-model handle, one `primary` gate for side effects (printing,
+W&B, writing checkpoints), and every rank calls `ray.train.report` once per epoch (it is a
+barrier). Determinism: each epoch re-seeds torch from (seed, epoch, rank) and the loader
+order from (seed, epoch), so a run resumed from epoch e continues exactly as an
+uninterrupted one would (with data augmentation off; FFCV's augmentations draw from
+numba's unseeded generator).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import Config
+from ..models.densenet import build
+from ..tracking import Tracker
+from . import amp, checkpoint, optim
+
+
+def _seed(seed: int, epoch: int, rank: int) -> None:
+    s = (seed * 1_000_003 + epoch * 1009 + rank) % 2**31
+    torch.manual_seed(s)
+    random.seed(s)
+
+
+def _sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    hit = top.eq(labels[:, None])
+    return int(hit[:, 0].sum()), int(hit.any(dim=1).sum())
+
+
+def _progress(epoch: int, epochs: int, step: int, steps: int, loss: float, lr: float,
+              img_s: float, elapsed: float) -> str:
+    remaining_steps = steps - step + (epochs - epoch - 1) * steps
+    eta = remaining_steps * (elapsed / max(step, 1))
+    return (f"epoch {epoch + 1}/{epochs} step {step}/{steps} loss {loss:.4f} lr {lr:.4g} "
+            f"img/s {img_s:,.0f} eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+
+
+def shard_size(total: int, rank: int, world: int) -> int:
+    """How many samples rank `rank` owns before FFCV's sampler pads the shards to equal size."""
+    return len(range(rank, total, world))
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from ..data.loaders import make_loader
+
+    cfg = Config.from_dict(loop_config["config"])
+    run_dir = Path(loop_config["run_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    primary = rank == 0
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
+
+    node_ids = [ray.get_runtime_context().get_node_id()]
+    if world > 1:
+        node_ids = [None] * world
+        dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
+    if len(set(node_ids)) != cfg.cluster.nodes:
+        raise RuntimeError(f"{world} workers landed on {len(set(node_ids))} nodes, not the "
+                           f"{cfg.cluster.nodes} asked for")
+    if primary:
+        print(f"{world} workers on {len(set(node_ids))} nodes: "
+              + ", ".join(f"rank {r}: {n[:8]}" for r, n in enumerate(node_ids)), flush=True)
+
+    per_worker = cfg.optim.batch_size // world
+    threads_before = torch.get_num_threads()
+    train_loader, manifest = make_loader(
+        cfg.data.store, "train", per_worker, cfg.data, distributed=world > 1,
+        seed=cfg.train.seed, channels_last=cfg.data.channels_last)
+    val_loader, _ = make_loader(
+        cfg.data.store, "val", per_worker, cfg.data, distributed=world > 1,
+        seed=cfg.train.seed, channels_last=cfg.data.channels_last)
+    # Building an FFCV Loader sets torch's thread count to its worker count.
+    torch.set_num_threads(threads_before)
+    val_total = manifest.splits["val"].count
+    val_mine = shard_size(val_total, rank, world) if world > 1 else val_total
+
+    spec = cfg.model_spec()
+    spec = dataclasses.replace(spec, num_classes=manifest.num_classes)
+    _seed(cfg.train.seed, 0, 0)
+    model = build(spec, memory_efficient=cfg.model.memory_efficient).to(device)
+    if cfg.data.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = optim.build_optimizer(model, cfg)
+    steps = len(train_loader)
+    if cfg.data.max_steps_per_epoch:
+        steps = min(steps, cfg.data.max_steps_per_epoch)
+    scheduler = optim.build_scheduler(optimizer, steps, cfg)
+    dtype = amp.resolve_dtype(cfg.train.amp, device)
+    scaler = amp.grad_scaler(device, dtype)
+
+    start_epoch, history, best = 0, [], math.inf
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as folder:
+            state = checkpoint.load(Path(folder), map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, history = state["epoch"], list(state["history"])
+        best = min((h["val_top1_error"] for h in history), default=math.inf)
+        if primary:
+            print(f"resumed from epoch {start_epoch} ({folder})", flush=True)
+
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        net = torch.compile(net)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+
+    tracker = Tracker.start(cfg, run_id=loop_config["run_name"], run_dir=run_dir,
+                            group=cfg.tracking.group, primary=primary)
+    if primary and tracker.active:
+        tracker.use_dataset(Path(manifest.path) / "manifest.json", name=f"{manifest.dataset}-store",
+                            metadata={"dataset": manifest.dataset, "path": manifest.path,
+                                      "splits": {k: v.count for k, v in manifest.splits.items()}})
+        tracker.summary({"params": sum(p.numel() for p in model.parameters()),
+                         "macs": spec.complexity()["macs"], "workers": world,
+                         "nodes": len(set(node_ids))})
+
+    epochs = cfg.train.epochs
+    for epoch in range(start_epoch, epochs):
+        _seed(cfg.train.seed, epoch, rank)
+        train_loader.next_epoch = epoch
+        net.train()
+        t0 = time.perf_counter()
+        sums = [0.0, 0.0, 0.0, 0.0]  # loss * n, top-1 hits, top-5 hits, n
+        for step, (images, labels) in enumerate(train_loader, start=1):
+            if step > steps:
+                break
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with amp.autocast(device, dtype):
+                logits = net(images)
+                loss = criterion(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            n = labels.shape[0]
+            c1, c5 = _topk_correct(logits.detach(), labels)
+            sums = [sums[0] + loss.item() * n, sums[1] + c1, sums[2] + c5, sums[3] + n]
+            if primary and (step % cfg.train.log_every_steps == 0 or step == steps):
+                elapsed = time.perf_counter() - t0
+                lr = optimizer.param_groups[0]["lr"]
+                img_s = sums[3] * world / elapsed
+                print(_progress(epoch, epochs, step, steps, sums[0] / sums[3], lr, img_s, elapsed),
+                      flush=True)
+                tracker.log({"step/loss": loss.item(), "step/lr": lr, "step/images_per_s": img_s,
+                             "epoch": epoch + step / steps}, step=epoch * steps + step)
+        train_time = time.perf_counter() - t0
+        loss_sum, c1, c5, n = _sum(sums, device)
+
+        net.eval()
+        vsums = [0.0, 0.0, 0.0, 0.0]
+        seen = 0
+        with torch.no_grad(), amp.autocast(device, dtype):
+            for images, labels in val_loader:
+                keep = min(labels.shape[0], val_mine - seen)
+                if keep <= 0:
+                    break
+                seen += labels.shape[0]
+                images, labels = images[:keep].to(device), labels[:keep].to(device)
+                logits = net(images).float()
+                vl = nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+                v1, v5 = _topk_correct(logits, labels)
+                vsums = [vsums[0] + vl, vsums[1] + v1, vsums[2] + v5, vsums[3] + keep]
+        vloss, v1, v5, vn = _sum(vsums, device)
+        epoch_time = time.perf_counter() - t0
+
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / n,
+            "train_top1_error": 1 - c1 / n,
+            "train_top5_error": 1 - c5 / n,
+            "val_loss": vloss / vn,
+            "val_top1_error": 1 - v1 / vn,
+            "val_top5_error": 1 - v5 / vn,
+            "images_per_s": n / train_time,
+            "epoch_time_s": epoch_time,
+            "lr": optimizer.param_groups[0]["lr"],
+            "peak_memory_mib": max(_sum([_peak_memory_mib(device)], device)[0] / world, 0.0),
+        }
+        history.append(row)
+        is_best = row["val_top1_error"] < best
+        best = min(best, row["val_top1_error"])
+        if primary:
+            print("epoch {epoch}/{0}: train loss {train_loss:.4f} top-1 err {train_top1_error:.4f}"
+                  " | val loss {val_loss:.4f} top-1 err {val_top1_error:.4f} top-5 err "
+                  "{val_top5_error:.4f} | {images_per_s:,.0f} img/s, {epoch_time_s:.1f} s".format(
+                      epochs, **row), flush=True)
+            tracker.log({f"epoch/{k}": v for k, v in row.items()}, step=(epoch + 1) * steps)
+
+        save_now = (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == epochs
+        with tempfile.TemporaryDirectory(prefix="densenet-ckpt-") as tmp:
+            ckpt = None
+            name = f"epoch-{epoch + 1:04d}"
+            if save_now and primary:
+                checkpoint.save(Path(tmp), {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "config": cfg.to_dict(),
+                    "spec": spec.to_dict(),
+                    "store": {"path": manifest.path, "dataset": manifest.dataset,
+                              "manifest_sha256": loop_config.get("manifest_sha256", "")},
+                    "placement": node_ids,
+                    "rng": {"torch": torch.get_rng_state()},
+                })
+                ckpt = Checkpoint.from_directory(tmp)
+            ray.train.report(row, checkpoint=ckpt, checkpoint_dir_name=name if save_now else None)
+        if primary and save_now and tracker.active:
+            aliases = ["latest"] + (["best"] if is_best else [])
+            tracker.log_checkpoint(run_dir / name, name=f"{loop_config['run_name']}-model",
+                                   aliases=aliases, metadata=row)
+    if primary:
+        tracker.finish(summary={"best_val_top1_error": best,
+                                "final_val_top1_error": history[-1]["val_top1_error"] if history else None})

@@ -1,0 +1,133 @@
+"""Builds and runs the Ray Train `TorchTrainer` for one training run (inside the train job).
+
+    result = run(cfg)     # cfg validated; cfg.data.store, cluster.storage, cluster.run_name set
+
+`--nodes N` means N Ray nodes: with one worker a node the workers are placed STRICT_SPREAD,
+with several they are packed node by node, and the worker loop checks the node ids it got.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from ..errors import JobFailed, UserError
+
+
+@dataclass
+class Placement:
+    nodes: int
+    workers_per_node: int
+    cpus_per_worker: float
+    use_gpu: bool
+
+    @property
+    def num_workers(self) -> int:
+        return self.nodes * self.workers_per_node
+
+
+def _alive_nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def plan_placement(cfg: Config) -> Placement:
+    """Workers per node and a check that the cluster can hold them, waiting if allowed."""
+    c = cfg.cluster
+    deadline = time.monotonic() + c.wait_for_nodes
+    while True:
+        nodes = _alive_nodes()
+        wpn = c.workers_per_node
+        if wpn is None:
+            gpus = [int(n.get("GPU", 0)) for n in nodes if n.get("GPU", 0) >= 1]
+            wpn = min(gpus) if c.use_gpu and gpus else 1
+        fits = [n for n in nodes
+                if n.get("CPU", 0) >= wpn * c.cpus_per_worker and (not c.use_gpu or n.get("GPU", 0) >= wpn)]
+        if len(fits) >= c.nodes:
+            return Placement(c.nodes, wpn, c.cpus_per_worker, c.use_gpu)
+        if time.monotonic() >= deadline:
+            have = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes) or "none"
+            need = f"{wpn * c.cpus_per_worker:g} CPU" + (f" + {wpn} GPU" if c.use_gpu else "")
+            raise UserError(
+                f"the cluster cannot place {c.nodes} node(s) x {wpn} worker(s) ({need} a node): it has "
+                f"{len(nodes)} alive node(s) [{have}]; use fewer --nodes, add nodes, or "
+                "--wait-for-nodes SECONDS for an autoscaling cluster")
+        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.cluster.storage) / cfg.cluster.run_name
+
+
+def check_run_dir(cfg: Config, resume: bool) -> Path:
+    folder = run_dir(cfg)
+    if resume and not folder.is_dir():
+        raise UserError(f"no run {cfg.cluster.run_name!r} under {cfg.cluster.storage} to resume: "
+                        "check --resume NAME and --storage")
+    if not resume and folder.exists():
+        raise UserError(f"run {cfg.cluster.run_name!r} already exists in {cfg.cluster.storage}: "
+                        "pass --resume NAME to continue it, or --name for a new run")
+    return folder
+
+
+def latest_history(folder: Path) -> list[dict[str, Any]]:
+    from . import checkpoint
+
+    try:
+        return list(checkpoint.load(folder)["history"])
+    except UserError:
+        return []
+
+
+def run(cfg: Config, manifest_sha256: str = "") -> Path:
+    """Train; returns the run folder (checkpoints, config.json, history.json, curves.png)."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .loop import train_worker
+    from .plots import training_curves
+
+    resume = cfg.train.resume
+    folder = check_run_dir(cfg, resume)
+    placement = plan_placement(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg.save(folder / "config.json")
+    print(f"run {cfg.cluster.run_name}: {placement.num_workers} worker(s) on {placement.nodes} node(s), "
+          f"global batch {cfg.optim.batch_size}, folder {folder}", flush=True)
+
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(folder),
+                           "run_name": cfg.cluster.run_name, "manifest_sha256": manifest_sha256},
+        torch_config=TorchConfig(backend="nccl" if placement.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=placement.num_workers, use_gpu=placement.use_gpu,
+            resources_per_worker={"CPU": placement.cpus_per_worker, **({"GPU": 1} if placement.use_gpu else {})},
+            placement_strategy="STRICT_SPREAD" if placement.workers_per_node == 1 else "PACK",
+        ),
+        run_config=RunConfig(
+            name=cfg.cluster.run_name, storage_path=cfg.cluster.storage,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute="val_top1_error", checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+        ),
+    )
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise JobFailed(f"training failed: {str(e).strip().splitlines()[-1][:300]}") from e
+    history = latest_history(folder)
+    (folder / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    if history:
+        training_curves(history, folder / "curves.png", f"{cfg.cluster.run_name} ({cfg.model_spec().name})")
+        best = min(history, key=lambda h: h["val_top1_error"])
+        print(f"done: best val top-1 error {best['val_top1_error']:.4f} at epoch {best['epoch']}; "
+              f"curves {folder / 'curves.png'}", flush=True)
+    return folder

@@ -1,0 +1,82 @@
+"""W&B on a real offline run: config, metrics, dataset and model artifacts; trouble is not fatal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline import config as C
+from pipeline.tracking import Tracker, resolve_mode
+
+
+@pytest.fixture
+def no_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_ARTIFACT_DIR", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+
+
+def test_modes_without_a_key(no_key):
+    assert resolve_mode("online") == "offline"
+    assert resolve_mode("offline") == "offline"
+    assert resolve_mode("off") == "disabled"
+
+
+@pytest.mark.timeout(120)
+def test_offline_run_records_config_metrics_and_artifacts(no_key, tmp_path, capsys):
+    cfg = C.apply_overrides(C.load_recipe("smoke"), ["tracking.wandb=online", "tracking.tags=[test]"])
+    run_dir = tmp_path / "run"
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"dataset": "synthetic"}))
+    ckpt = tmp_path / "run" / "epoch-0001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "checkpoint.pt").write_bytes(b"weights")
+    tracker = Tracker.start(cfg, run_id="smoke-1", run_dir=run_dir)
+    assert tracker.active and tracker.mode == "offline"
+    assert "wandb sync" in capsys.readouterr().out
+    tracker.use_dataset(manifest, name="synthetic-store", metadata={"splits": {"train": 10}})
+    for step in range(1, 4):
+        tracker.log({"step/loss": 1.0 / step}, step=step)
+    tracker.log_checkpoint(ckpt, name="smoke-1-model", aliases=["latest", "best"], metadata={"epoch": 1})
+    tracker.finish(summary={"best_val_top1_error": 0.25})
+    assert not tracker.active
+    (offline,) = (run_dir / "wandb").glob("offline-run-*smoke-1")
+    (data,) = offline.glob("*.wandb")
+    assert data.stat().st_size > 0
+    assert "warning" not in capsys.readouterr().err
+    record = data.read_bytes()
+    for needle in (b"densenet_simple", b"synthetic-store", b"smoke-1-model", b"best_val_top1_error", b"step/loss"):
+        assert needle in record, needle
+    # Nothing was staged under the home folder: the run keeps its own artifact dirs.
+    assert (run_dir / "wandb" / "data").exists() or (run_dir / "wandb" / "cache").exists()
+
+
+def test_other_ranks_and_off_do_nothing(no_key, tmp_path):
+    cfg = C.load_recipe("smoke")
+    assert not Tracker.start(cfg, run_id="x", run_dir=tmp_path, primary=False).active
+    off = C.apply_overrides(cfg, ["tracking.wandb=off"])
+    t = Tracker.start(off, run_id="x", run_dir=tmp_path)
+    assert not t.active
+    t.log({"a": 1})
+    t.finish()
+    assert not (tmp_path / "wandb").exists()
+
+
+@pytest.mark.timeout(120)
+def test_wandb_trouble_warns_and_training_goes_on(no_key, tmp_path, capsys):
+    tracker = Tracker.start(C.load_recipe("smoke"), run_id="broken", run_dir=tmp_path / "run")
+    assert tracker.active
+
+    def refuse(*_a, **_k):
+        raise ConnectionError("W&B is unreachable")
+
+    tracker.run.log = refuse
+    tracker.log({"loss": 1.0}, step=1)
+    err = capsys.readouterr().err
+    assert "warning: W&B log failed, training goes on" in err and "unreachable" in err
+    assert not tracker.active
+    tracker.log({"loss": 0.5}, step=2)
+    tracker.finish()

@@ -1,0 +1,118 @@
+"""Training parts that need no cluster: optimizer groups, schedules, AMP, checkpoints, W&B offline."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline import config as C
+from pipeline.errors import UserError
+from pipeline.models.densenet import build
+from pipeline.models.spec import resolve
+from pipeline.train import amp, checkpoint, optim
+
+
+def test_no_weight_decay_on_any_norm_or_bias_chosen_by_module_type():
+    model = build(resolve("densenet121", num_classes=10))
+    decay, no_decay = optim.param_groups(model, 1e-4)
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    # norm0, norm1/norm2 in every layer, transition norms, norm5: names with no "bn" in them.
+    assert len(norms) == 1 + 2 * 58 + 3 + 1
+    no_decay_ids = {id(p) for p in no_decay["params"]}
+    for m in norms:
+        assert id(m.weight) in no_decay_ids and id(m.bias) in no_decay_ids
+    assert id(model.classifier.bias) in no_decay_ids
+    decay_ids = {id(p) for p in decay["params"]}
+    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(id(w) in decay_ids for w in convs) and id(model.classifier.weight) in decay_ids
+    assert len(decay_ids) + len(no_decay_ids) == len(list(model.parameters()))
+
+
+def test_step_schedule_divides_by_10_at_half_and_three_quarters():
+    cfg = C.load_recipe("cifar")
+    steps = 10
+    f = [optim.lr_factor(s, steps, cfg) for s in range(300 * steps)]
+    assert f[0] == 1 and f[150 * steps - 1] == 1
+    assert f[150 * steps] == pytest.approx(0.1) and f[225 * steps - 1] == pytest.approx(0.1)
+    assert f[225 * steps] == pytest.approx(0.01) and f[-1] == pytest.approx(0.01)
+    imagenet = C.load_recipe("imagenet")
+    assert optim.lr_factor(30 * steps, steps, imagenet) == pytest.approx(0.1)
+    assert optim.lr_factor(60 * steps, steps, imagenet) == pytest.approx(0.01)
+
+
+def test_cosine_with_warmup_is_stepped_per_iteration():
+    cfg = C.apply_overrides(C.load_recipe("cifar"), [
+        "schedule.kind=cosine", "schedule.milestones=[]", "schedule.warmup_epochs=2", "train.epochs=10"])
+    steps = 4
+    f = [optim.lr_factor(s, steps, cfg) for s in range(10 * steps)]
+    assert f[:8] == pytest.approx([(i + 1) / 8 for i in range(8)])
+    assert f[8] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[8:], f[9:]))
+    assert f[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 31 / 32)))
+
+
+def test_linear_lr_scaling_and_scheduler_state_round_trip():
+    cfg = C.apply_overrides(C.load_recipe("imagenet"), ["optim.batch_size=1024", "optim.lr_reference_batch=256"])
+    assert optim.base_lr(cfg) == pytest.approx(0.4)
+    model = build(resolve("densenet_simple"))
+    opt = optim.build_optimizer(model, cfg)
+    assert opt.param_groups[0]["nesterov"] and opt.param_groups[0]["momentum"] == 0.9
+    sched = optim.build_scheduler(opt, 5, cfg)
+    for _ in range(30 * 5):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.04)
+    again = optim.build_scheduler(optim.build_optimizer(model, cfg), 5, cfg)
+    again.load_state_dict(sched.state_dict())
+    assert again.last_epoch == 150
+
+
+def test_amp_defaults_to_bf16_on_cpu_and_scales_only_fp16():
+    cpu = torch.device("cpu")
+    assert amp.resolve_dtype("auto", cpu) is torch.bfloat16
+    assert amp.resolve_dtype("off", cpu) is None
+    assert not amp.grad_scaler(cpu, torch.bfloat16).is_enabled()
+    with amp.autocast(cpu, torch.bfloat16):
+        y = nn.Linear(4, 4)(torch.randn(2, 4))
+    assert y.dtype is torch.bfloat16
+
+
+def _state(model):
+    return {"model": model.state_dict(), "epoch": 3, "history": [{"epoch": 3, "val_top1_error": 0.5}],
+            "config": C.load_recipe("smoke").to_dict(), "rng": {"torch": torch.get_rng_state()}}
+
+
+def test_checkpoint_round_trip_and_newest(tmp_path):
+    model = build(resolve("densenet_simple"))
+    for epoch in (1, 2, 10):
+        checkpoint.save(tmp_path / f"epoch-{epoch:04d}", {**_state(model), "epoch": epoch})
+    assert checkpoint.find(tmp_path).parent.name == "epoch-0010"
+    state = checkpoint.load(tmp_path / "epoch-0002")
+    assert state["epoch"] == 2 and (tmp_path / "epoch-0002" / "config.json").is_file()
+    fresh = build(resolve("densenet_simple"))
+    fresh.load_state_dict(state["model"])
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_corrupt_or_foreign_checkpoints_are_user_errors(tmp_path):
+    good = checkpoint.save(tmp_path / "epoch-0001", _state(build(resolve("densenet_simple"))))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(UserError, match="corrupt"):
+        checkpoint.load(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save([1, 2, 3], foreign)
+    with pytest.raises(UserError, match="not a densenet-pipe checkpoint"):
+        checkpoint.load(foreign)
+    with pytest.raises(UserError, match="does not exist"):
+        checkpoint.load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no checkpoint in"):
+        checkpoint.load(tmp_path / "empty")
