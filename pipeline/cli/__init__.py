@@ -37,6 +37,7 @@ app = typer.Typer(
 
 def _register() -> None:
     from . import models  # noqa: F401  (each module adds its commands to `app`)
+    from . import prepare  # noqa: F401
     from . import train  # noqa: F401
 
 

@@ -1,0 +1,89 @@
+"""`densenet-pipe prepare`: check the flags, then submit the `prepare` job to Ray."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ..data.prepare_config import DATASETS, PrepareConfig, validate_prepare
+from ..errors import UserError
+from . import app, output
+from .options import Address, Detach, StopOnInterrupt
+
+
+def build_prepare_config(dataset: str, flags: dict[str, Any], synthetic: dict[str, Any],
+                         *, local: bool) -> PrepareConfig:
+    """Flags (only those given) into a validated PrepareConfig.
+
+    With a local cluster the job sees this machine's files: paths become absolute (the job
+    runs in a copy of the working directory) and are checked here, before submitting.
+    """
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+    data: dict[str, Any] = {"dataset": dataset}
+    data.update({k: v for k, v in flags.items() if v is not None})
+    data.setdefault("out", str(Path("stores") / dataset))
+    data["synthetic"] = {k: v for k, v in synthetic.items() if v is not None}
+    cfg = validate_prepare(PrepareConfig.from_dict(data))
+    if local:
+        out = Path(cfg.out).expanduser().absolute()
+        cfg.out = str(out)
+        if cfg.source:
+            source = Path(cfg.source).expanduser().absolute()
+            if not source.exists():
+                raise UserError(f"source {source} does not exist: pass --source with the path "
+                                f"to the official {dataset} files (see datasets/README.md)")
+            cfg.source = str(source)
+        if out.exists() and not cfg.force and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(f"{out} already exists: pass --force to replace it, or choose another --out")
+        parent = next((p for p in out.parents if p.exists()), None)
+        if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+            raise UserError(f"cannot write to {parent} (permission denied): choose an --out you can write to")
+    return cfg
+
+
+@app.command("prepare")
+def prepare(
+    dataset: Annotated[str, typer.Argument(help=f"One of: {', '.join(DATASETS)}.")],
+    source: Annotated[Optional[str], typer.Option(help="Official archive/.mat/folder (see datasets/README.md).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Store directory to write (default: stores/DATASET).")] = None,
+    max_resolution: Annotated[Optional[int], typer.Option(help="Longest side in pixels; larger images are downscaled.")] = None,
+    write_mode: Annotated[Optional[str], typer.Option(help="raw, jpg, smart or proportion (default: the dataset card's).")] = None,
+    jpeg_quality: Annotated[Optional[int], typer.Option(help="JPEG quality 1-100 for jpg/smart/proportion.")] = None,
+    compress_probability: Annotated[Optional[float], typer.Option(help="Share of images stored as JPEG in proportion mode.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Writer processes.")] = None,
+    skip_bad: Annotated[Optional[bool], typer.Option("--skip-bad", help="Leave unreadable images out (listed in the manifest) instead of stopping.")] = None,
+    force: Annotated[Optional[bool], typer.Option("--force", help="Replace an existing store.")] = None,
+    extra: Annotated[Optional[bool], typer.Option("--extra/--no-extra", help="SVHN: add extra_32x32.mat to train (default: when present).")] = None,
+    size: Annotated[Optional[int], typer.Option(help="synthetic: train images.")] = None,
+    val_size: Annotated[Optional[int], typer.Option(help="synthetic: val images.")] = None,
+    classes: Annotated[Optional[int], typer.Option(help="synthetic: number of classes.")] = None,
+    resolution: Annotated[Optional[int], typer.Option(help="synthetic: image side (the largest, with --min-size).")] = None,
+    min_size: Annotated[Optional[int], typer.Option(help="synthetic: varied sizes from this up to --resolution.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="synthetic: seed.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved job config; submit nothing.")] = False,
+    address: Address = None,
+    detach: Detach = False,
+    stop_on_interrupt: StopOnInterrupt = False,
+) -> None:
+    """Write an FFCV store (train.beton, val.beton, manifest.json) from a dataset, as a Ray job."""
+    cfg = build_prepare_config(dataset, {
+        "source": source, "out": out, "max_resolution": max_resolution, "write_mode": write_mode,
+        "jpeg_quality": jpeg_quality, "compress_probability": compress_probability,
+        "workers": workers, "skip_bad": skip_bad, "force": force, "extra": extra,
+    }, {"train_size": size, "val_size": val_size, "num_classes": classes,
+        "resolution": resolution, "min_size": min_size, "seed": seed}, local=address is None)
+    if dry_run:
+        output.as_json(cfg.to_dict())
+        return
+    from .. import submit
+
+    code = submit.run_job("prepare", cfg.to_dict(), address=address, detach=detach,
+                          stop_on_interrupt=stop_on_interrupt)
+    if code:
+        raise typer.Exit(code=code)
+    if not detach:
+        output.result(cfg.out)

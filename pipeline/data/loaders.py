@@ -1,0 +1,114 @@
+"""FFCV loaders over a store, for training and evaluation (CPU tensors).
+
+    loader, manifest = make_loader("stores/cifar10", "train", 64, cfg.data,
+                                   distributed=True, seed=cfg.train.seed)
+    for images, labels in loader:      # float32 N x 3 x H x W normalised, int64 N
+        ...
+
+- Call it inside each Ray Train worker after `torch.distributed` is initialised when
+  `distributed=True`: each rank then reads its own shard (FFCV pads the last shard by
+  repeating samples, like DistributedSampler, when the split does not divide evenly).
+- Train order is random and reshuffled every epoch from `seed + epoch`, so the same seed gives
+  the same sequence of epochs; set `loader.next_epoch = e` before iterating to resume at
+  epoch e. Val order is sequential.
+- Batches live in buffers the loader reuses: `.clone()` anything kept past the next batch.
+- `len(loader)` is the number of batches per epoch (per rank).
+- Pipelines: "small" stores (CIFAR, SVHN, 32x32 synthetic) train with 4-pixel translation +
+  horizontal flip (translation only for SVHN) when `data_cfg.augment`; "imagenet" stores with
+  RandomResizedCrop + flip; evaluation takes a centre crop (224/256 of the shorter side for
+  imagenet stores). Numba steps run before the torch steps (a numba step after a torch step
+  makes FFCV's Loader loop forever).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import numpy as np
+
+from ..config import DataSection
+from ..errors import UserError
+from .store import Manifest, open_store
+
+EVAL_CROP_RATIO = 224 / 256
+TRANSLATE_PADDING = 4
+
+
+def image_pipeline(manifest: Manifest, split: str, data_cfg: DataSection, *,
+                   channels_last: bool) -> list[Any]:
+    """FFCV ops from stored bytes to a normalised float32 NCHW tensor."""
+    from ffcv.fields.decoders import (CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder,
+                                      SimpleRGBImageDecoder)
+    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, RandomTranslate, ToTensor, ToTorchImage
+
+    train = split == "train"
+    res = (data_cfg.resolution or manifest.resolution) if train else (
+        data_cfg.eval_resolution or data_cfg.resolution or manifest.eval_resolution)
+    augment = manifest.augment if (train and data_cfg.augment) else "none"
+    ops: list[Any]
+    if manifest.family == "small":
+        if manifest.fixed_size == [res, res]:
+            ops = [SimpleRGBImageDecoder()]
+        else:
+            ops = [CenterCropRGBImageDecoder((res, res), ratio=1.0)]
+        if augment in ("translate_flip", "translate"):
+            ops.append(RandomTranslate(padding=TRANSLATE_PADDING))
+        if augment in ("translate_flip", "rrc_flip"):
+            ops.append(RandomHorizontalFlip())
+    elif augment == "rrc_flip":
+        ops = [RandomResizedCropRGBImageDecoder((res, res)), RandomHorizontalFlip()]
+    else:
+        ops = [CenterCropRGBImageDecoder((res, res), ratio=EVAL_CROP_RATIO)]
+    mean = np.asarray(manifest.mean, dtype=np.float64) * 255
+    std = np.asarray(manifest.std, dtype=np.float64) * 255
+    return ops + [NormalizeImage(mean, std, np.float32), ToTensor(),
+                  ToTorchImage(channels_last=channels_last)]
+
+
+def label_pipeline() -> list[Any]:
+    from ffcv.fields.decoders import IntDecoder
+    from ffcv.transforms import Squeeze, ToTensor
+
+    return [IntDecoder(), ToTensor(), Squeeze(1)]
+
+
+def make_loader(store_dir: str | os.PathLike, split: Literal["train", "val"], batch_size: int,
+                data_cfg: DataSection, *, distributed: bool = False, seed: int = 0,
+                drop_last: bool | None = None, channels_last: bool | None = None,
+                order: Literal["random", "sequential", "quasi_random"] | None = None,
+                indices: Any = None, verify: bool = True) -> tuple[Any, Manifest]:
+    """An FFCV Loader over `split` of the store, and the store's Manifest.
+
+    batch_size is per worker. drop_last defaults to True for train, False for val;
+    channels_last to `data_cfg.channels_last`; order to random for train, sequential for val.
+    `indices` selects a subset (e.g. for smoke runs); `verify` checks the sha256s (cached).
+    """
+    from ffcv.loader import Loader, OrderOption
+
+    if split not in ("train", "val"):
+        raise UserError(f"split must be train or val, got {split!r}")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    manifest = open_store(store_dir, verify=verify)
+    train = split == "train"
+    order = order or ("random" if train else "sequential")
+    if distributed and order == "quasi_random":
+        raise UserError("order quasi_random does not work with distributed=True: use random")
+    if channels_last is None:
+        channels_last = data_cfg.channels_last
+    loader = Loader(
+        str(manifest.beton(split)),
+        batch_size=batch_size,
+        num_workers=max(1, data_cfg.loader_workers),
+        os_cache=data_cfg.os_cache,
+        order={"random": OrderOption.RANDOM, "sequential": OrderOption.SEQUENTIAL,
+               "quasi_random": OrderOption.QUASI_RANDOM}[order],
+        distributed=distributed,
+        seed=seed,
+        indices=indices,
+        drop_last=train if drop_last is None else drop_last,
+        pipelines={"image": image_pipeline(manifest, split, data_cfg, channels_last=channels_last),
+                   "label": label_pipeline()},
+    )
+    return loader, manifest
