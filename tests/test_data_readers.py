@@ -1,0 +1,212 @@
+"""Readers of the official formats, cards, configs and the prepare CLI's checks (no FFCV)."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from fixtures_data import WNIDS, jpeg_bytes, make_cifar, make_ilsvrc, make_imagefolder, make_svhn
+from pipeline.cli import app
+from pipeline.config import ConfigError
+from pipeline.data.cards import card_names, load_card
+from pipeline.data.prepare_config import DATASETS, PrepareConfig, validate_prepare
+from pipeline.data.readers import decode_image, read_source, synthetic_image
+from pipeline.errors import UserError
+
+
+def cfg(dataset, source, **kw):
+    return PrepareConfig(dataset=dataset, source=str(source), out="unused", **kw)
+
+
+def test_every_dataset_has_a_valid_card():
+    assert set(card_names()) == set(DATASETS)
+    for name in DATASETS:
+        card = load_card(name)
+        assert len(card.mean) == len(card.std) == 3
+        assert card.family in ("small", "imagenet")
+
+
+@pytest.mark.parametrize("extracted", [False, True])
+def test_cifar10_tarball_and_folder(tmp_path, extracted):
+    path, exp = make_cifar(tmp_path, 10, extracted=extracted)
+    src = read_source(cfg("cifar10", path))
+    assert np.array_equal(src.splits["train"].images, exp["train_x"])
+    assert np.array_equal(src.splits["train"].labels, exp["train_y"])
+    assert np.array_equal(src.splits["val"].images, exp["val_x"])
+    assert np.array_equal(src.splits["val"].labels, exp["val_y"])
+    assert src.classes == exp["classes"]
+    assert src.files == ([] if extracted else [path])
+    assert "train has 20 images, the card says 50000" in src.notes
+
+
+def test_cifar100_fine_labels_and_coarse_in_info(tmp_path):
+    path, exp = make_cifar(tmp_path, 100)
+    src = read_source(cfg("cifar100", path))
+    assert np.array_equal(src.splits["train"].labels, exp["train_y"])
+    assert len(src.classes) == 100 and len(src.info["coarse_classes"]) == 20
+    for fine, coarse in zip(exp["train_y"], exp["coarse_y"]):
+        assert src.info["fine_to_coarse"][fine] == coarse
+
+
+def test_cifar_bad_inputs_name_the_file(tmp_path):
+    path, _ = make_cifar(tmp_path / "ok", 10)
+    truncated = tmp_path / "cifar-10-python.tar.gz"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(UserError, match=f"{truncated}.*truncated"):
+        read_source(cfg("cifar10", truncated))
+    other, _ = make_cifar(tmp_path / "c100", 100)
+    with pytest.raises(UserError, match="has no cifar-10-batches-py/data_batch_1.*cifar-100-python"):
+        read_source(cfg("cifar10", other))
+    with pytest.raises(UserError, match="does not exist"):
+        read_source(cfg("cifar10", tmp_path / "missing.tar.gz"))
+
+
+def test_cifar_pickle_cannot_run_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for n in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (folder / n).write_bytes(pickle.dumps({b"data": Evil()}))
+    with pytest.raises(UserError, match="not a CIFAR pickle.*builtins.print"):
+        read_source(cfg("cifar10", folder))
+
+
+def test_svhn_label_10_is_zero_and_extra_is_optional(tmp_path):
+    exp = make_svhn(tmp_path, n_train=6, n_test=4, n_extra=3)
+    src = read_source(cfg("svhn", tmp_path, extra=False))
+    assert np.array_equal(src.splits["train"].images, exp["train"][0])
+    assert np.array_equal(src.splits["train"].labels, exp["train"][1])
+    assert src.splits["train"].labels[0] == 0
+    both = read_source(cfg("svhn", tmp_path / "train_32x32.mat"))
+    assert len(both.splits["train"]) == 9 and both.info["extra"] is True
+    assert np.array_equal(both.splits["train"].images[6:], exp["extra"][0])
+    assert np.array_equal(both.splits["val"].labels, exp["test"][1])
+
+
+def test_svhn_bad_inputs(tmp_path):
+    from scipy.io import savemat
+
+    make_svhn(tmp_path, n_train=4, n_test=2)
+    with pytest.raises(UserError, match="extra_32x32.mat is missing"):
+        read_source(cfg("svhn", tmp_path, extra=True))
+    savemat(tmp_path / "train_32x32.mat", {"images": np.zeros((2, 2))})
+    with pytest.raises(UserError, match=r"train_32x32.mat has no 'X' and 'y' array"):
+        read_source(cfg("svhn", tmp_path))
+    (tmp_path / "train_32x32.mat").write_bytes(b"not a mat file at all")
+    with pytest.raises(UserError, match="train_32x32.mat is not a readable .mat file"):
+        read_source(cfg("svhn", tmp_path))
+    (tmp_path / "test_32x32.mat").unlink()
+    with pytest.raises(UserError, match="test_32x32.mat is missing"):
+        read_source(cfg("svhn", tmp_path))
+
+
+@pytest.mark.parametrize("train,val", [("folders", "devkit"), ("tar", "loc"), ("folders", "sorted")])
+def test_imagenet_layouts(tmp_path, train, val):
+    exp = make_ilsvrc(tmp_path, train=train, val=val)
+    src = read_source(cfg("imagenet", tmp_path))
+    assert src.info["synsets"] == sorted(WNIDS)
+    if val != "sorted":
+        assert src.classes[0] == "tench, Tinca tinca"
+    assert len(src.splits["train"]) == exp["train_count"]
+    assert np.array_equal(src.splits["train"].labels, np.repeat(np.arange(3), 3))
+    assert np.array_equal(src.splits["val"].labels, exp["val_y"])
+    assert "3 classes found, the card says 1000" in src.notes
+
+
+def test_imagenet_messy_images_decode_and_truncated_is_reported(tmp_path):
+    exp = make_ilsvrc(tmp_path, train="tar", val="loc")
+    src = read_source(cfg("imagenet", tmp_path))
+    split = src.splits["train"]
+    split.bad_dir = tmp_path / "bad"
+    split.bad_dir.mkdir()
+    for i in range(len(split)):
+        image, _ = split[i]
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    bad = [p.read_text() for p in split.bad_dir.iterdir()]
+    assert len(bad) == 1 and exp["truncated"] in bad[0] and "ILSVRC2012_img_train.tar:" in bad[0]
+
+
+def test_imagenet_bad_inputs(tmp_path):
+    make_ilsvrc(tmp_path / "nogt", val="none", messy=False)
+    with pytest.raises(UserError, match="flat.*no ground truth.*ILSVRC2012_devkit_t12.tar.gz"):
+        read_source(cfg("imagenet", tmp_path / "nogt"))
+    make_ilsvrc(tmp_path / "missing", val="devkit", messy=False)
+    import shutil
+    shutil.rmtree(tmp_path / "missing" / "train" / WNIDS[2])
+    with pytest.raises(UserError, match=f"missing classes.*{WNIDS[2]}"):
+        read_source(cfg("imagenet", tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no ImageNet train data.*ILSVRC2012_img_train.tar"):
+        read_source(cfg("imagenet", tmp_path / "empty"))
+    make_ilsvrc(tmp_path / "trunc", train="tar", val="sorted", messy=False)
+    tar = tmp_path / "trunc" / "ILSVRC2012_img_train.tar"
+    tar.write_bytes(tar.read_bytes()[:3000])
+    with pytest.raises(UserError, match="ILSVRC2012_img_train.tar is truncated"):
+        read_source(cfg("imagenet", tmp_path / "trunc"))
+
+
+def test_imagefolder(tmp_path):
+    exp = make_imagefolder(tmp_path)
+    src = read_source(cfg("imagefolder", tmp_path))
+    assert src.classes == exp["classes"]
+    assert list(src.splits["train"].labels) == [0, 0, 0, 1, 1, 1]
+    (tmp_path / "val" / "bird").mkdir()
+    with pytest.raises(UserError, match="classes that train/ lacks"):
+        read_source(cfg("imagefolder", tmp_path))
+
+
+@pytest.mark.parametrize("mode,fmt", [("CMYK", "JPEG"), ("L", "JPEG"), ("RGB", "PNG"), ("P", "PNG")])
+def test_decode_image_is_rgb(mode, fmt):
+    data = jpeg_bytes(np.random.default_rng(0), 20, 30, mode=mode, fmt=fmt)
+    out = decode_image(data)
+    assert out.shape == (20, 30, 3) and out.dtype == np.uint8
+    reference = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert np.array_equal(out, reference)
+
+
+def test_synthetic_is_seeded_and_class_dependent():
+    spec = PrepareConfig().synthetic
+    a, b = synthetic_image(spec, "train", 3), synthetic_image(spec, "train", 3)
+    assert np.array_equal(a, b) and a.shape == (32, 32, 3)
+    assert not np.array_equal(a, synthetic_image(spec, "val", 3))
+    means = [np.mean([synthetic_image(spec, "train", c + 10 * j).mean((0, 1)) for j in range(5)], 0)
+             for c in range(spec.num_classes)]
+    gaps = [np.abs(means[i] - means[j]).max() for i in range(10) for j in range(i)]
+    assert min(gaps) > 5  # each pair of classes differs in mean colour by > 5/255
+
+
+def test_prepare_config_validation():
+    with pytest.raises(ConfigError, match="unknown key colour"):
+        PrepareConfig.from_dict({"dataset": "cifar10", "colour": 1})
+    with pytest.raises(ConfigError, match="needs --source"):
+        validate_prepare(PrepareConfig(dataset="cifar10", out="x"))
+    with pytest.raises(ConfigError, match="jpeg_quality"):
+        validate_prepare(PrepareConfig(out="x", jpeg_quality=101))
+    round_trip = PrepareConfig.from_dict(PrepareConfig(out="x", max_resolution=64).to_dict())
+    assert round_trip.max_resolution == 64
+
+
+def test_cli_prepare_checks_before_submitting(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["prepare", "cifar10", "--source", str(tmp_path / "nope.tar.gz")])
+    assert r.exit_code == 2 and "does not exist" in r.output
+    r = runner.invoke(app, ["prepare", "mnist", "--source", "x"])
+    assert r.exit_code == 2 and "unknown dataset" in r.output
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "manifest.json").write_text("{}")
+    r = runner.invoke(app, ["prepare", "synthetic", "--out", str(tmp_path / "store")])
+    assert r.exit_code == 2 and "--force" in r.output
+    r = runner.invoke(app, ["prepare", "synthetic", "--out", str(tmp_path / "s"), "--size", "50",
+                            "--write-mode", "zip", "--dry-run"])
+    assert r.exit_code == 2 and "write_mode" in r.output
+    r = runner.invoke(app, ["prepare", "synthetic", "--out", "rel/s", "--size", "50", "--dry-run"])
+    assert r.exit_code == 0 and '"train_size": 50' in r.output and '"out": "/' in r.output
