@@ -1,0 +1,127 @@
+"""`densenet-pipe jobs list | status ID | logs ID [--follow] | stop ID`: jobs on a cluster.
+
+Every command talks to `--address` (or RAY_ADDRESS), else to the running local cluster;
+none of them starts a cluster.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import typer
+
+from ..errors import UserError
+from . import app, output
+from .options import Address, Format
+
+jobs_app = typer.Typer(name="jobs", help="List, inspect, follow and stop jobs on the cluster.",
+                       no_args_is_help=True)
+app.add_typer(jobs_app)
+
+JobId = Annotated[str, typer.Argument(help="Job id, as `submit` printed it or `jobs list` shows.")]
+
+
+def _when(ms: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else ""
+
+
+def _took(job: dict[str, Any]) -> str:
+    start, end = job.get("start_time"), job.get("end_time")
+    if not start:
+        return ""
+    seconds = ((end or time.time() * 1000) - start) / 1000
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.1f}m"
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in ("table", "json"):
+        raise UserError(f"unknown --format {fmt!r}: use table or json")
+
+
+@jobs_app.command("list")
+def list_jobs(address: Address = None, fmt: Format = "table") -> None:
+    """Every submitted job, newest first."""
+    from ..submit import connect
+
+    _check_format(fmt)
+    jobs = connect(address, start=False).list_jobs()
+    if fmt == "json":
+        output.as_json(jobs)
+        return
+    if not jobs:
+        output.info("no jobs yet")
+        return
+    output.table(
+        ["ID", "JOB", "STATUS", "STARTED", "TOOK", "CONFIG"],
+        [[j["submission_id"], (j.get("metadata") or {}).get("densenet_pipe_job", ""),
+          j.get("status"), _when(j.get("start_time")), _took(j),
+          (j.get("metadata") or {}).get("config_digest", "")] for j in jobs],
+        align="llllrl",
+    )
+
+
+@jobs_app.command("status")
+def status(job_id: JobId, address: Address = None, fmt: Format = "table") -> None:
+    """One job's status, timing, entrypoint and the end of its message."""
+    from ..submit import connect
+
+    _check_format(fmt)
+    job = connect(address, start=False).job(job_id)
+    if fmt == "json":
+        output.as_json(job)
+        return
+    meta = job.get("metadata") or {}
+    fields = [
+        ("id", job.get("submission_id")), ("status", job.get("status")),
+        ("job", meta.get("densenet_pipe_job", "")), ("config", meta.get("config_digest", "")),
+        ("started", _when(job.get("start_time"))), ("ended", _when(job.get("end_time"))),
+        ("took", _took(job)), ("exit code", job.get("driver_exit_code")),
+        ("entrypoint", job.get("entrypoint")),
+    ]
+    for key, value in fields:
+        if value not in (None, ""):
+            output.result(f"{key + ':':<12}{value}")
+    message = (job.get("message") or "").strip()
+    if message:
+        output.result(f"{'message:':<12}{message.splitlines()[0]}")
+        for line in message.splitlines()[1:][-15:]:
+            output.result(f"  {line}")
+
+
+@jobs_app.command("logs")
+def logs(
+    job_id: JobId,
+    follow: Annotated[bool, typer.Option("--follow", "-f",
+                                         help="Stream until the job ends; exit with its outcome.")] = False,
+    address: Address = None,
+) -> None:
+    """Print a job's output so far, or follow it live with --follow."""
+    from .. import submit
+
+    server = submit.connect(address, start=False)
+    if not follow:
+        text = server.logs(job_id)
+        for line in text.splitlines():
+            output.result(line)
+        return
+    server.job(job_id)
+    raise typer.Exit(submit.follow(server, job_id, output.result, address=address))
+
+
+@jobs_app.command("stop")
+def stop(job_id: JobId, address: Address = None) -> None:
+    """Stop a running job and wait (up to 30 s) until it has stopped."""
+    from .. import submit
+
+    server = submit.connect(address, start=False)
+    before = server.job(job_id).get("status")
+    if before in submit.TERMINAL:
+        output.info(f"job {job_id} already ended: {before}")
+        return
+    server.stop(job_id)
+    after = submit.wait_terminal(server, job_id, timeout=30).get("status")
+    if after not in submit.TERMINAL:
+        raise UserError(f"job {job_id} is still {after} 30 s after the stop request: "
+                        f"check `densenet-pipe jobs status {job_id}`")
+    output.info(f"job {job_id} {after.lower()}")

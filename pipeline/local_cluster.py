@@ -1,0 +1,442 @@
+"""The embedded local Ray cluster: one head and N-1 worker nodes on this machine.
+
+    >>> cluster, added = up(nodes=3, cpus_per_node=1)   # or ensure() for "one head, reuse it"
+    >>> cluster.dashboard_url                          # the job server, bound to 127.0.0.1
+    'http://127.0.0.1:8265'
+    >>> down()                                          # stops exactly what up() started
+
+Each node is one `ray start --block` process that this module starts in its own session;
+the cluster's state (`cluster.json`), auth token, node logs and Ray's session folder live
+under `cluster_dir()`: `<project>/.cluster/` unless `DENSENET_PIPE_CLUSTER_DIR` says
+otherwise. Token auth is on (`RAY_AUTH_MODE=token`, the token in `<cluster dir>/auth_token`),
+so other users of a shared machine cannot submit jobs to it. Nothing here imports ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import UserError
+
+CLUSTER_DIR_ENV = "DENSENET_PIPE_CLUSTER_DIR"
+DEFAULT_DASHBOARD_PORT = 8265
+# Ray's Unix sockets live in <temp dir>/session_<date>_<pid>/sockets/<name> and a socket
+# path may not exceed 107 bytes; a longer temp dir moves to a short folder under /tmp.
+_MAX_TEMP_DIR_LEN = 40
+# Ray reserves 10002-19999 for worker processes by default; ports we pick stay outside.
+_WORKER_PORTS = range(10002, 20000)
+
+
+def project_root() -> Path:
+    """The folder that holds `pipeline/` and `jobs/`: the working dir every job gets."""
+    return Path(__file__).resolve().parent.parent
+
+
+def cluster_dir() -> Path:
+    override = os.environ.get(CLUSTER_DIR_ENV)
+    return Path(override).resolve() if override else project_root() / ".cluster"
+
+
+@dataclass
+class Node:
+    """One `ray start --block` process: its pid and start time identify it for `down`."""
+
+    role: str
+    pid: int
+    started: float
+    log: str
+    cpus: float | None = None
+    gpus: int | None = None
+
+
+@dataclass
+class LocalCluster:
+    dir: str
+    dashboard_url: str
+    gcs_address: str
+    python: str
+    token_path: str
+    temp_dir: str
+    nodes: list[Node] = field(default_factory=list)
+
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the job server wants from clients (its bearer token)."""
+        token = Path(self.token_path).read_text().strip()
+        return {"Authorization": f"Bearer {token}"}
+
+    def alive(self) -> list[Node]:
+        return [n for n in self.nodes if _is_ours(n)]
+
+    def is_up(self) -> bool:
+        return bool(self.nodes) and _is_ours(self.nodes[0])
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LocalCluster":
+        data = json.loads(text)
+        data["nodes"] = [Node(**n) for n in data.get("nodes", [])]
+        return cls(**data)
+
+
+def load(directory: Path | None = None) -> LocalCluster | None:
+    """The recorded cluster, up or not; None when none was ever started here."""
+    path = (directory or cluster_dir()) / "cluster.json"
+    try:
+        return LocalCluster.from_json(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError, KeyError):
+        raise UserError(f"{path} is corrupt: stop any leftover Ray processes you started "
+                        "and delete it") from None
+
+
+def running(directory: Path | None = None) -> LocalCluster | None:
+    """The local cluster if its head is up, else None."""
+    cluster = load(directory)
+    return cluster if cluster is not None and cluster.is_up() else None
+
+
+def ensure(directory: Path | None = None, note: Callable[[str], None] | None = None,
+           timeout: float = 120.0) -> LocalCluster:
+    """The running local cluster, or a fresh one-node cluster (all of this machine's CPUs)."""
+    cluster = running(directory)
+    if cluster is not None:
+        return cluster
+    cluster, _ = up(nodes=1, directory=directory, note=note, timeout=timeout)
+    return cluster
+
+
+def up(nodes: int = 1, cpus_per_node: float | None = None, gpus_per_node: int | None = None,
+       *, directory: Path | None = None, object_store_memory: int | None = None,
+       note: Callable[[str], None] | None = None,
+       timeout: float = 120.0) -> tuple[LocalCluster, int]:
+    """Start a cluster of `nodes` nodes, or grow the running one to `nodes`.
+
+    Returns the cluster and how many nodes this call started. A running cluster with as many
+    nodes or more is left as it is (shrinking is `down` then `up`). `cpus_per_node` None lets
+    Ray count this machine's CPUs on every node; `gpus_per_node` None gives the head Ray's
+    GPU count and worker nodes none, a number G gives node i the devices i*G..(i+1)*G-1.
+    """
+    if nodes < 1:
+        raise UserError(f"--nodes must be >= 1, got {nodes}")
+    if cpus_per_node is not None and cpus_per_node <= 0:
+        raise UserError(f"--cpus-per-node must be > 0, got {cpus_per_node}")
+    if gpus_per_node is not None and gpus_per_node < 0:
+        raise UserError(f"--gpus-per-node must be >= 0, got {gpus_per_node}")
+    directory = directory or cluster_dir()
+    note = note or (lambda _msg: None)
+    with _locked(directory):
+        cluster = running(directory)
+        if cluster is None:
+            _stop_leftovers(load(directory))
+            cluster = _start_head(directory, cpus_per_node, gpus_per_node,
+                                  object_store_memory, note, timeout)
+            started = 1
+        else:
+            started = 0
+        have = len(cluster.alive())
+        for index in range(have, nodes):
+            cluster.nodes.append(_start_worker(cluster, index, cpus_per_node, gpus_per_node,
+                                               object_store_memory))
+            started += 1
+            _save(cluster)
+        if started:
+            note(f"waiting for {nodes} node(s) to join ...")
+            _wait_for_nodes(cluster, max(nodes, have), timeout)
+        return cluster, started
+
+
+def down(directory: Path | None = None, timeout: float = 45.0) -> list[int]:
+    """Stop every process the recorded cluster started, and only those; returns their pids.
+
+    Each node's `ray start` gets SIGTERM and drains; whatever it started that is still alive
+    after `timeout` seconds (raylet, workers, job drivers) is killed.
+    """
+    directory = directory or cluster_dir()
+    with _locked(directory):
+        cluster = load(directory)
+        if cluster is None:
+            return []
+        stopped = _stop_leftovers(cluster, timeout)
+        (directory / "cluster.json").unlink(missing_ok=True)
+        return stopped
+
+
+def gpu_count() -> int:
+    """Physical GPUs on this machine, from nvidia-smi (0 when it is absent)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def _is_ours(node: Node) -> bool:
+    import psutil
+
+    try:
+        return abs(psutil.Process(node.pid).create_time() - node.started) < 1.0
+    except psutil.Error:
+        return False
+
+
+@contextlib.contextmanager
+def _locked(directory: Path, wait: float = 180.0) -> Iterator[None]:
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as handle:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise UserError(f"another densenet-pipe command has held {directory} for "
+                                    f"{wait:.0f} s: wait for it or end it") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _save(cluster: LocalCluster) -> None:
+    path = Path(cluster.dir) / "cluster.json"
+    tmp = path.with_name(".cluster.json.tmp")
+    tmp.write_text(cluster.to_json() + "\n")
+    tmp.replace(path)
+
+
+def _token(directory: Path) -> Path:
+    path = directory / "auth_token"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path
+
+
+def _temp_dir(directory: Path) -> Path:
+    preferred = directory / "ray"
+    if len(str(preferred)) <= _MAX_TEMP_DIR_LEN:
+        return preferred
+    digest = hashlib.sha1(str(directory).encode()).hexdigest()[:10]
+    short = Path(tempfile.gettempdir()) / f"dp-{os.getuid()}" / digest
+    short.mkdir(parents=True, exist_ok=True)
+    if not preferred.is_symlink():
+        if preferred.exists():
+            raise UserError(f"{preferred} is in the way: delete it (Ray's logs go to {short})")
+        preferred.symlink_to(short)
+    return short
+
+
+def _free_port(preferred: int | None = None) -> int:
+    candidates = [preferred] if preferred else []
+    for port in candidates + [0] * 20:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            chosen = s.getsockname()[1]
+        if chosen not in _WORKER_PORTS:
+            return chosen
+    raise UserError("found no free TCP port for the local Ray cluster")
+
+
+def _ray_command() -> list[str]:
+    script = Path(sys.executable).parent / "ray"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+def _node_env(token: Path, gpu_slice: list[int] | None) -> dict[str, str]:
+    env = dict(os.environ)
+    # A stale RAY_ADDRESS makes `ray start --head` look for that cluster instead.
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
+        env.pop(key, None)
+    env.update({
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # Job entrypoints that say plain `python` get this venv's interpreter too.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    })
+    if gpu_slice is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_slice))
+    return env
+
+
+def _gpu_args(index: int, gpus_per_node: int | None) -> tuple[list[str], list[int] | None]:
+    if gpus_per_node is None:
+        return ([], None) if index == 0 else (["--num-gpus", "0"], [])
+    if gpus_per_node == 0:
+        return ["--num-gpus", "0"], []
+    physical = gpu_count()
+    if physical and (index + 1) * gpus_per_node > physical:
+        raise UserError(f"node {index + 1} would need GPUs {index * gpus_per_node}.."
+                        f"{(index + 1) * gpus_per_node - 1} but this machine has {physical}: "
+                        "ask for fewer --nodes or --gpus-per-node")
+    devices = list(range(index * gpus_per_node, (index + 1) * gpus_per_node))
+    return ["--num-gpus", str(gpus_per_node)], devices
+
+
+def _spawn(directory: Path, role: str, index: int, args: list[str], env: dict[str, str],
+           cpus: float | None, gpus: int | None) -> Node:
+    logs = directory / "logs"
+    logs.mkdir(exist_ok=True)
+    log = logs / f"node-{index}.log"
+    import psutil
+
+    with open(log, "ab") as out:
+        # A session of its own: the node outlives this command, and Ctrl-C here spares it.
+        proc = subprocess.Popen(_ray_command() + ["start", "--block", *args], env=env,
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=directory)
+    return Node(role=role, pid=proc.pid, started=psutil.Process(proc.pid).create_time(),
+                log=str(log), cpus=cpus, gpus=gpus)
+
+
+def _start_head(directory: Path, cpus: float | None, gpus: int | None,
+                object_store_memory: int | None, note: Callable[[str], None],
+                timeout: float) -> LocalCluster:
+    token = _token(directory)
+    temp = _temp_dir(directory)
+    gcs_port = _free_port()
+    dashboard_port = _free_port(DEFAULT_DASHBOARD_PORT)
+    gpu_args, gpu_slice = _gpu_args(0, gpus)
+    args = ["--head", "--port", str(gcs_port), "--dashboard-host", "127.0.0.1",
+            "--dashboard-port", str(dashboard_port),
+            "--ray-client-server-port", str(_free_port()),
+            "--dashboard-agent-listen-port", str(_free_port()),
+            "--temp-dir", str(temp), "--disable-usage-stats", *gpu_args]
+    if cpus is not None:
+        args += ["--num-cpus", _number(cpus)]
+    if object_store_memory:
+        args += ["--object-store-memory", str(object_store_memory)]
+    note(f"starting a local Ray cluster (state and logs in {directory}) ...")
+    node = _spawn(directory, "head", 0, args, _node_env(token, gpu_slice), cpus, gpus)
+    cluster = LocalCluster(dir=str(directory), dashboard_url=f"http://127.0.0.1:{dashboard_port}",
+                           gcs_address="", python=sys.executable, token_path=str(token),
+                           temp_dir=str(temp), nodes=[node])
+    _save(cluster)
+    _wait_for_head(cluster, timeout)
+    address_file = temp / "ray_current_cluster"
+    host = address_file.read_text().strip().rsplit(":", 1)[0] if address_file.exists() else "127.0.0.1"
+    cluster.gcs_address = f"{host}:{gcs_port}"
+    _save(cluster)
+    return cluster
+
+
+def _start_worker(cluster: LocalCluster, index: int, cpus: float | None, gpus: int | None,
+                  object_store_memory: int | None) -> Node:
+    gpu_args, gpu_slice = _gpu_args(index, gpus)
+    args = ["--address", cluster.gcs_address,
+            "--dashboard-agent-listen-port", str(_free_port()),
+            "--temp-dir", cluster.temp_dir, "--disable-usage-stats", *gpu_args]
+    if cpus is not None:
+        args += ["--num-cpus", _number(cpus)]
+    if object_store_memory:
+        args += ["--object-store-memory", str(object_store_memory)]
+    env = _node_env(Path(cluster.token_path), gpu_slice)
+    return _spawn(Path(cluster.dir), "worker", index, args, env, cpus, gpus)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _get_json(cluster: LocalCluster, path: str) -> dict | list:
+    request = urllib.request.Request(cluster.dashboard_url + path, headers=cluster.headers())
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def _fail_start(cluster: LocalCluster, node: Node, what: str) -> None:
+    tail = ""
+    with contextlib.suppress(OSError):
+        lines = [ln for ln in Path(node.log).read_text(errors="replace").splitlines() if ln.strip()]
+        tail = lines[-1] if lines else ""
+    _stop_leftovers(cluster, timeout=10)
+    (Path(cluster.dir) / "cluster.json").unlink(missing_ok=True)
+    raise UserError(f"the local Ray cluster {what} (see {node.log}): {tail}")
+
+
+def _wait_for_head(cluster: LocalCluster, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    head = cluster.nodes[0]
+    while time.monotonic() < deadline:
+        if not _is_ours(head):
+            _fail_start(cluster, head, "did not start")
+        try:
+            _get_json(cluster, "/api/version")
+            return
+        except (urllib.error.URLError, OSError, ValueError):
+            time.sleep(0.25)
+    _fail_start(cluster, head, f"did not answer within {timeout:.0f} s")
+
+
+def alive_node_count(cluster: LocalCluster) -> int:
+    data = _get_json(cluster, "/api/v0/nodes?limit=1000&detail=1")
+    nodes = data["data"]["result"]["result"]
+    return sum(1 for n in nodes if n.get("state") == "ALIVE")
+
+
+def _wait_for_nodes(cluster: LocalCluster, count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for node in cluster.nodes:
+            if not _is_ours(node):
+                _fail_start(cluster, node, f"lost its {node.role} node {node.pid}")
+        try:
+            if alive_node_count(cluster) >= count:
+                return
+        except (urllib.error.URLError, OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.25)
+    _fail_start(cluster, cluster.nodes[-1], f"did not reach {count} nodes within {timeout:.0f} s")
+
+
+def _stop_leftovers(cluster: LocalCluster | None, timeout: float = 45.0) -> list[int]:
+    """SIGTERM each recorded node, then SIGKILL what they started that outlives `timeout`."""
+    import psutil
+
+    if cluster is None:
+        return []
+    procs: list[psutil.Process] = []
+    for node in cluster.nodes:
+        if not _is_ours(node):
+            continue
+        root = psutil.Process(node.pid)
+        with contextlib.suppress(psutil.Error):
+            procs += [root, *root.children(recursive=True)]
+    for node in reversed(cluster.nodes):
+        if _is_ours(node):
+            with contextlib.suppress(OSError):
+                os.kill(node.pid, signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return [p.pid for p in procs]

@@ -1,0 +1,562 @@
+"""Submit a job in `jobs/` to a Ray cluster and follow it: the one call every command makes.
+
+    >>> code = run_job("train", cfg.to_dict(), address=None,
+    ...                resources={"nodes": 2, "cpus_per_node": 1, "gpus_per_node": 0})
+
+`address` is a Ray job server (`http://head:8265`, or `RAY_ADDRESS`); None means the
+embedded local cluster (`pipeline.local_cluster`), started on demand and reused. The job
+runs `python -m jobs.<job> --config .densenet-pipe/<job>-<digest>.json` in a copy of this
+project: the working dir is zipped here (what git would commit, minus data, runs and
+environments) with the resolved config inside it, so code and config travel together as
+one content-addressed package, and nothing is written into the project tree.
+
+This talks to the job server's REST API with the standard library (the SDK's import alone
+costs ~1.7 s of the 3 s it may take to see a job's first line); aiohttp is imported only to
+follow logs over the server's websocket. `run_job` streams the job's lines to `on_line`
+(default: stdout) and reports its own progress on stderr.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import secrets
+import shlex
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from . import local_cluster
+from .errors import JobFailed, UserError
+
+# The job server refuses request bodies of 100 MiB (aiohttp's client_max_size); counted on
+# uncompressed bytes so the check is instant and never depends on how well files compress.
+MAX_WORKING_DIR_BYTES = 100 * 1024**2
+CONFIG_DIR = ".densenet-pipe"
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# Folders that never belong in a job's code package, wherever they sit.
+_SKIP_DIRS = {".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".mypy_cache",
+              ".ruff_cache", ".ipynb_checkpoints", "node_modules"}
+# Top-level folders that hold data, outputs or local state, not code.
+_SKIP_TOP = {".build", ".cluster", CONFIG_DIR, "runs", "stores", "wandb", "checkpoints",
+             "outputs"}
+_SKIP_SUFFIXES = (".beton", ".pyc", ".ckpt", ".pt", ".pth", ".egg-info")
+_CONNECT_TIMEOUT = 5.0
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _print_line(line: str) -> None:
+    print(line, flush=True)
+
+
+def config_digest(cfg: dict[str, Any]) -> str:
+    """Short hash of a config dict; equal to `Config.digest()` for a Config's dict."""
+    return hashlib.sha256(json.dumps(cfg, indent=2, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def available_jobs(root: Path | None = None) -> list[str]:
+    """Job modules in `jobs/` that `run_job` accepts."""
+    jobs = (root or local_cluster.project_root()) / "jobs"
+    return sorted(p.stem for p in jobs.glob("*.py") if not p.stem.startswith("_")
+                  and p.stem != "common")
+
+
+class JobNotFound(UserError):
+    """No job with that id on this cluster."""
+
+
+class ServerError(JobFailed):
+    """The job server answered an HTTP error we cannot blame on the input."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+class JobServer:
+    """A Ray job server (the dashboard's REST API): jobs, logs, packages and nodes.
+
+    Build one with `connect(address)`; every method raises UserError with one line when the
+    server cannot be reached, refuses our credentials or knows no such job.
+    """
+
+    def __init__(self, address: str, headers: dict[str, str] | None = None,
+                 local: local_cluster.LocalCluster | None = None):
+        self.address = address.rstrip("/")
+        self.headers = dict(headers or {})
+        self.local = local
+
+    @property
+    def python(self) -> str:
+        """The interpreter entrypoints name: the local cluster's venv, else `python`."""
+        return shlex.quote(self.local.python) if self.local else "python"
+
+    def _request(self, method: str, path: str, body: bytes | None = None, *,
+                 content_type: str = "application/json", timeout: float = 30.0,
+                 job_id: str | None = None) -> bytes:
+        headers = dict(self.headers)
+        if body is not None:
+            headers["Content-Type"] = content_type
+        request = urllib.request.Request(self.address + path, data=body, method=method,
+                                         headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.read()
+        except urllib.error.HTTPError as e:
+            text = e.read().decode(errors="replace").strip()
+            if e.code in (401, 403):
+                raise UserError(
+                    f"the Ray job server at {self.address} refused our credentials (HTTP "
+                    f"{e.code}): set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or "
+                    "RAY_AUTH_TOKEN_PATH) to the cluster's token") from None
+            if e.code == 404 and job_id is not None:
+                raise JobNotFound(f"no job {job_id!r} on {self.address}: see "
+                                  "`densenet-pipe jobs list`") from None
+            if e.code == 413:
+                raise UserError(f"the Ray job server at {self.address} refused the upload as "
+                                "too large (HTTP 413): make the working dir smaller") from None
+            last = text.splitlines()[-1] if text else e.reason
+            raise ServerError(f"the Ray job server at {self.address} answered {method} {path} "
+                              f"with HTTP {e.code}: {last}", e.code) from None
+        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise UserError(
+                f"cannot reach Ray job server at {self.address}: {reason}; start one with "
+                "`densenet-pipe cluster up` or fix --address") from None
+
+    def _json(self, method: str, path: str, payload: Any = None, **kw: Any) -> Any:
+        body = None if payload is None else json.dumps(payload).encode()
+        raw = self._request(method, path, body, **kw)
+        return json.loads(raw) if raw else None
+
+    def version(self) -> dict[str, Any]:
+        """The server's Ray version; also the reachability check (fails in seconds)."""
+        try:
+            reply = self._json("GET", "/api/version", timeout=_CONNECT_TIMEOUT)
+        except (ServerError, ValueError) as e:
+            detail = f"HTTP {e.status}" if isinstance(e, ServerError) else "no JSON"
+            raise UserError(f"cannot reach Ray job server at {self.address}: /api/version "
+                            f"answered {detail}, so this is no Ray dashboard; start one with "
+                            "`densenet-pipe cluster up` or fix --address") from None
+        if not isinstance(reply, dict) or "ray_version" not in reply:
+            raise UserError(f"cannot reach Ray job server at {self.address}: /api/version "
+                            "does not name a Ray version; fix --address")
+        return reply
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every node the cluster knows (alive and dead) with `state` and `resources_total`."""
+        data = self._json("GET", "/api/v0/nodes?limit=10000&detail=1")
+        return data["data"]["result"]["result"]
+
+    def list_jobs(self) -> list[dict[str, Any]]:
+        """Submitted jobs, newest first."""
+        jobs = [j for j in self._json("GET", "/api/jobs/") if j.get("type") == "SUBMISSION"]
+        return sorted(jobs, key=lambda j: j.get("start_time") or 0, reverse=True)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/api/jobs/{_quote(job_id)}", job_id=job_id)
+
+    def logs(self, job_id: str) -> str:
+        return self._json("GET", f"/api/jobs/{_quote(job_id)}/logs", job_id=job_id)["logs"]
+
+    def stop(self, job_id: str) -> bool:
+        """Ask the job to stop; False when it had already ended."""
+        reply = self._json("POST", f"/api/jobs/{_quote(job_id)}/stop", job_id=job_id)
+        return bool(reply and reply.get("stopped"))
+
+    def upload(self, package: bytes) -> str:
+        """Store a zip in the cluster (once per content) and return its `gcs://` URI."""
+        name = f"_ray_pkg_{hashlib.sha1(package).hexdigest()}.zip"
+        path = f"/api/packages/gcs/{name}"
+        try:
+            self._request("GET", path, timeout=10)
+        except ServerError:
+            self._request("PUT", path, package, content_type="application/octet-stream",
+                          timeout=300)
+        return f"gcs://{name}"
+
+    def submit(self, entrypoint: str, runtime_env: dict[str, Any], metadata: dict[str, str],
+               submission_id: str) -> str:
+        reply = self._json("POST", "/api/jobs/", {
+            "entrypoint": entrypoint, "runtime_env": runtime_env, "metadata": metadata,
+            "submission_id": submission_id,
+        })
+        return reply["submission_id"]
+
+    def tail(self, job_id: str, on_text: Callable[[str], None]) -> int:
+        """Stream the job's log text over the websocket until the server closes it.
+
+        Returns the characters received. Ctrl-C propagates as KeyboardInterrupt.
+        """
+        import asyncio
+
+        return asyncio.run(self._tail(job_id, on_text))
+
+    async def _tail(self, job_id: str, on_text: Callable[[str], None]) -> int:
+        import aiohttp
+
+        url = self.address.replace("http", "ws", 1) + f"/api/jobs/{_quote(job_id)}/logs/tail"
+        received = 0
+        try:
+            async with aiohttp.ClientSession(headers=self.headers) as session:
+                async with session.ws_connect(url, heartbeat=30) as ws:
+                    async for message in ws:
+                        if message.type == aiohttp.WSMsgType.TEXT:
+                            on_text(message.data)
+                            received += len(message.data)
+                        elif message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                            break
+        except aiohttp.ClientError:
+            pass
+        return received
+
+
+def _quote(job_id: str) -> str:
+    return urllib.parse.quote(job_id, safe="")
+
+
+def normalize_address(address: str) -> str:
+    """`http(s)://host:port` for a job server; refuses GCS and Ray Client addresses."""
+    text = address.strip().rstrip("/")
+    if text.startswith("ray://") or (text.rsplit(":", 1)[-1] == "6379" and "://" not in text):
+        raise UserError(f"--address wants the Ray job server (dashboard) URL, e.g. "
+                        f"http://head:8265, not {address!r}")
+    if "://" not in text:
+        text = "http://" + text
+    if not text.startswith(("http://", "https://")):
+        raise UserError(f"--address {address!r} is not an http(s) URL: use e.g. http://head:8265")
+    return text
+
+
+def _remote_headers() -> dict[str, str]:
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        try:
+            token = path.read_text().strip()
+        except OSError:
+            raise UserError(f"RAY_AUTH_MODE=token but no token: set RAY_AUTH_TOKEN or put it "
+                            f"in {path}") from None
+    return {"Authorization": f"Bearer {token}"}
+
+
+def connect(address: str | None, *, start: bool = True,
+            note: Callable[[str], None] = _note) -> JobServer:
+    """The job server at `address`, or the local cluster's (started when `start`).
+
+    Checks that it answers within a few seconds: an unreachable address is a UserError.
+    """
+    if address:
+        url = normalize_address(address)
+        local = local_cluster.running()
+        if local is not None and local.dashboard_url == url:
+            server = JobServer(url, local.headers(), local)
+        else:
+            server = JobServer(url, _remote_headers())
+    else:
+        local = local_cluster.ensure(note=note) if start else local_cluster.running()
+        if local is None:
+            raise UserError("no local Ray cluster is up: start one with `densenet-pipe cluster "
+                            "up` or pass --address (or RAY_ADDRESS)")
+        server = JobServer(local.dashboard_url, local.headers(), local)
+    server.version()
+    return server
+
+
+@dataclass
+class Package:
+    data: bytes
+    files: int
+    bytes: int
+    config_path: str
+
+
+def _candidate_files(root: Path) -> Iterable[str]:
+    try:
+        out = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others",
+                              "--exclude-standard"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        out = None
+    if out is not None and out.returncode == 0 and (root / ".git").exists():
+        return sorted(p for p in out.stdout.decode().split("\0") if p)
+    found = []
+    for folder, dirs, files in os.walk(root):
+        rel = Path(folder).relative_to(root)
+        dirs[:] = [d for d in dirs if not _skipped(rel / d)]
+        found += [str(rel / f) for f in files]
+    return sorted(found)
+
+
+def _skipped(rel: Path) -> bool:
+    parts = rel.parts
+    return (bool(parts) and parts[0] in _SKIP_TOP) or any(
+        p in _SKIP_DIRS or p.endswith(_SKIP_SUFFIXES) for p in parts)
+
+
+def package_working_dir(root: Path, job: str, cfg: dict[str, Any]) -> Package:
+    """Zip the project's code (plus the config) as the job's working dir.
+
+    Files are what git would commit (tracked and untracked-but-not-ignored; a plain walk
+    outside git) minus `_SKIP_*`; symlinks are left out. The zip is byte-for-byte stable for
+    the same files, so an unchanged project is uploaded once.
+    """
+    entries: list[tuple[str, Path, os.stat_result]] = []
+    for rel in _candidate_files(root):
+        if _skipped(Path(rel)):
+            continue
+        path = root / rel
+        try:
+            st = path.lstat()
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            entries.append((rel, path, st))
+    total = sum(st.st_size for _, _, st in entries)
+    if total >= MAX_WORKING_DIR_BYTES:
+        largest = sorted(entries, key=lambda e: e[2].st_size, reverse=True)[:3]
+        names = ", ".join(f"{rel} ({st.st_size / 1024**2:.0f} MiB)" for rel, _, st in largest)
+        raise UserError(
+            f"the job's working dir {root} holds {total / 1024**2:.0f} MiB of files, over Ray's "
+            f"100 MiB upload cap (largest: {names}): move data out of the project or add it "
+            "to .gitignore")
+    config_text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+    config_path = f"{CONFIG_DIR}/{job}-{config_digest(cfg)}.json"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for rel, path, st in entries:
+            info = zipfile.ZipInfo(rel, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = (stat.S_IMODE(st.st_mode) | stat.S_IFREG) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, path.read_bytes())
+        info = zipfile.ZipInfo(config_path, date_time=(1980, 1, 1, 0, 0, 0))
+        info.external_attr = (0o644 | stat.S_IFREG) << 16
+        info.compress_type = zipfile.ZIP_DEFLATED
+        zf.writestr(info, config_text)
+    return Package(buffer.getvalue(), len(entries) + 1, total, config_path)
+
+
+def _node_shapes(nodes: list[dict[str, Any]]) -> str:
+    shapes: dict[tuple[float, float], int] = {}
+    for n in nodes:
+        res = n.get("resources_total") or {}
+        key = (res.get("CPU", 0.0), res.get("GPU", 0.0))
+        shapes[key] = shapes.get(key, 0) + 1
+    return ", ".join(f"{count} x ({_fmt(cpu)} CPU, {_fmt(gpu)} GPU)"
+                     for (cpu, gpu), count in sorted(shapes.items(), reverse=True)) or "nothing"
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def check_resources(server: JobServer, resources: dict[str, Any],
+                    wait_for_nodes: float = 0.0, note: Callable[[str], None] = _note) -> None:
+    """Refuse (UserError) unless `nodes` alive nodes each have `cpus_per_node` CPUs and
+    `gpus_per_node` GPUs; with `wait_for_nodes` > 0, poll that long for an autoscaler first.
+    """
+    unknown = set(resources) - {"nodes", "cpus_per_node", "gpus_per_node"}
+    if unknown:
+        raise ValueError(f"unknown resource keys {sorted(unknown)}")
+    need = int(resources.get("nodes", 1))
+    cpus = float(resources.get("cpus_per_node", 0) or 0)
+    gpus = float(resources.get("gpus_per_node", 0) or 0)
+    deadline = time.monotonic() + max(0.0, wait_for_nodes)
+    waited = False
+    while True:
+        alive = [n for n in server.nodes() if n.get("state") == "ALIVE"]
+        fit = [n for n in alive if (n.get("resources_total") or {}).get("CPU", 0) >= cpus
+               and (n.get("resources_total") or {}).get("GPU", 0) >= gpus]
+        if len(fit) >= need:
+            return
+        if time.monotonic() >= deadline:
+            break
+        if not waited:
+            note(f"waiting up to {wait_for_nodes:g} s for {need} node(s) with {_fmt(cpus)} CPU "
+                 f"and {_fmt(gpus)} GPU each (the cluster has {len(fit)}) ...")
+            waited = True
+        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+    has = f"{len(alive)} node(s): {_node_shapes(alive)}"
+    wants = f"{need} node(s) with {_fmt(cpus)} CPU and {_fmt(gpus)} GPU each"
+    if gpus > 0 and not any((n.get("resources_total") or {}).get("GPU", 0) for n in alive):
+        fix = "train on CPUs (--cpu) or point --address at a cluster with GPUs"
+    elif server.local is not None:
+        fix = (f"ask for fewer (--nodes), or grow it: `densenet-pipe cluster up --nodes {need}"
+               + (f" --cpus-per-node {_fmt(cpus)}`" if cpus else "`"))
+    else:
+        fix = "ask for fewer (--nodes), or give --wait-for-nodes SECONDS to let it scale up"
+    waited_text = f" after waiting {wait_for_nodes:g} s" if wait_for_nodes > 0 else ""
+    raise UserError(f"the job needs {wants} but the cluster at {server.address} has "
+                    f"{has}{waited_text}: {fix}")
+
+
+def job_env(cfg: dict[str, Any], server: JobServer) -> dict[str, str]:
+    """Environment every job gets (see docs/orchestration.md for why each is set)."""
+    env = {"PYTHONUNBUFFERED": "1"}
+    if server.local is not None:
+        env["DENSENET_PIPE_WORKDIR"] = os.getcwd()
+    tracking = (cfg.get("tracking") or {}).get("wandb") if isinstance(cfg.get("tracking"), dict) else None
+    if tracking == "online":
+        if os.environ.get("WANDB_API_KEY"):
+            env["WANDB_API_KEY"] = os.environ["WANDB_API_KEY"]
+    elif tracking == "off":
+        env["WANDB_MODE"] = "disabled"
+    else:
+        env["WANDB_MODE"] = "offline"
+    return env
+
+
+def submit_job(server: JobServer, job: str, cfg: dict[str, Any], *,
+               root: Path | None = None) -> str:
+    """Package, upload and submit; returns the job id. Nothing is submitted on any error."""
+    root = root or local_cluster.project_root()
+    package = package_working_dir(root, job, cfg)
+    return _submit_package(server, job, cfg, package)
+
+
+def _submit_package(server: JobServer, job: str, cfg: dict[str, Any], package: Package) -> str:
+    uri = server.upload(package.data)
+    job_id = f"{job}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    entrypoint = f"{server.python} -m jobs.{job} --config {package.config_path}"
+    metadata = {"densenet_pipe_job": job, "config_digest": config_digest(cfg),
+                "command": f"densenet-pipe {job}"}
+    return server.submit(entrypoint, {"working_dir": uri, "env_vars": job_env(cfg, server)},
+                         metadata, job_id)
+
+
+def run_job(job: str, cfg: dict, *, address: str | None, detach: bool = False,
+            stop_on_interrupt: bool = False, resources: dict | None = None,
+            wait_for_nodes: float = 0.0,
+            on_line: Callable[[str], None] | None = None) -> int:
+    """Submit `python -m jobs.<job>` with `cfg` and follow it; returns the exit code.
+
+    0: the job succeeded (or was submitted, with `detach`); 1: it failed or was stopped;
+    2: it failed on bad input (the job exited 2); 130: Ctrl-C left it running. Bad input
+    here (unknown job, unreachable address, missing resources, oversized working dir)
+    raises UserError before anything is submitted.
+    """
+    root = local_cluster.project_root()
+    if job not in available_jobs(root):
+        raise UserError(f"unknown job {job!r}: jobs are {', '.join(available_jobs(root))}")
+    package = package_working_dir(root, job, cfg)
+    server = connect(address)
+    if resources:
+        check_resources(server, resources, wait_for_nodes)
+    job_id = _submit_package(server, job, cfg, package)
+    if detach:
+        _print_line(job_id)
+        _note(f"submitted job {job_id} to {server.address}; follow it with: "
+              f"{follow_command(job_id, address)}")
+        return 0
+    _note(f"submitted job {job_id} to {server.address} (Ctrl-C to stop or detach)")
+    return follow(server, job_id, on_line or _print_line, stop_on_interrupt=stop_on_interrupt,
+                  address=address)
+
+
+def follow_command(job_id: str, address: str | None) -> str:
+    extra = ""
+    if address and address != os.environ.get("RAY_ADDRESS"):
+        extra = f" --address {shlex.quote(address)}"
+    return f"densenet-pipe jobs logs {job_id} --follow{extra}"
+
+
+class _Lines:
+    """Turns streamed text into whole lines for `on_line`."""
+
+    def __init__(self, on_line: Callable[[str], None]):
+        self.on_line = on_line
+        self.pending = ""
+        self.seen = 0
+
+    def feed(self, text: str) -> None:
+        self.seen += len(text)
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            self.on_line(line)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.on_line(self.pending)
+            self.pending = ""
+
+
+def wait_terminal(server: JobServer, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
+    """The job's info once it has ended (or as it is after `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = server.job(job_id)
+        if info.get("status") in TERMINAL or time.monotonic() >= deadline:
+            return info
+        time.sleep(0.3)
+
+
+def follow(server: JobServer, job_id: str, on_line: Callable[[str], None], *,
+           stop_on_interrupt: bool = False, address: str | None = None) -> int:
+    """Stream a job's logs until it ends; the exit code as in `run_job`."""
+    lines = _Lines(on_line)
+    try:
+        while True:
+            server.tail(job_id, lines.feed)
+            info = server.job(job_id)
+            if info.get("status") in TERMINAL:
+                break
+            time.sleep(1.0)
+        rest = server.logs(job_id)[lines.seen:]
+        if rest:
+            lines.feed(rest)
+        lines.flush()
+    except KeyboardInterrupt:
+        lines.flush()
+        return _interrupted(server, job_id, stop_on_interrupt, address)
+    return outcome(info)
+
+
+def outcome(info: dict[str, Any], note: Callable[[str], None] = _note) -> int:
+    """Report how a finished job ended and map it to an exit code."""
+    job_id = info.get("submission_id")
+    status = info.get("status")
+    took = ""
+    if info.get("start_time") and info.get("end_time"):
+        took = f" in {(info['end_time'] - info['start_time']) / 1000:.1f} s"
+    if status == "SUCCEEDED":
+        note(f"job {job_id} succeeded{took}")
+        return 0
+    code = info.get("driver_exit_code")
+    if status == "STOPPED":
+        note(f"job {job_id} was stopped{took}")
+        return 1
+    reason = (info.get("message") or "").split(", last available logs")[0].strip()
+    note(f"job {job_id} {str(status).lower()}{took}: {reason or 'no reason given'}")
+    return 2 if code == 2 else 1
+
+
+def _interrupted(server: JobServer, job_id: str, stop: bool, address: str | None) -> int:
+    if not stop and sys.stdin is not None and sys.stdin.isatty():
+        print(f"\nstop job {job_id}? [y/N] ", end="", file=sys.stderr, flush=True)
+        try:
+            stop = sys.stdin.readline().strip().lower() in ("y", "yes")
+        except KeyboardInterrupt:
+            stop = False
+    if stop:
+        server.stop(job_id)
+        info = wait_terminal(server, job_id, timeout=30)
+        _note(f"job {job_id} {str(info.get('status')).lower()}")
+        return 1
+    _note(f"job {job_id} is still running: follow it with `{follow_command(job_id, address)}`, "
+          f"stop it with `densenet-pipe jobs stop {job_id}`")
+    return 130
