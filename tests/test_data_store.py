@@ -1,0 +1,189 @@
+"""prepare -> real FFCV stores -> read back with the real loaders (tiny fixtures)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fixtures_data import make_cifar, make_ilsvrc, make_svhn
+from pipeline.config import DataSection
+from pipeline.data.prepare import prepare
+from pipeline.data.prepare_config import PrepareConfig
+from pipeline.data.store import open_store
+from pipeline.errors import UserError
+
+pytestmark = pytest.mark.ffcv
+ROOT = Path(__file__).resolve().parents[1]
+EVAL = DataSection(augment=False, channels_last=False, loader_workers=1)
+
+
+@pytest.fixture
+def no_compile():
+    from ffcv.pipeline.compiler import Compiler
+
+    Compiler.set_enabled(False)
+    yield
+    Compiler.set_enabled(True)
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def read_all(store, split, data_cfg=EVAL, batch_size=16, **kw):
+    from pipeline.data.loaders import make_loader
+
+    loader, manifest = make_loader(store, split, batch_size, data_cfg, **kw)
+    xs, ys = [], []
+    for x, y in loader:
+        xs.append(x.clone())
+        ys.append(y.clone())
+    return np.concatenate(xs), np.concatenate(ys), manifest, loader
+
+
+def unnormalise(x: np.ndarray, manifest) -> np.ndarray:
+    mean = np.array(manifest.mean)[None, :, None, None]
+    std = np.array(manifest.std)[None, :, None, None]
+    return np.rint((x * std + mean) * 255).astype(np.int64).transpose(0, 2, 3, 1)
+
+
+@pytest.mark.timeout(120)
+def test_cifar10_raw_round_trip_is_pixel_exact(tmp_path):
+    """The one test with FFCV's numba compilation on: the path training takes."""
+    path, exp = make_cifar(tmp_path / "src", 10)
+    out = tmp_path / "stores" / "cifar10"
+    m = prepare(PrepareConfig(dataset="cifar10", source=str(path), out=str(out)), log=quiet)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train.beton", "val.beton"]
+    assert m.splits["train"].count == 20 and m.splits["val"].count == 6
+    assert m.classes == exp["classes"] and m.fixed_size == [32, 32] and m.writer.write_mode == "raw"
+    assert m.sources[0]["name"] == "cifar-10-python.tar.gz" and m.sources[0]["matches_card"] is False
+    assert any("the card says 50000" in d for d in m.card_differences)
+    for split in ("train", "val"):
+        x, y, manifest, _ = read_all(out, split, drop_last=False, order="sequential")
+        assert x.dtype == np.float32 and x.shape[1:] == (3, 32, 32) and y.dtype == np.int64
+        assert np.array_equal(unnormalise(x, manifest), exp[f"{split}_x"])
+        assert np.array_equal(y, exp[f"{split}_y"])
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.timeout(120)
+def test_svhn_with_extra_labels_exact(tmp_path, no_compile):
+    exp = make_svhn(tmp_path / "src", n_train=6, n_test=4, n_extra=3)
+    out = tmp_path / "svhn"
+    m = prepare(PrepareConfig(dataset="svhn", source=str(tmp_path / "src"), out=str(out)), log=quiet)
+    assert m.splits["train"].count == 9 and m.info["extra"] is True
+    assert m.augment == "translate"
+    x, y, manifest, _ = read_all(out, "train", drop_last=False, order="sequential")
+    assert np.array_equal(y, np.concatenate([exp["train"][1], exp["extra"][1]]))
+    assert np.array_equal(unnormalise(x, manifest), np.concatenate([exp["train"][0], exp["extra"][0]]))
+
+
+@pytest.mark.timeout(120)
+def test_imagenet_bad_file_stops_or_is_skipped(tmp_path, no_compile):
+    exp = make_ilsvrc(tmp_path / "src", train="tar", val="devkit")
+    out = tmp_path / "imagenet"
+    cfg = PrepareConfig(dataset="imagenet", source=str(tmp_path / "src"), out=str(out),
+                        max_resolution=48)
+    with pytest.raises(UserError, match=f"cannot be read, first .*{exp['truncated']}.*--skip-bad"):
+        prepare(cfg, log=quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    cfg.skip_bad = True
+    m = prepare(cfg, log=quiet)
+    assert m.splits["train"].count == exp["train_count"] - 1
+    assert len(m.skipped) == 1 and m.skipped[0]["path"].endswith(exp["truncated"])
+    assert m.classes[0] == "tench, Tinca tinca" and m.family == "imagenet" and m.fixed_size is None
+    data_cfg = DataSection(augment=False, channels_last=False, loader_workers=1, eval_resolution=32)
+    x, y, _, _ = read_all(out, "val", data_cfg)
+    assert x.shape == (exp["val_count"], 3, 32, 32)
+    assert np.array_equal(y, exp["val_y"])
+    train_cfg = DataSection(augment=True, channels_last=True, loader_workers=1, resolution=24)
+    x, y, _, loader = read_all(out, "train", train_cfg, batch_size=4)
+    assert x.shape == (8, 3, 24, 24) and len(loader) == 2
+    assert sorted(y.tolist()) != [] and set(y.tolist()) <= {0, 1, 2}
+
+
+@pytest.mark.timeout(120)
+def test_jpg_mode_and_max_resolution(tmp_path, no_compile):
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.reader import Reader
+
+    make_ilsvrc(tmp_path / "src", val="sorted", messy=False)
+    out = tmp_path / "s"
+    m = prepare(PrepareConfig(dataset="imagenet", source=str(tmp_path / "src"), out=str(out),
+                              write_mode="jpg", max_resolution=32, jpeg_quality=80), log=quiet)
+    assert m.writer.write_mode == "jpg" and m.writer.jpeg_quality == 80
+    meta = Reader(str(out / "train.beton")).metadata["f0"]
+    assert (meta["mode"] == IMAGE_MODES["jpg"]).all() and max(meta["height"].max(), meta["width"].max()) <= 32
+
+
+@pytest.mark.timeout(120)
+def test_store_is_never_overwritten_without_force_and_damage_is_caught(tmp_path, no_compile):
+    cfg = PrepareConfig(dataset="synthetic", out=str(tmp_path / "syn"))
+    cfg.synthetic.train_size, cfg.synthetic.val_size = 40, 10
+    prepare(cfg, log=quiet)
+    first = json.loads((tmp_path / "syn" / "manifest.json").read_text())
+    with pytest.raises(UserError, match="already a store: pass --force"):
+        prepare(cfg, log=quiet)
+    cfg.force, cfg.synthetic.seed = True, 1
+    prepare(cfg, log=quiet)
+    second = json.loads((tmp_path / "syn" / "manifest.json").read_text())
+    assert first["splits"]["train"]["sha256"] != second["splits"]["train"]["sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["syn"]
+
+    beton = tmp_path / "syn" / "val.beton"
+    open_store(tmp_path / "syn")
+    data = bytearray(beton.read_bytes())
+    data[-1] ^= 0xFF
+    beton.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="val.beton does not match the sha256"):
+        open_store(tmp_path / "syn")
+    (tmp_path / "syn" / "manifest.json").unlink()
+    with pytest.raises(UserError, match="is not a store"):
+        open_store(tmp_path / "syn")
+    from pipeline.data.loaders import make_loader
+    with pytest.raises(UserError, match="is not a store"):
+        make_loader(tmp_path / "syn", "train", 4, EVAL)
+
+
+def test_unwritable_output_and_bad_source_leave_nothing(tmp_path):
+    (tmp_path / "file").write_text("x")
+    cfg = PrepareConfig(dataset="synthetic", out=str(tmp_path / "file" / "store"))
+    with pytest.raises(UserError, match="cannot create .*file"):
+        prepare(cfg, log=quiet)
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(UserError, match="permission denied"):
+            prepare(PrepareConfig(dataset="synthetic", out=str(locked / "s")), log=quiet)
+    with pytest.raises(UserError, match="does not exist"):
+        prepare(PrepareConfig(dataset="cifar10", source=str(tmp_path / "none.tar.gz"),
+                              out=str(tmp_path / "c")), log=quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] + (["locked"] if os.geteuid() else [])
+
+
+def _limit_file_size() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+
+@pytest.mark.timeout(120)
+def test_full_disk_is_one_line_exit_2_and_nothing_published(tmp_path):
+    """A file-size limit makes writes fail with EFBIG, as a full disk fails with ENOSPC."""
+    cfg = {"dataset": "synthetic", "out": str(tmp_path / "out" / "syn"),
+           "synthetic": {"train_size": 2000, "val_size": 10}}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    r = subprocess.run([sys.executable, "-m", "jobs.prepare", "--config", str(tmp_path / "cfg.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=100,
+                       preexec_fn=_limit_file_size)
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "disk full" in errors[0] and "Traceback" not in r.stderr
+    assert list((tmp_path / "out").iterdir()) == []
