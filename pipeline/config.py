@@ -122,6 +122,26 @@ class TrackingSection:
 
 
 @dataclass
+class SweepSection:
+    """What `densenet-pipe sweep` explores; ignored by a single training run."""
+
+    family: Literal["densenet", "densenet_bc"] = "densenet_bc"
+    growth_rates: list[int] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)
+    # "section.key=dist:args": choice:a,b | grid:a,b | uniform:lo:hi | loguniform:lo:hi | randint:lo:hi
+    space: list[str] = field(default_factory=list)
+    search: Literal["grid", "random", "optuna"] = "grid"
+    samples: int = 1
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    # 0: as many trials at once as the cluster holds.
+    max_concurrent: int = 0
+    name: str | None = None
+    resume: bool = False
+
+
+@dataclass
 class Config:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -130,6 +150,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
+    sweep: SweepSection = field(default_factory=SweepSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -133,6 +133,13 @@ class Tracker:
             self.run.log_artifact(art, aliases=aliases)
         self._guard("checkpoint artifact", log)
 
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        def log() -> None:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=columns, data=rows)})
+        self._guard("table", log)
+
     def finish(self, summary: dict[str, Any] | None = None) -> None:
         if summary:
             self.summary(summary)

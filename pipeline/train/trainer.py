@@ -84,24 +84,15 @@ def latest_history(folder: Path) -> list[dict[str, Any]]:
         return []
 
 
-def run(cfg: Config, manifest_sha256: str = "") -> Path:
-    """Train; returns the run folder (checkpoints, config.json, history.json, curves.png)."""
-    import ray.train
+def build_trainer(cfg: Config, placement: Placement, folder: Path, manifest_sha256: str = "",
+                  callbacks: list | None = None):
+    """The TorchTrainer for one run; `folder` is storage/run_name."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .loop import train_worker
-    from .plots import training_curves
 
-    resume = cfg.train.resume
-    folder = check_run_dir(cfg, resume)
-    placement = plan_placement(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg.save(folder / "config.json")
-    print(f"run {cfg.cluster.run_name}: {placement.num_workers} worker(s) on {placement.nodes} node(s), "
-          f"global batch {cfg.optim.batch_size}, folder {folder}", flush=True)
-
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "run_dir": str(folder),
                            "run_name": cfg.cluster.run_name, "manifest_sha256": manifest_sha256},
@@ -112,21 +103,43 @@ def run(cfg: Config, manifest_sha256: str = "") -> Path:
             placement_strategy="STRICT_SPREAD" if placement.workers_per_node == 1 else "PACK",
         ),
         run_config=RunConfig(
-            name=cfg.cluster.run_name, storage_path=cfg.cluster.storage,
+            name=cfg.cluster.run_name, storage_path=str(folder.parent),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute="val_top1_error", checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+            callbacks=callbacks or None,
         ),
     )
-    try:
-        trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        raise JobFailed(f"training failed: {str(e).strip().splitlines()[-1][:300]}") from e
+
+
+def finish_run(cfg: Config, folder: Path) -> list[dict[str, Any]]:
+    """history.json and curves.png beside the checkpoints; returns the per-epoch history."""
+    from .plots import training_curves
+
     history = latest_history(folder)
     (folder / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     if history:
         training_curves(history, folder / "curves.png", f"{cfg.cluster.run_name} ({cfg.model_spec().name})")
+    return history
+
+
+def run(cfg: Config, manifest_sha256: str = "") -> Path:
+    """Train; returns the run folder (checkpoints, config.json, history.json, curves.png)."""
+    import ray.train
+
+    folder = check_run_dir(cfg, cfg.train.resume)
+    placement = plan_placement(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg.save(folder / "config.json")
+    print(f"run {cfg.cluster.run_name}: {placement.num_workers} worker(s) on {placement.nodes} node(s), "
+          f"global batch {cfg.optim.batch_size}, folder {folder}", flush=True)
+    try:
+        build_trainer(cfg, placement, folder, manifest_sha256).fit()
+    except ray.train.TrainingFailedError as e:
+        raise JobFailed(f"training failed: {str(e).strip().splitlines()[-1][:300]}") from e
+    history = finish_run(cfg, folder)
+    if history:
         best = min(history, key=lambda h: h["val_top1_error"])
         print(f"done: best val top-1 error {best['val_top1_error']:.4f} at epoch {best['epoch']}; "
               f"curves {folder / 'curves.png'}", flush=True)

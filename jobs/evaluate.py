@@ -1,0 +1,41 @@
+"""`python -m jobs.evaluate --config cfg.json`: top-1/top-5 error of a checkpoint on a store.
+
+Config keys: checkpoint, store, tta (none|flip|10crop), batch_size, loader_workers, out
+(a JSON file for the result; default: evaluation-<store>-<tta>.json beside the checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from jobs import common
+
+
+def run(data: dict[str, Any]) -> None:
+    from pipeline.errors import UserError
+    from pipeline.train import checkpoint
+    from pipeline.train.evaluate import evaluate
+
+    unknown = set(data) - {"checkpoint", "store", "tta", "batch_size", "loader_workers", "out"}
+    if unknown or "checkpoint" not in data or "store" not in data:
+        raise UserError(f"evaluate config needs checkpoint and store (unknown keys: {sorted(unknown)})")
+    ckpt = common.resolve_path(data["checkpoint"])
+    store = common.resolve_path(data["store"])
+    result = evaluate(ckpt, store, tta=data.get("tta", "none"), batch_size=int(data.get("batch_size", 128)),
+                      loader_workers=int(data.get("loader_workers", 2)))
+    out = Path(common.resolve_path(data["out"])) if data.get("out") else (
+        checkpoint.find(Path(ckpt)).parent / f"evaluation-{Path(store).name}-{result['tta']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)
+    print(f"{result['model']} epoch {result['epoch']} on {result['dataset']} val ({result['images']} images, "
+          f"tta {result['tta']}): top-1 error {result['top1_error']:.4f}, top-5 error "
+          f"{result['top5_error']:.4f}", flush=True)
+    print(f"wrote {out}", flush=True)
+
+
+if __name__ == "__main__":
+    common.main(run)

@@ -1,0 +1,95 @@
+"""Evaluate a checkpoint on a store's val split: top-1/top-5 error, optionally with TTA.
+
+    result = evaluate("runs/r1/epoch-0300", "stores/cifar10", tta="flip")
+    result["top1_error"], result["top5_error"]
+
+TTA: `flip` averages the softmax of the image and its mirror. `10crop` is the paper's
+ImageNet protocol: the four corner crops and the centre crop, each also mirrored. For
+ImageNet-like stores the crops come from the centre square of the image resized to
+eval_resolution / (224/256) (256 px for 224 crops); for 32x32 stores from the image
+zero-padded by 4 pixels, the padding the training translation uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Config
+from ..errors import UserError
+from ..models.densenet import build
+from ..models.spec import DenseNetSpec
+from . import amp, checkpoint
+
+TTA = ("none", "flip", "10crop")
+
+
+def ten_crops(images: torch.Tensor, size: int) -> list[torch.Tensor]:
+    h, w = images.shape[-2:]
+    corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size),
+               ((h - size) // 2, (w - size) // 2)]
+    crops = [images[..., y:y + size, x:x + size] for y, x in corners]
+    return crops + [c.flip(-1) for c in crops]
+
+
+def evaluate(checkpoint_path: str | Path, store: str | Path, *, tta: str = "none",
+             batch_size: int = 128, loader_workers: int = 2, amp_mode: str = "auto") -> dict[str, Any]:
+    from ..data.loaders import EVAL_CROP_RATIO, make_loader
+    from ..data.store import open_store
+
+    if tta not in TTA:
+        raise UserError(f"unknown --tta {tta!r}: use one of {', '.join(TTA)}")
+    state = checkpoint.load(Path(checkpoint_path))
+    cfg = Config.from_dict(state["config"])
+    spec = DenseNetSpec(**{**state["spec"], "block_config": tuple(state["spec"]["block_config"])})
+    manifest = open_store(store)
+    if manifest.num_classes != spec.num_classes:
+        raise UserError(f"checkpoint predicts {spec.num_classes} classes but store {store} has "
+                        f"{manifest.num_classes}: evaluate on the store it was trained for")
+    model = build(spec)
+    model.load_state_dict(state["model"])
+    model.eval()
+    device = torch.device("cpu")
+    dtype = amp.resolve_dtype(amp_mode, device)
+
+    data = dataclasses.replace(cfg.data, loader_workers=loader_workers, store=str(store))
+    crop = data.eval_resolution or data.resolution or manifest.eval_resolution
+    ratio = None
+    if tta == "10crop" and manifest.family != "small":
+        data = dataclasses.replace(data, eval_resolution=round(crop / EVAL_CROP_RATIO))
+        ratio = 1.0
+    threads = torch.get_num_threads()
+    loader, _ = make_loader(store, "val", batch_size, data, distributed=False, channels_last=False,
+                            crop_ratio=ratio)
+    torch.set_num_threads(threads)
+
+    top1 = top5 = n = 0
+    t0 = time.perf_counter()
+    with torch.no_grad(), amp.autocast(device, dtype):
+        for images, labels in loader:
+            if tta == "none":
+                probs = model(images).float().softmax(1)
+            elif tta == "flip":
+                probs = (model(images).float().softmax(1) + model(images.flip(-1)).float().softmax(1)) / 2
+            else:
+                if manifest.family == "small":
+                    images = F.pad(images, (4, 4, 4, 4))
+                views = ten_crops(images, crop)
+                probs = sum(model(v.contiguous()).float().softmax(1) for v in views) / len(views)
+            k = min(5, probs.shape[1])
+            hit = probs.topk(k, 1).indices.eq(labels[:, None])
+            top1 += int(hit[:, 0].sum())
+            top5 += int(hit.any(1).sum())
+            n += labels.shape[0]
+    return {
+        "checkpoint": str(checkpoint.find(Path(checkpoint_path))),
+        "store": str(store), "dataset": manifest.dataset, "tta": tta, "images": n,
+        "epoch": state["epoch"], "model": spec.name,
+        "top1_error": 1 - top1 / n, "top5_error": 1 - top5 / n,
+        "seconds": time.perf_counter() - t0,
+    }

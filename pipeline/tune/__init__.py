@@ -1,0 +1,1 @@
+"""Ray Tune sweeps over DenseNet architectures and hyperparameters."""

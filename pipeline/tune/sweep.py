@@ -1,0 +1,212 @@
+"""Runs a sweep inside the sweep job: a Tune function per trial, each a Ray Train run.
+
+    folder = run(cfg)   # cfg.sweep filled and checked; cfg.cluster.storage and a sweep name set
+
+Layout under storage/<sweep name>/: Tune's experiment state, `trials/<trial>/` (each trial's
+Ray Train run: checkpoints, config.json, history.json, curves.png, its W&B offline run),
+and the results: `results.csv`, `results.json`, `val_error_vs_params_macs.png`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, apply_overrides, validate
+from ..errors import JobFailed, UserError
+from ..models import spec as model_spec
+from .space import plan_space, sample_overrides
+
+# The trial function only waits on its TorchTrainer; Tune refuses a zero-CPU trial.
+TRIAL_CPU = 0.01
+COLUMNS = ["trial", "growth_rate", "depth", "params", "macs", "best_val_top1_error",
+           "epochs_run", "stopped_early", "time_s", "overrides"]
+
+
+def base_config(cfg: Config) -> Config:
+    s = cfg.sweep
+    return apply_overrides(cfg, {"model.name": model_spec.family_preset(s.family),
+                                 "model.bottleneck": s.family == "densenet_bc",
+                                 "tracking.group": s.name})
+
+
+def trial_config(base: Config, overrides: dict[str, Any], trial_name: str, trials_dir: Path) -> Config:
+    cfg = apply_overrides(base, {**overrides, "cluster.run_name": trial_name,
+                                 "cluster.storage": str(trials_dir), "train.resume": False})
+    return validate(cfg)
+
+
+def _trial_fn(base_dict: dict[str, Any], trials_dir: str, manifest_sha256: str):
+    def trial(params: dict[str, Any]) -> None:
+        import ray.tune
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from ..train.trainer import build_trainer, finish_run, plan_placement
+
+        name = ray.tune.get_context().get_trial_name()
+        cfg = trial_config(Config.from_dict(base_dict), params, name, Path(trials_dir))
+        folder = Path(trials_dir) / name
+        # A trial that ran before the sweep job died continues from its own checkpoints.
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg.save(folder / "config.json")
+        trainer = build_trainer(cfg, plan_placement(cfg), folder, manifest_sha256,
+                                callbacks=[TuneReportCallback()])
+        trainer.fit()
+        finish_run(cfg, folder)
+
+    return trial
+
+
+def _max_concurrent(cfg: Config) -> int:
+    import ray
+
+    if cfg.sweep.max_concurrent:
+        return cfg.sweep.max_concurrent
+    c = cfg.cluster
+    per_trial = c.nodes * (c.workers_per_node or 1)
+    cpus = sum(n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive"))
+    return max(1, int(cpus // (per_trial * c.cpus_per_worker)))
+
+
+def run(cfg: Config, manifest_sha256: str = "") -> Path:
+    import ray.tune as tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = cfg.sweep
+    plan = plan_space(cfg)
+    for line in plan.dropped:
+        print(line, flush=True)
+    folder = Path(cfg.cluster.storage) / s.name
+    if s.resume and not tune.Tuner.can_restore(str(folder)):
+        raise UserError(f"no sweep {s.name!r} under {cfg.cluster.storage} to resume: check --resume NAME")
+    if not s.resume and folder.exists():
+        raise UserError(f"sweep {s.name!r} already exists in {cfg.cluster.storage}: "
+                        "pass --resume NAME to continue it, or --name for a new sweep")
+    base = base_config(cfg)
+    trials_dir = folder / "trials"
+    trial = tune.with_resources(_trial_fn(base.to_dict(), str(trials_dir), manifest_sha256),
+                                {"cpu": TRIAL_CPU})
+    if s.resume:
+        print(f"resuming sweep {s.name}: finished trials are kept", flush=True)
+        tuner = tune.Tuner.restore(str(folder), trainable=trial, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs,
+                                   grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+                     if s.scheduler == "asha" else FIFOScheduler())
+        search_alg = None
+        if s.search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg = OptunaSearch()
+        samples = 1 if s.search == "grid" else s.samples
+        concurrent = _max_concurrent(cfg)
+        print(f"sweep {s.name}: {plan.grid_size() * samples} trial(s), up to {concurrent} at once, "
+              f"{s.scheduler} on val_top1_error", flush=True)
+        tuner = tune.Tuner(
+            trial,
+            param_space=sample_overrides(plan),
+            tune_config=tune.TuneConfig(metric="val_top1_error", mode="min", scheduler=scheduler,
+                                        search_alg=search_alg, num_samples=samples,
+                                        max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name=s.name, storage_path=cfg.cluster.storage,
+                                      failure_config=tune.FailureConfig(max_failures=1)),
+        )
+    grid = tuner.fit()
+    rows = collect(grid, base, cfg.train.epochs)
+    if not rows:
+        raise JobFailed(f"sweep {s.name} produced no results: see the trial errors above")
+    write_results(folder, rows)
+    print_table(rows)
+    log_table(cfg, folder, rows)
+    errors = [r for r in grid if r.error]
+    if errors:
+        raise JobFailed(f"{len(errors)} trial(s) failed: {str(errors[0].error).splitlines()[0][:200]}")
+    return folder
+
+
+def collect(grid, base: Config, max_epochs: int) -> list[dict[str, Any]]:
+    rows = []
+    for result in grid:
+        df = result.metrics_dataframe
+        if df is None or df.empty or "val_top1_error" not in df:
+            continue
+        params = dict(result.config)
+        cfg = apply_overrides(base, params)
+        spec = cfg.model_spec()
+        counts = spec.complexity()
+        epochs_run = int(df["epoch"].max())
+        rows.append({
+            "trial": Path(result.path).name,
+            "growth_rate": spec.growth_rate, "depth": spec.depth,
+            "params": counts["params"], "macs": counts["macs"],
+            "best_val_top1_error": float(df["val_top1_error"].min()),
+            "epochs_run": epochs_run, "stopped_early": epochs_run < max_epochs,
+            "time_s": float(df["epoch_time_s"].sum()),
+            "overrides": json.dumps(params, sort_keys=True),
+        })
+    return sorted(rows, key=lambda r: r["best_val_top1_error"])
+
+
+def write_results(folder: Path, rows: list[dict[str, Any]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".results.csv.tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    (folder / ".results.csv.tmp").replace(folder / "results.csv")
+    (folder / ".results.json.tmp").write_text(json.dumps(rows, indent=2) + "\n")
+    (folder / ".results.json.tmp").replace(folder / "results.json")
+    plot(rows, folder / "val_error_vs_params_macs.png")
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "params", "parameters (M)"), (axes[1], "macs", "MACs (G)")):
+        scale = 1e6 if key == "params" else 1e9
+        for r in rows:
+            ax.scatter(r[key] / scale, 100 * r["best_val_top1_error"],
+                       marker="x" if r["stopped_early"] else "o")
+            ax.annotate(f"L={r['depth']},k={r['growth_rate']}", (r[key] / scale, 100 * r["best_val_top1_error"]),
+                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(label)
+        ax.set_ylabel("best val top-1 error (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("val error against model size (x: stopped early by the scheduler)")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    header = f"{'trial':<28}{'k':>4}{'L':>5}{'params':>10}{'MACs':>9}{'val err':>9}{'epochs':>8}{'time s':>8}"
+    print(header, flush=True)
+    for r in rows:
+        print(f"{r['trial'][:27]:<28}{r['growth_rate']:>4}{r['depth']:>5}{r['params'] / 1e6:>9.2f}M"
+              f"{r['macs'] / 1e9:>8.3f}G{r['best_val_top1_error']:>9.4f}"
+              f"{str(r['epochs_run']) + ('*' if r['stopped_early'] else ''):>8}{r['time_s']:>8.1f}",
+              flush=True)
+    print("* stopped early by the scheduler", flush=True)
+
+
+def log_table(cfg: Config, folder: Path, rows: list[dict[str, Any]]) -> None:
+    """The sweep's table as a W&B table, in a summary run of the sweep's group."""
+    from ..tracking import Tracker
+
+    tracker = Tracker.start(cfg, run_id=f"{cfg.sweep.name}-summary", run_dir=folder,
+                            job_type="sweep", group=cfg.sweep.name)
+    tracker.log_table("sweep/results", COLUMNS, [[r[c] for c in COLUMNS] for r in rows])
+    tracker.finish(summary={"best_val_top1_error": rows[0]["best_val_top1_error"],
+                            "best_trial": rows[0]["trial"]})
+
+
