@@ -1,0 +1,116 @@
+"""Loader behaviour: augmentation, reproducible order, channels_last, DDP sharding."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import DataSection
+from pipeline.data.prepare import prepare
+from pipeline.data.prepare_config import PrepareConfig
+
+pytestmark = pytest.mark.ffcv
+N_TRAIN = 40
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    out = tmp_path_factory.mktemp("loaders") / "syn"
+    cfg = PrepareConfig(dataset="synthetic", out=str(out), workers=1)
+    cfg.synthetic.train_size, cfg.synthetic.val_size = N_TRAIN, 8
+    prepare(cfg, log=lambda s: None)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_compile():
+    from ffcv.pipeline.compiler import Compiler
+
+    Compiler.set_enabled(False)
+    yield
+    Compiler.set_enabled(True)
+
+
+def op_names(loader) -> list[str]:
+    spec = loader.pipeline_specs["image"]
+    return [type(op).__name__ for op in [spec.decoder, *spec.transforms]]
+
+
+def fingerprints(loader) -> list[list[str]]:
+    """Per batch, a hash of each image: identifies samples without trusting labels."""
+    return [[hashlib.sha1(img.numpy().tobytes()).hexdigest()[:16] for img in x] for x, _ in loader]
+
+
+@pytest.mark.timeout(120)
+def test_same_seed_same_epochs_new_order_each_epoch(store):
+    from pipeline.data.loaders import make_loader
+
+    plain = DataSection(augment=False, loader_workers=1)
+    a, _ = make_loader(store, "train", 8, plain, seed=3)
+    b, _ = make_loader(store, "train", 8, plain, seed=3)
+    epochs_a = [sum(fingerprints(a), []) for _ in range(2)]
+    epochs_b = [sum(fingerprints(b), []) for _ in range(2)]
+    assert epochs_a == epochs_b
+    assert epochs_a[0] != epochs_a[1] and sorted(epochs_a[0]) == sorted(epochs_a[1])
+    assert len(set(epochs_a[0])) == N_TRAIN and len(a) == N_TRAIN // 8
+
+
+@pytest.mark.timeout(120)
+def test_train_augmentation_translates_and_flips_eval_does_not(store):
+    from pipeline.data.loaders import make_loader
+
+    aug = DataSection(augment=True, channels_last=True, loader_workers=1)
+    loader, m = make_loader(store, "train", 8, aug, order="sequential")
+    plain, _ = make_loader(store, "train", 8, DataSection(augment=False, loader_workers=1),
+                           order="sequential")
+    x_aug, _ = next(iter(loader))
+    x_plain, _ = next(iter(plain))
+    assert x_aug.shape == (8, 3, 32, 32) and x_aug.is_contiguous(memory_format=__import__("torch").channels_last)
+    assert not np.array_equal(x_aug.numpy(), x_plain.numpy())
+    names = op_names(loader)
+    assert names[:3] == ["SimpleRGBImageDecoder", "RandomTranslate", "RandomHorizontalFlip"]
+    assert names.index("NormalizeImage") < names.index("ToTensor")
+    ev, _ = make_loader(store, "val", 4, aug)
+    assert op_names(ev)[:2] == ["SimpleRGBImageDecoder", "NormalizeImage"]
+    assert len(ev) == 2
+
+
+def _rank(rank: int, world: int, store: str, port: int, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+    from ffcv.pipeline.compiler import Compiler
+
+    from pipeline.data.loaders import make_loader
+
+    Compiler.set_enabled(False)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    loader, _ = make_loader(store, "train", 5, DataSection(augment=False, loader_workers=1),
+                            distributed=True, seed=7, drop_last=False)
+    epochs = [sum(fingerprints(loader), []) for _ in range(2)]
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"epochs": epochs, "len": len(loader)}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_two_ranks_see_every_sample_once_per_epoch(store, tmp_path):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank, args=(2, str(store), port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["len"] for r in ranks] == [N_TRAIN // 2 // 5] * 2
+    for epoch in range(2):
+        a, b = (r["epochs"][epoch] for r in ranks)
+        assert len(a) == len(b) == N_TRAIN // 2
+        assert not set(a) & set(b) and len(set(a) | set(b)) == N_TRAIN
+    assert ranks[0]["epochs"][0] != ranks[0]["epochs"][1]
