@@ -1,0 +1,75 @@
+"""`densenet-pipe prepare` through the real Ray job path, on a private local cluster."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fixtures_data import make_cifar, make_ilsvrc, make_svhn
+from pipeline.cli import app
+from pipeline.config import DataSection
+from pipeline.data.store import open_store
+
+pytestmark = [pytest.mark.ray, pytest.mark.ffcv]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from pipeline import local_cluster
+
+    mp = pytest.MonkeyPatch()
+    directory = tmp_path_factory.mktemp("cluster")
+    mp.setenv(local_cluster.CLUSTER_DIR_ENV, str(directory))
+    mp.delenv("RAY_ADDRESS", raising=False)
+    local_cluster.up(nodes=1, cpus_per_node=2)
+    yield directory
+    local_cluster.down(directory)
+    mp.undo()
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, ["prepare", *args])
+
+
+@pytest.mark.timeout(600)
+def test_prepare_official_formats_as_ray_jobs(cluster, tmp_path):
+    from ffcv.pipeline.compiler import Compiler
+
+    from pipeline.data.loaders import make_loader
+
+    cifar, exp = make_cifar(tmp_path / "cifar", 10)
+    r = run("cifar10", "--source", str(cifar), "--out", str(tmp_path / "s" / "cifar10"))
+    assert r.exit_code == 0, r.output
+    assert "prepared" in r.output
+    Compiler.set_enabled(False)
+    try:
+        loader, m = make_loader(tmp_path / "s" / "cifar10", "val", 6,
+                                DataSection(augment=False, channels_last=False, loader_workers=1))
+        x, y = next(iter(loader))
+        mean, std = np.array(m.mean)[:, None, None], np.array(m.std)[:, None, None]
+        pixels = np.rint((x.numpy() * std + mean) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        assert np.array_equal(pixels, exp["val_x"]) and np.array_equal(y.numpy(), exp["val_y"])
+    finally:
+        Compiler.set_enabled(True)
+
+    make_svhn(tmp_path / "svhn", n_train=6, n_test=4, n_extra=2)
+    r = run("svhn", "--source", str(tmp_path / "svhn"), "--out", str(tmp_path / "s" / "svhn"))
+    assert r.exit_code == 0, r.output
+    assert open_store(tmp_path / "s" / "svhn").splits["train"].count == 8
+
+    ilsvrc = make_ilsvrc(tmp_path / "ilsvrc", train="tar", val="devkit")
+    out = tmp_path / "s" / "imagenet"
+    r = run("imagenet", "--source", str(tmp_path / "ilsvrc"), "--out", str(out), "--max-resolution", "48")
+    assert r.exit_code == 2 and ilsvrc["truncated"] in r.output and not out.exists()
+    r = run("imagenet", "--source", str(tmp_path / "ilsvrc"), "--out", str(out),
+            "--max-resolution", "48", "--skip-bad")
+    assert r.exit_code == 0, r.output
+    assert len(open_store(out).skipped) == 1
+
+    bad = tmp_path / "cifar-10-python.tar.gz"
+    bad.write_bytes(cifar.read_bytes()[:500])
+    r = run("cifar10", "--source", str(bad), "--out", str(tmp_path / "s" / "bad"))
+    assert r.exit_code == 2 and "truncated or not a tar archive" in r.output
+    assert not (tmp_path / "s" / "bad").exists()
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["cifar10", "imagenet", "svhn"]
