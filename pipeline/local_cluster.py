@@ -82,10 +82,10 @@ class LocalCluster:
         return {"Authorization": f"Bearer {token}"}
 
     def alive(self) -> list[Node]:
-        return [n for n in self.nodes if _is_ours(n)]
+        return [n for n in self.nodes if node_alive(n)]
 
     def is_up(self) -> bool:
-        return bool(self.nodes) and _is_ours(self.nodes[0])
+        return bool(self.nodes) and node_alive(self.nodes[0])
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -116,7 +116,7 @@ def running(directory: Path | None = None) -> LocalCluster | None:
 
 
 def ensure(directory: Path | None = None, note: Callable[[str], None] | None = None,
-           timeout: float = 120.0) -> LocalCluster:
+           timeout: float = 180.0) -> LocalCluster:
     """The running local cluster, or a fresh one-node cluster (all of this machine's CPUs)."""
     cluster = running(directory)
     if cluster is not None:
@@ -128,7 +128,7 @@ def ensure(directory: Path | None = None, note: Callable[[str], None] | None = N
 def up(nodes: int = 1, cpus_per_node: float | None = None, gpus_per_node: int | None = None,
        *, directory: Path | None = None, object_store_memory: int | None = None,
        note: Callable[[str], None] | None = None,
-       timeout: float = 120.0) -> tuple[LocalCluster, int]:
+       timeout: float = 180.0) -> tuple[LocalCluster, int]:
     """Start a cluster of `nodes` nodes, or grow the running one to `nodes`.
 
     Returns the cluster and how many nodes this call started. A running cluster with as many
@@ -190,7 +190,8 @@ def gpu_count() -> int:
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
 
 
-def _is_ours(node: Node) -> bool:
+def node_alive(node: Node) -> bool:
+    """Whether the node's process still runs (the same process: pid and start time match)."""
     import psutil
 
     try:
@@ -386,7 +387,7 @@ def _wait_for_head(cluster: LocalCluster, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     head = cluster.nodes[0]
     while time.monotonic() < deadline:
-        if not _is_ours(head):
+        if not node_alive(head):
             _fail_start(cluster, head, "did not start")
         try:
             _get_json(cluster, "/api/version")
@@ -406,7 +407,7 @@ def _wait_for_nodes(cluster: LocalCluster, count: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for node in cluster.nodes:
-            if not _is_ours(node):
+            if not node_alive(node):
                 _fail_start(cluster, node, f"lost its {node.role} node {node.pid}")
         try:
             if alive_node_count(cluster) >= count:
@@ -425,13 +426,13 @@ def _stop_leftovers(cluster: LocalCluster | None, timeout: float = 45.0) -> list
         return []
     procs: list[psutil.Process] = []
     for node in cluster.nodes:
-        if not _is_ours(node):
+        if not node_alive(node):
             continue
         root = psutil.Process(node.pid)
         with contextlib.suppress(psutil.Error):
             procs += [root, *root.children(recursive=True)]
     for node in reversed(cluster.nodes):
-        if _is_ours(node):
+        if node_alive(node):
             with contextlib.suppress(OSError):
                 os.kill(node.pid, signal.SIGTERM)
     _, alive = psutil.wait_procs(procs, timeout=timeout)

@@ -506,16 +506,22 @@ def wait_terminal(server: JobServer, job_id: str, timeout: float = 60.0) -> dict
 
 
 def follow(server: JobServer, job_id: str, on_line: Callable[[str], None], *,
-           stop_on_interrupt: bool = False, address: str | None = None) -> int:
-    """Stream a job's logs until it ends; the exit code as in `run_job`."""
+           stop_on_interrupt: bool = False, address: str | None = None,
+           poll_seconds: float = 10.0) -> int:
+    """Stream a job's logs until it ends; the exit code as in `run_job`.
+
+    The first `poll_seconds` poll the logs endpoint every 0.2 s: the websocket's server side
+    sleeps a second between reads, and a job's first lines are what a user waits for. Then
+    the websocket takes over (resuming where polling stopped) so long logs are not re-read.
+    """
     lines = _Lines(on_line)
     try:
-        while True:
-            server.tail(job_id, lines.feed)
+        info = _poll(server, job_id, lines, poll_seconds)
+        while info.get("status") not in TERMINAL:
+            server.tail(job_id, _skip(lines.seen, lines.feed))
             info = server.job(job_id)
-            if info.get("status") in TERMINAL:
-                break
-            time.sleep(1.0)
+            if info.get("status") not in TERMINAL:
+                time.sleep(1.0)
         rest = server.logs(job_id)[lines.seen:]
         if rest:
             lines.feed(rest)
@@ -524,6 +530,33 @@ def follow(server: JobServer, job_id: str, on_line: Callable[[str], None], *,
         lines.flush()
         return _interrupted(server, job_id, stop_on_interrupt, address)
     return outcome(info)
+
+
+def _poll(server: JobServer, job_id: str, lines: _Lines, seconds: float) -> dict[str, Any]:
+    deadline = time.monotonic() + seconds
+    while True:
+        info = server.job(job_id)
+        text = server.logs(job_id)
+        if len(text) > lines.seen:
+            lines.feed(text[lines.seen:])
+        if info.get("status") in TERMINAL or time.monotonic() >= deadline:
+            return info
+        time.sleep(0.2)
+
+
+def _skip(count: int, feed: Callable[[str], None]) -> Callable[[str], None]:
+    """`feed` minus the first `count` characters: the websocket replays logs from the start."""
+    left = count
+
+    def skipping(text: str) -> None:
+        nonlocal left
+        if left >= len(text):
+            left -= len(text)
+            return
+        feed(text[left:])
+        left = 0
+
+    return skipping
 
 
 def outcome(info: dict[str, Any], note: Callable[[str], None] = _note) -> int:

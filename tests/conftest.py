@@ -1,0 +1,74 @@
+"""Fixtures shared by every test module.
+
+- Every session gets its own short cluster folder (`DENSENET_PIPE_CLUSTER_DIR`) and no
+  `RAY_ADDRESS`: tests never touch a developer's `.cluster/` or cluster.
+- `ray_cluster`: one real local Ray cluster for the whole session, started the way users
+  start it (`densenet-pipe cluster up --nodes 3 --cpus-per-node 1`) and stopped with
+  `cluster down`; anything submitted without `--address` lands on it. Mark tests that use
+  it `@pytest.mark.ray`.
+- `cli`: runs `densenet-pipe ARGS...` in-process and returns click's Result.
+- Tests marked `slow` run only when `-m` selects them (`make test-all`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+from typer.testing import CliRunner, Result
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.option.markexpr:
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow (make test-all)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cluster_dir() -> Iterator[Path]:
+    """This session's local-cluster folder, kept short: Ray's socket paths must fit 107 bytes."""
+    from pipeline import local_cluster
+
+    base = "/tmp" if os.path.isdir("/tmp") else None
+    path = Path(tempfile.mkdtemp(prefix="dp-test-", dir=base))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(local_cluster.CLUSTER_DIR_ENV, str(path))
+        mp.delenv("RAY_ADDRESS", raising=False)
+        yield path
+        if local_cluster.load(path) is not None:
+            local_cluster.down(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cli() -> Callable[..., Result]:
+    runner = CliRunner()
+
+    def invoke(*args: str, input: str | None = None) -> Result:
+        from pipeline.cli import app
+
+        return runner.invoke(app, [str(a) for a in args], input=input)
+
+    return invoke
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(cluster_dir: Path, cli: Callable[..., Result]):
+    """A running 3-node local cluster (1 CPU per node) shared by the session."""
+    from pipeline import local_cluster
+
+    result = cli("cluster", "up", "--nodes", "3", "--cpus-per-node", "1")
+    assert result.exit_code == 0, result.output
+    cluster = local_cluster.running(cluster_dir)
+    assert cluster is not None and len(cluster.alive()) == 3
+    yield cluster
+    result = cli("cluster", "down")
+    assert result.exit_code == 0, result.output
+    assert not [n.pid for n in cluster.nodes if local_cluster.node_alive(n)]

@@ -1,0 +1,270 @@
+"""Submitting jobs to a real local Ray cluster: follow, detach, stop, Ctrl-C, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import local_cluster, submit
+from pipeline.config import Config
+from pipeline.errors import UserError
+
+ROOT = local_cluster.project_root()
+
+
+def _job_ids(cli) -> list[str]:
+    result = cli("jobs", "list", "--format", "json")
+    assert result.exit_code == 0, result.output
+    return [j["submission_id"] for j in json.loads(result.stdout)]
+
+
+def _wait_status(cli, job_id: str, wanted: set[str], timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = cli("jobs", "status", job_id, "--format", "json")
+        assert result.exit_code == 0, result.output
+        status = json.loads(result.stdout)["status"]
+        if status in wanted or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_config_digest_matches_config():
+    cfg = Config()
+    assert submit.config_digest(cfg.to_dict()) == cfg.digest()
+
+
+def test_package_holds_code_and_config_but_no_data(tmp_path):
+    for rel in ["jobs/a.py", "pipeline/b.py", ".git/HEAD", ".venv/bin/python", "stores/c/train.beton",
+                "runs/x/ckpt.pt", "wandb/offline-run/x", "pipeline/__pycache__/b.cpython-311.pyc",
+                ".cluster/cluster.json", "notes.txt"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    (tmp_path / "link.py").symlink_to(tmp_path / "notes.txt")
+    cfg = {"model": {"name": "densenet_simple"}}
+    one = submit.package_working_dir(tmp_path, "train", cfg)
+    two = submit.package_working_dir(tmp_path, "train", cfg)
+    assert one.data == two.data, "the same files must give the same package (uploaded once)"
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(one.data)) as zf:
+        names = sorted(zf.namelist())
+        assert json.loads(zf.read(one.config_path)) == cfg
+    assert names == sorted(["jobs/a.py", "pipeline/b.py", "notes.txt", one.config_path])
+    assert one.config_path == f".densenet-pipe/train-{submit.config_digest(cfg)}.json"
+
+
+def test_address_forms():
+    assert submit.normalize_address("head:8265") == "http://head:8265"
+    assert submit.normalize_address("https://ray.example.com/") == "https://ray.example.com"
+    for bad in ("ray://head:10001", "head:6379", "ftp://head"):
+        with pytest.raises(UserError, match="--address"):
+            submit.normalize_address(bad)
+
+
+def test_job_entrypoint_maps_errors_to_exit_codes(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"bogus": 1}))
+    for config, needle in ((tmp_path / "missing.json", "cannot read config"),
+                           (bad, "unknown key bogus")):
+        out = subprocess.run([sys.executable, "-m", "jobs.doctor", "--config", str(config)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.strip().splitlines() == [out.stderr.strip()], "one line, no traceback"
+        assert needle in out.stderr
+
+
+@pytest.mark.timeout(30)
+def test_unreachable_address_fails_fast(cli):
+    port = _free_port()
+    start = time.monotonic()
+    result = cli("doctor", "--quick", "--address", f"http://127.0.0.1:{port}")
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: cannot reach Ray job server at http://127.0.0.1:{port}")
+    assert "densenet-pipe cluster up" in result.stderr and "Traceback" not in result.output
+    assert time.monotonic() - start < 10
+
+
+@pytest.mark.timeout(30)
+def test_jobs_commands_without_a_cluster_say_how_to_get_one(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv(local_cluster.CLUSTER_DIR_ENV, str(tmp_path))
+    result = cli("jobs", "list")
+    assert result.exit_code == 2
+    assert "no local Ray cluster is up" in result.stderr and "cluster up" in result.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_doctor_streams_every_node_and_succeeds(ray_cluster, cli):
+    result = cli("doctor", "--quick")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "doctor: checking 3 node(s) (quick)" in lines
+    assert sum(1 for line in lines if line.startswith("doctor: node ") and "answered" in line) == 3
+    assert "doctor: all 3 node(s) ready" in lines
+    assert "succeeded" in result.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_detach_then_status_logs_and_list(ray_cluster, cli):
+    result = cli("doctor", "--quick", "--detach")
+    assert result.exit_code == 0, result.output
+    job_id = result.stdout.strip()
+    assert job_id.startswith("doctor-")
+    assert f"densenet-pipe jobs logs {job_id} --follow" in result.stderr
+    assert job_id in _job_ids(cli)
+
+    followed = cli("jobs", "logs", job_id, "--follow")
+    assert followed.exit_code == 0, followed.output
+    assert "doctor: all 3 node(s) ready" in followed.stdout
+    status = cli("jobs", "status", job_id)
+    assert status.exit_code == 0 and "SUCCEEDED" in status.stdout
+    assert "config:" in status.stdout and "jobs.doctor" in status.stdout
+    logs = cli("jobs", "logs", job_id)
+    assert logs.exit_code == 0 and "doctor: started" in logs.stdout
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_stop_a_running_job(ray_cluster, cli):
+    result = cli("doctor", "--quick", "--burn-in", "600", "--detach")
+    assert result.exit_code == 0, result.output
+    job_id = result.stdout.strip()
+    assert _wait_status(cli, job_id, {"RUNNING"}) == "RUNNING"
+    stopped = cli("jobs", "stop", job_id)
+    assert stopped.exit_code == 0, stopped.output
+    assert f"job {job_id} stopped" in stopped.stderr
+    assert _wait_status(cli, job_id, {"STOPPED"}, timeout=5) == "STOPPED"
+    again = cli("jobs", "stop", job_id)
+    assert again.exit_code == 0 and "already ended: STOPPED" in again.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_ctrl_c_leaves_the_job_running_or_stops_it(ray_cluster, cli):
+    """stdin is not a terminal: Ctrl-C leaves the job running; --stop-on-interrupt stops it."""
+    outcomes = {}
+    for flag in ([], ["--stop-on-interrupt"]):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from pipeline.cli import main; main()", "doctor", "--quick",
+             "--burn-in", "600", *flag],
+            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        for line in proc.stdout:
+            if line.startswith("doctor: started"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        job_id = err.split("submitted job ")[1].split()[0]
+        outcomes[bool(flag)] = (proc.returncode, err, job_id)
+
+    code, err, job_id = outcomes[False]
+    assert code == 130, err
+    assert f"stop it with `densenet-pipe jobs stop {job_id}`" in err
+    assert _wait_status(cli, job_id, {"RUNNING"}) == "RUNNING"
+    assert cli("jobs", "stop", job_id).exit_code == 0
+
+    code, err, job_id = outcomes[True]
+    assert code == 1, err
+    assert _wait_status(cli, job_id, {"STOPPED"}, timeout=5) == "STOPPED"
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_job_that_rejects_its_config_exits_2_with_its_error(ray_cluster):
+    lines: list[str] = []
+    code = submit.run_job("doctor", {"bogus": 1}, address=None, on_line=lines.append)
+    assert code == 2
+    assert any(line.startswith("error: unknown key bogus") for line in lines)
+    assert not any("Traceback" in line for line in lines)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_too_many_nodes_fails_fast_and_submits_nothing(ray_cluster, cli):
+    before = _job_ids(cli)
+    start = time.monotonic()
+    with pytest.raises(UserError) as e:
+        submit.run_job("doctor", {"quick": True}, address=None,
+                       resources={"nodes": 4, "cpus_per_node": 1, "gpus_per_node": 0})
+    assert time.monotonic() - start < 10
+    message = str(e.value)
+    assert "needs 4 node(s) with 1 CPU and 0 GPU each" in message
+    assert "has 3 node(s): 3 x (1 CPU, 0 GPU)" in message
+    assert "cluster up --nodes 4" in message
+
+    start = time.monotonic()
+    with pytest.raises(UserError, match="after waiting 2 s"):
+        submit.run_job("doctor", {"quick": True}, address=None,
+                       resources={"nodes": 4}, wait_for_nodes=2)
+    assert 2 <= time.monotonic() - start < 15
+    assert _job_ids(cli) == before
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_gpus_on_a_cpu_only_cluster_are_refused(ray_cluster, cli):
+    before = _job_ids(cli)
+    with pytest.raises(UserError) as e:
+        submit.run_job("doctor", {"quick": True}, address=ray_cluster.dashboard_url,
+                       resources={"nodes": 1, "cpus_per_node": 1, "gpus_per_node": 1})
+    assert "1 GPU each" in str(e.value) and "--cpu" in str(e.value)
+    assert _job_ids(cli) == before
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_unknown_job_id_is_one_line_exit_2(ray_cluster, cli):
+    for command in (["status"], ["logs"], ["logs", "--follow"], ["stop"]):
+        result = cli("jobs", command[0], "no-such-job", *command[1:])
+        assert result.exit_code == 2, result.output
+        assert result.stderr == ("error: no job 'no-such-job' on "
+                                 f"{ray_cluster.dashboard_url}: see `densenet-pipe jobs list`\n")
+    with pytest.raises(UserError, match="unknown job 'nope'"):
+        submit.run_job("nope", {}, address=None)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_working_dir_over_the_cap_is_refused(ray_cluster, cli, tmp_path):
+    copy = tmp_path / "project"
+    for folder in ("pipeline", "jobs"):
+        shutil.copytree(ROOT / folder, copy / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    with open(copy / "data.bin", "wb") as f:
+        f.truncate(101 * 1024**2)
+    before = _job_ids(cli)
+    out = subprocess.run([sys.executable, "-c", "from pipeline.cli import main; main()",
+                          "doctor", "--quick"], cwd=copy, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PYTHONPATH": str(copy)})
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith(f"error: the job's working dir {copy} holds 101 MiB")
+    assert "data.bin (101 MiB)" in out.stderr and len(out.stderr.splitlines()) == 1
+    assert _job_ids(cli) == before
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_full_doctor_imports_the_training_stack_on_every_node(ray_cluster, cli):
+    result = cli("doctor")
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.stdout.splitlines() if "2.60.0" in line.split()]
+    assert len(rows) == 3 and all("yes" in row for row in rows), result.stdout
