@@ -72,9 +72,11 @@ def test_linear_lr_scaling_and_scheduler_state_round_trip():
     assert again.last_epoch == 150
 
 
-def test_amp_defaults_to_bf16_on_cpu_and_scales_only_fp16():
+def test_amp_auto_on_cpu_follows_native_bf16_support_and_scales_only_fp16():
     cpu = torch.device("cpu")
-    assert amp.resolve_dtype("auto", cpu) is torch.bfloat16
+    expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    assert amp.resolve_dtype("auto", cpu) is expected
+    assert amp.resolve_dtype("bf16", cpu) is torch.bfloat16
     assert amp.resolve_dtype("off", cpu) is None
     assert not amp.grad_scaler(cpu, torch.bfloat16).is_enabled()
     with amp.autocast(cpu, torch.bfloat16):

@@ -39,6 +39,8 @@ def _register() -> None:
     from . import models  # noqa: F401  (each module adds its commands to `app`)
     from . import prepare  # noqa: F401
     from . import train  # noqa: F401
+    from . import evaluate  # noqa: F401
+    from . import sweep  # noqa: F401
     from . import jobs  # noqa: F401
     from . import cluster  # noqa: F401
 

@@ -99,14 +99,16 @@ def finalize_paths(cfg: C.Config, address: str | None) -> C.Config:
     own ~/densenet-pipe/runs, resolved by the job.
     """
     updates: dict[str, Any] = {}
-    if cfg.data.store and "://" not in cfg.data.store:
-        store = Path(cfg.data.store).expanduser()
-        if address is None and not store.exists():
-            raise UserError(f"store {cfg.data.store} does not exist: run `densenet-pipe prepare` "
-                            "first or fix --data")
-        updates["data.store"] = str(store.resolve()) if address is None else str(store)
     if not cfg.data.store:
         raise UserError("no training data: pass --data STORE (a folder made by `densenet-pipe prepare`)")
+    if address is None and "://" not in cfg.data.store:
+        from ..data.store import open_store
+
+        manifest = open_store(Path(cfg.data.store).expanduser())
+        if cfg.model.num_classes not in (None, manifest.num_classes):
+            raise UserError(f"model.num_classes is {cfg.model.num_classes} but store {manifest.path} has "
+                            f"{manifest.num_classes} classes: drop model.num_classes or use the matching store")
+        updates["data.store"] = manifest.path
     if cfg.cluster.storage is None and address is None:
         updates["cluster.storage"] = str(Path("runs").resolve())
     elif cfg.cluster.storage and "://" not in cfg.cluster.storage and address is None:

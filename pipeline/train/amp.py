@@ -7,17 +7,30 @@ import contextlib
 import torch
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels here (AVX512-BF16 or AMX).
+
+    Without them bf16 convolutions fall back to torch's slow reference path: measured 7x
+    slower than fp32 for a small DenseNet on an AMD EPYC without AVX-512.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def resolve_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """`auto` is bf16 on CPUs and on GPUs that support it, fp16 on older GPUs."""
+    """`auto`: bf16 on GPUs that support it (fp16 on older ones), bf16 on CPUs with native
+    bf16 kernels, fp32 on other CPUs."""
     if mode == "off":
         return None
     if mode == "bf16":
         return torch.bfloat16
     if mode == "fp16":
         return torch.float16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -1,5 +1,6 @@
 """Self-describing checkpoints: everything needed to resume or evaluate, written atomically.
 
+Torch is imported only to save or load, so the CLI can `find` checkpoints cheaply.
 A checkpoint folder holds `checkpoint.pt` (loaded with `weights_only=True`) and
 `config.json` (the resolved config, readable without torch).
 """
@@ -13,8 +14,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import UserError
 
 FILE = "checkpoint.pt"
@@ -23,6 +22,8 @@ FORMAT = 1
 
 def save(folder: Path, state: dict[str, Any]) -> Path:
     """Write `state` (tensors, numbers, strings, lists, dicts) into `folder` atomically."""
+    import torch
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {"format": FORMAT, **state}
@@ -51,8 +52,10 @@ def find(path: Path) -> Path:
     raise UserError(f"checkpoint {path} does not exist: pass a checkpoint folder or file")
 
 
-def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     """Load and check a checkpoint; a corrupt or foreign file is a UserError, not a traceback."""
+    import torch
+
     file = find(path)
     try:
         state = torch.load(file, map_location=map_location, weights_only=True)

@@ -93,9 +93,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if len(set(node_ids)) != cfg.cluster.nodes:
         raise RuntimeError(f"{world} workers landed on {len(set(node_ids))} nodes, not the "
                            f"{cfg.cluster.nodes} asked for")
-    if primary:
-        print(f"{world} workers on {len(set(node_ids))} nodes: "
-              + ", ".join(f"rank {r}: {n[:8]}" for r, n in enumerate(node_ids)), flush=True)
 
     per_worker = cfg.optim.batch_size // world
     threads_before = torch.get_num_threads()
@@ -123,6 +120,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     scheduler = optim.build_scheduler(optimizer, steps, cfg)
     dtype = amp.resolve_dtype(cfg.train.amp, device)
     scaler = amp.grad_scaler(device, dtype)
+    if primary:
+        precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + grad scaler"}[dtype]
+        if dtype is None and cfg.train.amp == "auto" and device.type == "cpu":
+            precision += " (this CPU has no native bf16 kernels; --amp bf16 forces it)"
+        print(f"{world} worker(s) on {len(set(node_ids))} node(s) "
+              f"[{', '.join(f'rank {r}: {n[:8]}' for r, n in enumerate(node_ids))}], {device.type}, "
+              f"{precision}, {steps} steps of {per_worker} per worker an epoch", flush=True)
 
     start_epoch, history, best = 0, [], math.inf
     restored = ray.train.get_checkpoint()

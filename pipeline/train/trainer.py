@@ -30,9 +30,18 @@ class Placement:
         return self.nodes * self.workers_per_node
 
 
+def connect() -> None:
+    """Join the cluster the job runs on (Ray jobs set RAY_ADDRESS for their driver)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+
+
 def _alive_nodes() -> list[dict[str, float]]:
     import ray
 
+    connect()
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
 

@@ -62,6 +62,9 @@ def _trial_fn(base_dict: dict[str, Any], trials_dir: str, manifest_sha256: str):
 def _max_concurrent(cfg: Config) -> int:
     import ray
 
+    from ..train.trainer import connect
+
+    connect()
     if cfg.sweep.max_concurrent:
         return cfg.sweep.max_concurrent
     c = cfg.cluster

@@ -1,0 +1,47 @@
+"""`densenet-pipe evaluate CHECKPOINT --data STORE`: top-1/top-5 error as a Ray job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import UserError
+from . import app
+from .options import Address, Detach, StopOnInterrupt
+
+TTA = ("none", "flip", "10crop")
+
+
+@app.command("evaluate")
+def evaluate(
+    checkpoint: Annotated[str, typer.Argument(help="A checkpoint folder (epoch-NNNN), its checkpoint.pt, or a run folder (its newest).")],
+    data: Annotated[str, typer.Option("--data", help="Store directory with the val split.")],
+    tta: Annotated[str, typer.Option(help="none, flip or 10crop (the paper's ImageNet protocol).")] = "none",
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,
+    out: Annotated[Optional[str], typer.Option(help="Result JSON (default: beside the checkpoint).")] = None,
+    address: Address = None,
+    detach: Detach = False,
+    stop_on_interrupt: StopOnInterrupt = False,
+) -> None:
+    """Print a checkpoint's top-1/top-5 val error and write it as JSON."""
+    if tta not in TTA:
+        raise UserError(f"unknown --tta {tta!r}: use one of {', '.join(TTA)}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    cfg = {"checkpoint": checkpoint, "store": data, "tta": tta, "batch_size": batch_size}
+    if out:
+        cfg["out"] = out
+    if address is None:
+        from ..data.store import open_store
+        from ..train.checkpoint import find
+
+        cfg["checkpoint"] = str(find(Path(checkpoint)).resolve())
+        cfg["store"] = open_store(Path(data)).path
+        if out:
+            cfg["out"] = str(Path(out).resolve())
+    from .. import submit
+
+    raise typer.Exit(submit.run_job("evaluate", cfg, address=address, detach=detach,
+                                    stop_on_interrupt=stop_on_interrupt))
