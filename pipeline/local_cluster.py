@@ -150,18 +150,20 @@ def up(nodes: int = 1, cpus_per_node: float | None = None, gpus_per_node: int | 
             _stop_leftovers(load(directory))
             cluster = _start_head(directory, cpus_per_node, gpus_per_node,
                                   object_store_memory, note, timeout)
+            _wait_for_nodes(cluster, 1, timeout)
             started = 1
         else:
+            cluster.nodes = cluster.alive()
             started = 0
-        have = len(cluster.alive())
-        for index in range(have, nodes):
+        # One node at a time: nodes that start together in one session folder pick the same
+        # socket and log names (raylet.1, ...) and all but one die with "address in use".
+        for index in range(len(cluster.nodes), nodes):
+            note(f"starting node {index + 1} of {nodes} ...")
             cluster.nodes.append(_start_worker(cluster, index, cpus_per_node, gpus_per_node,
                                                object_store_memory))
-            started += 1
             _save(cluster)
-        if started:
-            note(f"waiting for {nodes} node(s) to join ...")
-            _wait_for_nodes(cluster, max(nodes, have), timeout)
+            _wait_for_nodes(cluster, index + 1, timeout)
+            started += 1
         return cluster, started
 
 
@@ -195,7 +197,10 @@ def node_alive(node: Node) -> bool:
     import psutil
 
     try:
-        return abs(psutil.Process(node.pid).create_time() - node.started) < 1.0
+        proc = psutil.Process(node.pid)
+        # A node that exited stays a zombie while the process that started it lives on.
+        return (abs(proc.create_time() - node.started) < 1.0
+                and proc.status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False
 

@@ -1,0 +1,119 @@
+"""`densenet-pipe cluster up | status | down` with real local Ray clusters."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from pipeline import local_cluster
+
+
+def _descendants(cluster: local_cluster.LocalCluster) -> set[int]:
+    pids = set()
+    for node in cluster.alive():
+        root = psutil.Process(node.pid)
+        pids |= {root.pid, *(p.pid for p in root.children(recursive=True))}
+    return pids
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_status_shows_three_nodes_and_running_jobs(ray_cluster, cli):
+    result = cli("cluster", "status", "--format", "json")
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.stdout)
+    alive = [n for n in status["nodes"] if n["state"] == "ALIVE"]
+    assert len(alive) == 3
+    assert [n["resources_total"]["CPU"] for n in alive] == [1.0, 1.0, 1.0]
+    assert sum(n["is_head_node"] for n in alive) == 1
+    assert sorted(status["local"]["pids"]) == sorted(n.pid for n in ray_cluster.nodes)
+
+    job = cli("doctor", "--quick", "--burn-in", "600", "--detach").stdout.strip()
+    try:
+        deadline = time.monotonic() + 60
+        while json.loads(cli("jobs", "status", job, "--format", "json").stdout)["status"] != "RUNNING":
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        table = cli("cluster", "status")
+        assert table.exit_code == 0, table.output
+        lines = table.stdout.splitlines()
+        assert lines[0] == f"cluster {ray_cluster.dashboard_url}: 3 node(s) alive"
+        node_rows = [line for line in lines if line.split()[2:3] in (["head"], ["worker"])]
+        assert len(node_rows) == 3 and all(row.split()[3] == "1" for row in node_rows)
+        assert any(line.startswith(job) and "RUNNING" in line for line in lines)
+    finally:
+        assert cli("jobs", "stop", job).exit_code == 0
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(60)
+def test_up_again_leaves_the_running_cluster_alone(ray_cluster, cli):
+    before = [n.pid for n in ray_cluster.nodes]
+    same = cli("cluster", "up", "--nodes", "3", "--cpus-per-node", "1")
+    assert same.exit_code == 0, same.output
+    assert "already up with 3 node(s)" in same.stderr
+    assert same.stdout.strip() == ray_cluster.dashboard_url
+    fewer = cli("cluster", "up", "--nodes", "2")
+    assert fewer.exit_code == 0 and "`densenet-pipe cluster down` first to shrink it" in fewer.stderr
+    assert [n.pid for n in local_cluster.running().nodes] == before
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_grow_then_down_stops_exactly_what_up_started(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv(local_cluster.CLUSTER_DIR_ENV, str(tmp_path))
+    bystander = subprocess.Popen(["sleep", "300"])
+    try:
+        first = cli("cluster", "up", "--nodes", "1", "--cpus-per-node", "1")
+        assert first.exit_code == 0, first.output
+        assert "this call started 1" in first.stderr
+        grown = cli("cluster", "up", "--nodes", "2", "--cpus-per-node", "1")
+        assert grown.exit_code == 0, grown.output
+        assert "up: 2 node(s), this call started 1" in grown.stderr
+        cluster = local_cluster.running(tmp_path)
+        assert len(cluster.alive()) == 2
+        # A long cluster folder moves Ray's sockets under /tmp (107-byte limit) via a link.
+        if len(str(tmp_path / "ray")) > 40:
+            assert (tmp_path / "ray").is_symlink()
+        assert (tmp_path / "logs" / "node-0.log").exists()
+        status = json.loads(cli("cluster", "status", "--format", "json").stdout)
+        assert len([n for n in status["nodes"] if n["state"] == "ALIVE"]) == 2
+        started = _descendants(cluster)
+
+        down = cli("cluster", "down")
+        assert down.exit_code == 0, down.output
+        assert "stopped the local cluster" in down.stderr
+        assert not [pid for pid in started if psutil.pid_exists(pid)
+                    and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        assert bystander.poll() is None, "down must not touch processes it did not start"
+        assert local_cluster.load(tmp_path) is None
+        after = cli("cluster", "status")
+        assert after.exit_code == 2 and "no local Ray cluster is up" in after.stderr
+        again = cli("cluster", "down")
+        assert again.exit_code == 0 and "no local cluster is up" in again.stderr
+    finally:
+        bystander.kill()
+        if local_cluster.load(tmp_path) is not None:
+            local_cluster.down(tmp_path)
+
+
+@pytest.mark.timeout(30)
+def test_bad_cluster_input_is_one_line_exit_2(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv(local_cluster.CLUSTER_DIR_ENV, str(tmp_path))
+    for args, needle in ((["--nodes", "0"], "--nodes must be >= 1"),
+                         (["--cpus-per-node", "0"], "--cpus-per-node must be > 0")):
+        result = cli("cluster", "up", *args)
+        assert result.exit_code == 2, result.output
+        assert result.stderr == f"error: {result.stderr[7:]}" and needle in result.stderr
+        assert len(result.stderr.splitlines()) == 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = cli("cluster", "status", "--address", f"127.0.0.1:{port}")
+    assert result.exit_code == 2 and "cannot reach Ray job server" in result.stderr
+    assert local_cluster.load(tmp_path) is None
