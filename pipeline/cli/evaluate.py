@@ -35,9 +35,10 @@ def evaluate(
         cfg["out"] = out
     if address is None:
         from ..data.store import open_store
-        from ..train.checkpoint import find
+        from ..train.checkpoint import find, load
 
         cfg["checkpoint"] = str(find(Path(checkpoint)).resolve())
+        load(Path(cfg["checkpoint"]))  # torch, but a corrupt file fails here, not in the job
         cfg["store"] = open_store(Path(data)).path
         if out:
             cfg["out"] = str(Path(out).resolve())

@@ -115,7 +115,12 @@ def finalize_paths(cfg: C.Config, address: str | None) -> C.Config:
         updates["cluster.storage"] = str(Path(cfg.cluster.storage).expanduser().resolve())
     if cfg.cluster.run_name is None:
         updates["cluster.run_name"] = f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return C.apply_overrides(cfg, updates) if updates else cfg
+    cfg = C.apply_overrides(cfg, updates) if updates else cfg
+    if address is None and cfg.cluster.storage and not cfg.sweep.name:
+        from ..train.trainer import check_run_dir
+
+        check_run_dir(cfg, cfg.train.resume)
+    return cfg
 
 
 def submit_job(job: str, cfg: C.Config, address: str | None, detach: bool, stop_on_interrupt: bool) -> int:

@@ -36,8 +36,12 @@ TRANSLATE_PADDING = 4
 
 
 def image_pipeline(manifest: Manifest, split: str, data_cfg: DataSection, *,
-                   channels_last: bool) -> list[Any]:
-    """FFCV ops from stored bytes to a normalised float32 NCHW tensor."""
+                   channels_last: bool, crop_ratio: float | None = None) -> list[Any]:
+    """FFCV ops from stored bytes to a normalised float32 NCHW tensor.
+
+    `crop_ratio` replaces the 224/256 centre crop of imagenet stores at evaluation (1.0 keeps
+    the whole centre square, for 10-crop testing).
+    """
     from ffcv.fields.decoders import (CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder,
                                       SimpleRGBImageDecoder)
     from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, RandomTranslate, ToTensor, ToTorchImage
@@ -59,7 +63,7 @@ def image_pipeline(manifest: Manifest, split: str, data_cfg: DataSection, *,
     elif augment == "rrc_flip":
         ops = [RandomResizedCropRGBImageDecoder((res, res)), RandomHorizontalFlip()]
     else:
-        ops = [CenterCropRGBImageDecoder((res, res), ratio=EVAL_CROP_RATIO)]
+        ops = [CenterCropRGBImageDecoder((res, res), ratio=crop_ratio or EVAL_CROP_RATIO)]
     mean = np.asarray(manifest.mean, dtype=np.float64) * 255
     std = np.asarray(manifest.std, dtype=np.float64) * 255
     return ops + [NormalizeImage(mean, std, np.float32), ToTensor(),
@@ -77,7 +81,8 @@ def make_loader(store_dir: str | os.PathLike, split: Literal["train", "val"], ba
                 data_cfg: DataSection, *, distributed: bool = False, seed: int = 0,
                 drop_last: bool | None = None, channels_last: bool | None = None,
                 order: Literal["random", "sequential", "quasi_random"] | None = None,
-                indices: Any = None, verify: bool = True) -> tuple[Any, Manifest]:
+                indices: Any = None, verify: bool = True,
+                crop_ratio: float | None = None) -> tuple[Any, Manifest]:
     """An FFCV Loader over `split` of the store, and the store's Manifest.
 
     batch_size is per worker. drop_last defaults to True for train, False for val;
@@ -108,7 +113,8 @@ def make_loader(store_dir: str | os.PathLike, split: Literal["train", "val"], ba
         seed=seed,
         indices=indices,
         drop_last=train if drop_last is None else drop_last,
-        pipelines={"image": image_pipeline(manifest, split, data_cfg, channels_last=channels_last),
+        pipelines={"image": image_pipeline(manifest, split, data_cfg, channels_last=channels_last,
+                                           crop_ratio=crop_ratio),
                    "label": label_pipeline()},
     )
     return loader, manifest

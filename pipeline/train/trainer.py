@@ -138,6 +138,12 @@ def run(cfg: Config, manifest_sha256: str = "") -> Path:
     import ray.train
 
     folder = check_run_dir(cfg, cfg.train.resume)
+    if cfg.train.resume:
+        from . import checkpoint
+
+        # A corrupt latest checkpoint would otherwise fail every worker restart in turn.
+        state = checkpoint.load(folder)
+        print(f"resuming {cfg.cluster.run_name} after epoch {state['epoch']}", flush=True)
     placement = plan_placement(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     cfg.save(folder / "config.json")

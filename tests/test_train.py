@@ -1,0 +1,192 @@
+"""`densenet-pipe train` and `evaluate` as real Ray jobs on the session's local multi-node cluster.
+
+Tiny data (a learnable synthetic store), the two-block net, 2 nodes x 1 worker: DDP over gloo,
+real FFCV loaders, real checkpoints and W&B offline runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.data.prepare import prepare
+from pipeline.data.prepare_config import PrepareConfig
+from pipeline.train import checkpoint
+
+pytestmark = [pytest.mark.ray, pytest.mark.ffcv]
+
+TRAIN = ["--recipe", "smoke", "--nodes", "2", "--batch-size", "64", "--wandb", "offline"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("stores") / "synthetic"
+    prepare(PrepareConfig.from_dict({"dataset": "synthetic", "out": str(out), "workers": 1,
+                                     "synthetic": {"train_size": 512, "val_size": 128, "num_classes": 10}}),
+            log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, cli, store, runs):
+    r = cli("train", "densenet_simple", "--data", store, "--storage", runs, "--name", "learn",
+            "--epochs", "3", *TRAIN)
+    assert r.exit_code == 0, r.output
+    return runs / "learn", r.output
+
+
+@pytest.mark.timeout(600)
+def test_tiny_ddp_run_learns_on_two_nodes(trained):
+    folder, output = trained
+    history = json.loads((folder / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    # Chance is 90% top-1 error on 10 classes.
+    assert history[-1]["val_top1_error"] < 0.3
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert "2 worker(s) on 2 node(s)" in output and "epoch 3/3" in output
+    for key in ("train_loss", "train_top1_error", "train_top5_error", "val_top1_error", "val_top5_error",
+                "images_per_s", "epoch_time_s", "lr", "peak_memory_mib"):
+        assert all(key in h for h in history), key
+    assert (folder / "curves.png").stat().st_size > 10_000
+    assert json.loads((folder / "config.json").read_text())["cluster"]["nodes"] == 2
+
+
+@pytest.mark.timeout(600)
+def test_checkpoint_is_self_describing_and_placed_on_two_nodes(trained, store):
+    folder, _ = trained
+    state = checkpoint.load(folder)
+    assert state["epoch"] == 3
+    assert {"model", "optimizer", "scheduler", "scaler", "history", "config", "spec", "store",
+            "placement", "rng"} <= set(state)
+    assert len(set(state["placement"])) == 2 and len(state["placement"]) == 2
+    assert state["store"]["path"] == str(store) and len(state["store"]["manifest_sha256"]) == 64
+    assert state["config"]["model"]["name"] == "densenet_simple"
+    # The unwrapped model: no DDP "module." prefix.
+    assert all(not k.startswith("module.") for k in state["model"])
+    kept = sorted(p.name for p in folder.glob("epoch-*"))
+    assert "epoch-0003" in kept and len(kept) <= 3
+
+
+@pytest.mark.timeout(600)
+def test_wandb_offline_run_per_training_run(trained):
+    folder, output = trained
+    (run,) = (folder / "wandb").glob("offline-run-*-learn")
+    record = next(run.glob("*.wandb")).read_bytes()
+    for needle in (b"epoch/val_top1_error", b"synthetic-store", b"learn-model", b"best_val_top1_error"):
+        assert needle in record, needle
+    assert "wandb sync" in output
+
+
+@pytest.mark.timeout(600)
+def test_evaluate_matches_the_last_epochs_val_error(trained, cli, store, tmp_path):
+    folder, _ = trained
+    out = tmp_path / "eval.json"
+    r = cli("evaluate", folder, "--data", store, "--out", out)
+    assert r.exit_code == 0, r.output
+    result = json.loads(out.read_text())
+    history = json.loads((folder / "history.json").read_text())
+    assert result["images"] == 128 and result["epoch"] == 3
+    assert result["top1_error"] == pytest.approx(history[-1]["val_top1_error"], abs=1e-9)
+    r = cli("evaluate", folder / "epoch-0003", "--data", store, "--tta", "10crop", "--out", tmp_path / "tta.json")
+    assert r.exit_code == 0, r.output
+    tta = json.loads((tmp_path / "tta.json").read_text())
+    assert tta["tta"] == "10crop" and tta["top1_error"] < 0.5
+
+
+def _wait_for(path: Path, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.5)
+
+
+@pytest.mark.timeout(900)
+def test_resumed_run_ends_with_the_same_weights(ray_cluster, cli, store, runs):
+    common = ["densenet_simple", "--data", store, "--storage", runs, "--epochs", "3",
+              "--set", "data.augment=false", "--wandb", "off", *TRAIN[:-2]]
+    r = cli("train", *common, "--name", "straight")
+    assert r.exit_code == 0, r.output
+
+    r = cli("train", *common, "--name", "broken", "--detach")
+    assert r.exit_code == 0, r.output
+    job_id = r.stdout.strip().splitlines()[-1]
+    _wait_for(runs / "broken" / "epoch-0001" / "checkpoint.pt", 300)
+    assert cli("jobs", "stop", job_id).exit_code == 0
+    resumed = cli("train", *common, "--resume", "broken")
+    assert resumed.exit_code == 0, resumed.output
+    assert "resumed from epoch" in resumed.output
+
+    a = checkpoint.load(runs / "straight")
+    b = checkpoint.load(runs / "broken")
+    assert a["epoch"] == b["epoch"] == 3
+    assert [h["epoch"] for h in b["history"]] == [1, 2, 3]
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+
+
+@pytest.mark.timeout(900)
+def test_sigkilled_worker_restarts_from_the_latest_checkpoint(ray_cluster, cli, store, runs):
+    folder = runs / "killed"
+
+    def kill_a_worker() -> None:
+        _wait_for(folder / "epoch-0001" / "checkpoint.pt", 300)
+        time.sleep(3)
+        pids = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout.split()
+        assert pids, "no Ray Train worker to kill"
+        os.kill(int(pids[-1]), signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    r = cli("train", "densenet_simple", "--data", store, "--storage", runs, "--name", "killed",
+            "--epochs", "3", "--wandb", "off", *TRAIN[:-2])
+    killer.join(timeout=5)
+    assert r.exit_code == 0, r.output
+    assert "resumed from epoch" in r.output
+    history = json.loads((folder / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("args,needle", [
+    (["--data", "/nonexistent/store"], "does not exist"),
+    (["--set", "model.num_classes=100"], "has 10 classes"),
+    (["--batch-size", "63"], "does not divide"),
+    (["--nodes", "5"], "5 node"),
+    (["--resume", "never-ran"], "no run 'never-ran'"),
+])
+def test_bad_training_input_is_one_line_exit_2(ray_cluster, cli, store, runs, args, needle):
+    base = ["train", "densenet_simple", "--recipe", "smoke", "--storage", str(runs), "--wandb", "off"]
+    if "--data" not in args:
+        base += ["--data", str(store)]
+    if "--nodes" not in args:
+        base += ["--nodes", "2"]
+    t0 = time.monotonic()
+    r = cli(*base, *args)
+    assert r.exit_code == 2, r.output
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and needle in errors[0], r.output
+    assert "Traceback" not in r.output
+    assert time.monotonic() - t0 < 120
+
+
+@pytest.mark.timeout(300)
+def test_corrupt_checkpoint_for_evaluate_and_resume(ray_cluster, cli, store, runs, tmp_path):
+    bad = tmp_path / "epoch-0001"
+    bad.mkdir()
+    (bad / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    r = cli("evaluate", bad, "--data", store)
+    assert r.exit_code == 2, r.output
+    assert "corrupt" in r.stderr and "Traceback" not in r.output
