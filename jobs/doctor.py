@@ -15,7 +15,6 @@ Config (JSON): {"burn_in_s": 0, "timeout_s": 300, "quick": false}.
 from __future__ import annotations
 
 import importlib
-from importlib import metadata
 import os
 import platform
 import socket
@@ -24,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs import common
-from pipeline.config import parse_dataclass
 from pipeline.errors import JobFailed
 
 MODULES = ("torch", "torchvision", "ffcv", "ray.train", "wandb")
@@ -85,6 +83,8 @@ def probe(burn_in_s: float, quick: bool) -> dict[str, Any]:
 
 
 def _check_imports(report: dict[str, Any]) -> None:
+    from importlib import metadata
+
     for name in MODULES:
         try:
             importlib.import_module(name)
@@ -119,6 +119,8 @@ def _burn_in(torch: Any, device: str, seconds: float) -> dict[str, Any]:
 def run(cfg: dict[str, Any]) -> None:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pipeline.config import parse_dataclass
 
     conf = parse_dataclass(DoctorConfig, cfg)
     ray.init(logging_level="WARNING", log_to_driver=False)

@@ -220,7 +220,8 @@ class JobServer:
                             received += len(message.data)
                         elif message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                             break
-        except aiohttp.ClientError:
+        except (aiohttp.ClientConnectionError, aiohttp.WSServerHandshakeError):
+            # The caller checks the job and reconnects; Ctrl-C (cancellation) still propagates.
             pass
         return received
 
@@ -407,7 +408,9 @@ def check_resources(server: JobServer, resources: dict[str, Any],
 
 def job_env(cfg: dict[str, Any], server: JobServer) -> dict[str, str]:
     """Environment every job gets (see docs/orchestration.md for why each is set)."""
-    env = {"PYTHONUNBUFFERED": "1"}
+    # Ray Train V2 routes worker prints through its logger and, once W&B wraps stdout, also
+    # tees them: every progress line would reach the job log twice.
+    env = {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if server.local is not None:
         env["DENSENET_PIPE_WORKDIR"] = os.getcwd()
     tracking = (cfg.get("tracking") or {}).get("wandb") if isinstance(cfg.get("tracking"), dict) else None
@@ -510,7 +513,7 @@ def follow(server: JobServer, job_id: str, on_line: Callable[[str], None], *,
            poll_seconds: float = 10.0) -> int:
     """Stream a job's logs until it ends; the exit code as in `run_job`.
 
-    The first `poll_seconds` poll the logs endpoint every 0.2 s: the websocket's server side
+    The first `poll_seconds` poll the logs endpoint every 0.1 s: the websocket's server side
     sleeps a second between reads, and a job's first lines are what a user waits for. Then
     the websocket takes over (resuming where polling stopped) so long logs are not re-read.
     """
@@ -541,7 +544,7 @@ def _poll(server: JobServer, job_id: str, lines: _Lines, seconds: float) -> dict
             lines.feed(text[lines.seen:])
         if info.get("status") in TERMINAL or time.monotonic() >= deadline:
             return info
-        time.sleep(0.2)
+        time.sleep(0.1)
 
 
 def _skip(count: int, feed: Callable[[str], None]) -> Callable[[str], None]:

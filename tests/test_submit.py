@@ -171,9 +171,9 @@ def test_ctrl_c_leaves_the_job_running_or_stops_it(ray_cluster, cli):
             if line.startswith("doctor: started"):
                 break
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=60)
         job_id = err.split("submitted job ")[1].split()[0]
-        outcomes[bool(flag)] = (proc.returncode, err, job_id)
+        outcomes[bool(flag)] = (proc.returncode, err + out, job_id)
 
     code, err, job_id = outcomes[False]
     assert code == 130, err
@@ -182,7 +182,7 @@ def test_ctrl_c_leaves_the_job_running_or_stops_it(ray_cluster, cli):
     assert cli("jobs", "stop", job_id).exit_code == 0
 
     code, err, job_id = outcomes[True]
-    assert code == 1, err
+    assert code == 1, err + cli("jobs", "logs", job_id).stdout
     assert _wait_status(cli, job_id, {"STOPPED"}, timeout=5) == "STOPPED"
 
 
