@@ -4,8 +4,8 @@
   `RAY_ADDRESS`: tests never touch a developer's `.cluster/` or cluster.
 - `ray_cluster`: one real local Ray cluster for the whole session, started the way users
   start it (`densenet-pipe cluster up --nodes 3 --cpus-per-node 1`) and stopped with
-  `cluster down`; anything submitted without `--address` lands on it. Mark tests that use
-  it `@pytest.mark.ray`.
+  `cluster down`; anything submitted without `--address` lands on it. Tests that use it
+  run last, together. Mark them `@pytest.mark.ray`.
 - `cli`: runs `densenet-pipe ARGS...` in-process and returns click's Result.
 - Tests marked `slow` run only when `-m` selects them (`make test-all`).
 """
@@ -23,6 +23,9 @@ from typer.testing import CliRunner, Result
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Tests on the shared cluster run last, together: it then never idles beside the
+    # clusters other modules start for themselves (this machine has 2 cores).
+    items.sort(key=lambda item: "ray_cluster" in getattr(item, "fixturenames", ()))
     if config.option.markexpr:
         return
     skip = pytest.mark.skip(reason="slow: run with -m slow (make test-all)")

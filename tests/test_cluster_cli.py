@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import time
@@ -100,6 +101,8 @@ def test_grow_then_down_stops_exactly_what_up_started(cli, tmp_path, monkeypatch
         bystander.kill()
         if local_cluster.load(tmp_path) is not None:
             local_cluster.down(tmp_path)
+        if (tmp_path / "ray").is_symlink():
+            shutil.rmtree((tmp_path / "ray").resolve(), ignore_errors=True)
 
 
 @pytest.mark.timeout(30)
