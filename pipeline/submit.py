@@ -284,7 +284,7 @@ def connect(address: str | None, *, start: bool = True,
 class Package:
     data: bytes
     files: int
-    bytes: int
+    size: int
     config_path: str
 
 
@@ -294,8 +294,10 @@ def _candidate_files(root: Path) -> Iterable[str]:
                               "--exclude-standard"], capture_output=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         out = None
-    if out is not None and out.returncode == 0 and (root / ".git").exists():
-        return sorted(p for p in out.stdout.decode().split("\0") if p)
+    listed = sorted(p for p in out.stdout.decode().split("\0") if p) if (
+        out is not None and out.returncode == 0) else []
+    if listed:
+        return listed
     found = []
     for folder, dirs, files in os.walk(root):
         rel = Path(folder).relative_to(root)
@@ -413,11 +415,12 @@ def job_env(cfg: dict[str, Any], server: JobServer) -> dict[str, str]:
     env = {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if server.local is not None:
         env["DENSENET_PIPE_WORKDIR"] = os.getcwd()
-    tracking = (cfg.get("tracking") or {}).get("wandb") if isinstance(cfg.get("tracking"), dict) else None
-    if tracking == "online":
+    tracking = cfg.get("tracking")
+    mode = tracking.get("wandb") if isinstance(tracking, dict) else None
+    if mode == "online":
         if os.environ.get("WANDB_API_KEY"):
             env["WANDB_API_KEY"] = os.environ["WANDB_API_KEY"]
-    elif tracking == "off":
+    elif mode == "off":
         env["WANDB_MODE"] = "disabled"
     else:
         env["WANDB_MODE"] = "offline"
