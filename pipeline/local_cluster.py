@@ -142,6 +142,12 @@ def up(nodes: int = 1, cpus_per_node: float | None = None, gpus_per_node: int | 
         raise UserError(f"--cpus-per-node must be > 0, got {cpus_per_node}")
     if gpus_per_node is not None and gpus_per_node < 0:
         raise UserError(f"--gpus-per-node must be >= 0, got {gpus_per_node}")
+    if gpus_per_node:
+        physical = gpu_count()
+        if nodes * gpus_per_node > physical:
+            raise UserError(f"{nodes} node(s) x {gpus_per_node} GPU(s) need {nodes * gpus_per_node} "
+                            f"GPUs but this machine has {physical}: ask for fewer --nodes or "
+                            "--gpus-per-node")
     directory = directory or cluster_dir()
     note = note or (lambda _msg: None)
     with _locked(directory):
@@ -298,11 +304,6 @@ def _gpu_args(index: int, gpus_per_node: int | None) -> tuple[list[str], list[in
         return ([], None) if index == 0 else (["--num-gpus", "0"], [])
     if gpus_per_node == 0:
         return ["--num-gpus", "0"], []
-    physical = gpu_count()
-    if physical and (index + 1) * gpus_per_node > physical:
-        raise UserError(f"node {index + 1} would need GPUs {index * gpus_per_node}.."
-                        f"{(index + 1) * gpus_per_node - 1} but this machine has {physical}: "
-                        "ask for fewer --nodes or --gpus-per-node")
     devices = list(range(index * gpus_per_node, (index + 1) * gpus_per_node))
     return ["--num-gpus", str(gpus_per_node)], devices
 

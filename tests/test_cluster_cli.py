@@ -108,8 +108,11 @@ def test_grow_then_down_stops_exactly_what_up_started(cli, tmp_path, monkeypatch
 @pytest.mark.timeout(30)
 def test_bad_cluster_input_is_one_line_exit_2(cli, tmp_path, monkeypatch):
     monkeypatch.setenv(local_cluster.CLUSTER_DIR_ENV, str(tmp_path))
+    gpus = local_cluster.gpu_count()
     for args, needle in ((["--nodes", "0"], "--nodes must be >= 1"),
-                         (["--cpus-per-node", "0"], "--cpus-per-node must be > 0")):
+                         (["--cpus-per-node", "0"], "--cpus-per-node must be > 0"),
+                         (["--nodes", "2", "--gpus-per-node", str(gpus + 1)],
+                          f"this machine has {gpus}")):
         result = cli("cluster", "up", *args)
         assert result.exit_code == 2, result.output
         assert result.stderr == f"error: {result.stderr[7:]}" and needle in result.stderr
