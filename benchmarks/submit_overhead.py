@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
+    load_before = os.getloadavg()[0]
     folder = Path(tempfile.mkdtemp(prefix="dp-bench-", dir="/tmp"))
     env = {**os.environ, local_cluster.CLUSTER_DIR_ENV: str(folder)}
     env.pop("RAY_ADDRESS", None)
@@ -103,8 +104,8 @@ def main() -> None:
         m, b = statistics.median(values), statistics.median(base)
         verdict = "" if target is None else f"<= {target:g} s {'ok' if m <= target else 'MISSED'}"
         print(f"{name:<38}{m:>7.2f}  {base_name:<32}{b:>7.2f}{m / b:>7.1f}x  {verdict}")
-    print(f"(repeats: {args.repeats}; cold: {len(cold)} runs; load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+    print(f"(repeats: {args.repeats}; cold: {len(cold)} runs; 1-min load average "
+          f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} CPUs)")
 
 
 if __name__ == "__main__":
