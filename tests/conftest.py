@@ -7,7 +7,8 @@
   `cluster down`; anything submitted without `--address` lands on it. Tests that use it
   run last, together. Mark them `@pytest.mark.ray`.
 - `cli`: runs `densenet-pipe ARGS...` in-process and returns click's Result.
-- Tests marked `slow` run only when `-m` selects them (`make test-all`).
+- Tests marked `slow` are deselected by default (pyproject's `-m "not slow"`); `make test-all`
+  runs them too.
 """
 
 from __future__ import annotations
@@ -20,18 +21,6 @@ from typing import Callable, Iterator
 
 import pytest
 from typer.testing import CliRunner, Result
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # Tests on the shared cluster run last, together: it then never idles beside the
-    # clusters other modules start for themselves (this machine has 2 cores).
-    items.sort(key=lambda item: "ray_cluster" in getattr(item, "fixturenames", ()))
-    if config.option.markexpr:
-        return
-    skip = pytest.mark.skip(reason="slow: run with -m slow (make test-all)")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session", autouse=True)

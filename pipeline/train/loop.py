@@ -84,7 +84,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     primary = rank == 0
     device = ray.train.torch.get_device()
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
+        torch.set_num_threads(max(1, round(cfg.cluster.cpus_per_worker)))
 
     node_ids = [ray.get_runtime_context().get_node_id()]
     if world > 1:

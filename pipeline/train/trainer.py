@@ -116,7 +116,9 @@ def build_trainer(cfg: Config, placement: Placement, folder: Path, manifest_sha2
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute="val_top1_error", checkpoint_score_order="min"),
-            failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+            # Bounded: a worker group that cannot be placed retries forever otherwise.
+            failure_config=FailureConfig(max_failures=cfg.cluster.max_failures,
+                                         controller_failure_limit=3),
             callbacks=callbacks or None,
         ),
     )

@@ -106,7 +106,8 @@ def plan_space(cfg: Config) -> SpacePlan:
         probes = param.values if param.listed else param.values[:1]
         for value in probes:
             try:
-                validate(apply_overrides(cfg, {key: value, "model.bottleneck": s.family == "densenet_bc"}))
+                validate(apply_overrides(cfg, {key: value, "model.name": preset,
+                                               "model.bottleneck": s.family == "densenet_bc"}))
             except ConfigError as e:
                 raise ConfigError(f"sweep value {key}={value!r} is impossible: {e}") from None
     return plan

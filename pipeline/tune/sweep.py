@@ -33,8 +33,12 @@ def base_config(cfg: Config) -> Config:
 
 
 def trial_config(base: Config, overrides: dict[str, Any], trial_name: str, trials_dir: Path) -> Config:
+    # The trial function holds TRIAL_CPU on some node; its workers ask for that much less, so
+    # a node with a whole number of CPUs still fits its share of workers beside the trial.
+    cpus = max(TRIAL_CPU, base.cluster.cpus_per_worker - TRIAL_CPU)
     cfg = apply_overrides(base, {**overrides, "cluster.run_name": trial_name,
-                                 "cluster.storage": str(trials_dir), "train.resume": False})
+                                 "cluster.storage": str(trials_dir), "train.resume": False,
+                                 "cluster.cpus_per_worker": cpus})
     return validate(cfg)
 
 

@@ -1,0 +1,102 @@
+"""Sweeps: the space is checked before submitting; a real Tune sweep runs on the local cluster."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline import config as C
+from pipeline.data.prepare import prepare
+from pipeline.data.prepare_config import PrepareConfig
+from pipeline.tune.space import plan_space
+
+
+def _cfg(**sweep) -> C.Config:
+    return C.apply_overrides(C.load_recipe("cifar"), {f"sweep.{k}": v for k, v in sweep.items()})
+
+
+def test_depths_that_break_the_family_rule_are_dropped_with_the_rule():
+    plan = plan_space(_cfg(family="densenet_bc", growth_rates=[12, 24], depths=[40, 100, 101, 190]))
+    assert plan.params["model.depth"].values == [40, 100, 190]
+    assert len(plan.dropped) == 1 and "depth 101" in plan.dropped[0] and "multiple of 6" in plan.dropped[0]
+    assert plan.grid_size() == 6
+    plain = plan_space(_cfg(family="densenet", depths=[40, 100, 101]))
+    assert plain.params["model.depth"].values == [40, 100]
+
+
+def test_any_config_key_can_be_swept():
+    plan = plan_space(_cfg(search="random", growth_rates=[12],
+                           space=["optim.lr=loguniform:0.01:0.3", "model.compression=choice:0.5,1.0"]))
+    assert plan.params["optim.lr"].kind == "loguniform" and plan.params["optim.lr"].values == [0.01, 0.3]
+    assert plan.params["model.compression"].values == [0.5, 1.0]
+
+
+@pytest.mark.parametrize("sweep,message", [
+    (dict(), "search space is empty"),
+    (dict(space=["optim.lrr=choice:0.1"]), "unknown key optim.lrr"),
+    (dict(space=["optim.lr=uniform:0.3:0.1"]), "empty range"),
+    (dict(space=["optim.lr=loguniform:0:0.1"]), "LOW > 0"),
+    (dict(space=["optim.lr=uniform:0.1:0.3"]), "needs --search random"),
+    (dict(space=["optim.lr=normal:1:2"]), "KIND one of"),
+    (dict(space=["model.compression=choice:0.5,1.5"]), "compression must be in"),
+    (dict(depths=[101, 102]), "no depth in [101, 102]"),
+    (dict(space=["cluster.nodes=choice:1,2"]), "cannot be swept"),
+])
+def test_bad_spaces_are_refused_before_submitting(sweep, message):
+    with pytest.raises(C.ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        plan_space(_cfg(**sweep))
+
+
+def test_bad_sweep_cli_input_is_one_line_exit_2(cli, tmp_path):
+    r = cli("sweep", "densenet_bc", "--data", tmp_path, "--space", "optim.lrr=choice:0.1")
+    assert r.exit_code == 2 and r.stderr.startswith("error: ") and "unknown key optim.lrr" in r.stderr
+    r = cli("sweep", "resnet", "--growth-rate", "12")
+    assert r.exit_code == 2 and "unknown family" in r.stderr
+    r = cli("sweep", "densenet_bc", "--growth-rate", "12,x")
+    assert r.exit_code == 2 and "comma-separated integers" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def hard_store(tmp_path_factory) -> Path:
+    # Noisy enough that tiny nets differ in val error, so ASHA has something to cut.
+    out = tmp_path_factory.mktemp("stores") / "noisy"
+    prepare(PrepareConfig.from_dict({"dataset": "synthetic", "out": str(out), "workers": 1,
+                                     "synthetic": {"train_size": 256, "val_size": 128, "num_classes": 10,
+                                                   "noise": 1.5, "seed": 3}}), log=lambda _: None)
+    return out
+
+
+@pytest.mark.ray
+@pytest.mark.ffcv
+@pytest.mark.timeout(1200)
+def test_real_sweep_with_asha_table_plot_wandb_and_resume(ray_cluster, cli, hard_store, tmp_path):
+    args = ["sweep", "densenet_bc", "--data", hard_store, "--growth-rate", "4,8", "--depth", "10,11,16",
+            "--recipe", "smoke", "--epochs", "4", "--batch-size", "32", "--grace-period", "1",
+            "--reduction-factor", "2", "--storage", tmp_path, "--name", "s1", "--wandb", "offline"]
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    assert "depth 11 dropped" in r.output
+    folder = tmp_path / "s1"
+    rows = json.loads((folder / "results.json").read_text())
+    assert len(rows) == 4
+    assert {(row["growth_rate"], row["depth"]) for row in rows} == {(4, 10), (4, 16), (8, 10), (8, 16)}
+    assert [row["best_val_top1_error"] for row in rows] == sorted(row["best_val_top1_error"] for row in rows)
+    assert any(row["stopped_early"] for row in rows), rows
+    assert all(row["params"] > 0 and row["macs"] > 0 for row in rows)
+    with open(folder / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert (folder / "val_error_vs_params_macs.png").stat().st_size > 10_000
+    for row in rows:
+        (run,) = (folder / "trials" / row["trial"] / "wandb").glob("offline-run-*")
+        assert b"s1" in next(run.glob("*.wandb")).read_bytes()
+    (summary,) = (folder / "wandb").glob("offline-run-*s1-summary")
+    assert b"sweep/results" in next(summary.glob("*.wandb")).read_bytes()
+
+    before = {p: p.stat().st_mtime_ns for p in folder.glob("trials/*/history.json")}
+    r = cli(*args[:-4], "--resume", "s1", "--wandb", "offline")
+    assert r.exit_code == 0, r.output
+    assert "resuming sweep s1" in r.output
+    assert {p: p.stat().st_mtime_ns for p in folder.glob("trials/*/history.json")} == before
