@@ -100,3 +100,17 @@ def test_real_sweep_with_asha_table_plot_wandb_and_resume(ray_cluster, cli, hard
     assert r.exit_code == 0, r.output
     assert "resuming sweep s1" in r.output
     assert {p: p.stat().st_mtime_ns for p in folder.glob("trials/*/history.json")} == before
+
+
+def test_optuna_search_builds_from_the_plan():
+    from ray.tune.search.optuna import OptunaSearch
+
+    from pipeline.tune.space import sample_overrides
+
+    plan = plan_space(_cfg(search="optuna", samples=4, growth_rates=[12, 24],
+                           space=["optim.lr=loguniform:0.01:0.3"]))
+    space = sample_overrides(plan)
+    assert set(space) == {"model.growth_rate", "optim.lr"}
+    searcher = OptunaSearch(space=space, metric="val_top1_error", mode="min")
+    suggestion = searcher.suggest("t1")
+    assert suggestion["model.growth_rate"] in (12, 24) and 0.01 <= suggestion["optim.lr"] <= 0.3

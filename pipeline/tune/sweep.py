@@ -122,7 +122,7 @@ def run(cfg: Config, manifest_sha256: str = "") -> Path:
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
     grid = tuner.fit()
-    rows = collect(grid, base, cfg.train.epochs)
+    rows = collect(grid, base, cfg.train.epochs, trials_dir)
     if not rows:
         raise JobFailed(f"sweep {s.name} produced no results: see the trial errors above")
     write_results(folder, rows)
@@ -134,9 +134,14 @@ def run(cfg: Config, manifest_sha256: str = "") -> Path:
     return folder
 
 
-def collect(grid, base: Config, max_epochs: int) -> list[dict[str, Any]]:
+def collect(grid, base: Config, max_epochs: int, trials_dir: Path) -> list[dict[str, Any]]:
+    """One row per trial; `trial` names its folder under trials/ (Tune's own folder name
+    extends it with the params and a timestamp)."""
+    names = [p.name for p in trials_dir.iterdir()] if trials_dir.is_dir() else []
     rows = []
     for result in grid:
+        tune_dir = Path(result.path).name
+        trial = next((n for n in names if tune_dir.startswith(n + "_")), tune_dir)
         df = result.metrics_dataframe
         if df is None or df.empty or "val_top1_error" not in df:
             continue
@@ -146,7 +151,7 @@ def collect(grid, base: Config, max_epochs: int) -> list[dict[str, Any]]:
         counts = spec.complexity()
         epochs_run = int(df["epoch"].max())
         rows.append({
-            "trial": Path(result.path).name,
+            "trial": trial,
             "growth_rate": spec.growth_rate, "depth": spec.depth,
             "params": counts["params"], "macs": counts["macs"],
             "best_val_top1_error": float(df["val_top1_error"].min()),
