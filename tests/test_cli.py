@@ -64,10 +64,24 @@ def test_bad_input_is_one_line_and_exit_2(args, needle):
     assert "Traceback" not in r.output
 
 
-def test_train_dry_run_resolves_recipe_flags_and_sets(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    from pipeline.data.prepare import prepare
+    from pipeline.data.prepare_config import PrepareConfig
+
+    out = tmp_path_factory.mktemp("stores") / "tiny"
+    prepare(PrepareConfig.from_dict({"dataset": "synthetic", "out": str(out), "workers": 1,
+                                     "synthetic": {"train_size": 32, "val_size": 8}}), log=lambda _: None)
+    return out
+
+
+@pytest.mark.ffcv
+def test_train_dry_run_resolves_recipe_flags_and_sets(tmp_path, tiny_store, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "cfg.json"
-    r = runner.invoke(app, ["train", "densenet169", "--nodes", "4", "--epochs", "60", "--lr", "0.4",
-                            "--set", "optim.label_smoothing=0.1", "--dry-run", "--save-config", str(out)])
+    r = runner.invoke(app, ["train", "densenet169", "--data", str(tiny_store), "--nodes", "4", "--epochs", "60",
+                            "--lr", "0.4", "--set", "optim.label_smoothing=0.1", "--set", "model.num_classes=10",
+                            "--dry-run", "--save-config", str(out)])
     assert r.exit_code == 0, r.output
     cfg = json.loads(r.stdout)
     assert cfg == json.loads(out.read_text())
@@ -75,5 +89,13 @@ def test_train_dry_run_resolves_recipe_flags_and_sets(tmp_path):
     assert cfg["optim"]["batch_size"] == 256 and cfg["schedule"]["milestones"] == [30, 60]
     assert (cfg["cluster"]["nodes"], cfg["train"]["epochs"], cfg["optim"]["lr"]) == (4, 60, 0.4)
     assert cfg["optim"]["label_smoothing"] == 0.1 and cfg["model"]["name"] == "densenet169"
-    r = runner.invoke(app, ["train", "densenet_bc100_k12", "--dry-run"])
+    # Paths are made absolute and a run name chosen before anything is submitted.
+    assert cfg["data"]["store"] == str(tiny_store) and cfg["cluster"]["storage"] == str(tmp_path / "runs")
+    assert cfg["cluster"]["run_name"].startswith("densenet169-")
+    r = runner.invoke(app, ["train", "densenet_bc100_k12", "--data", str(tiny_store), "--dry-run"])
     assert json.loads(r.stdout)["train"]["epochs"] == 300
+    r = runner.invoke(app, ["train", "densenet_bc100_k12", "--dry-run"])
+    assert r.exit_code == 2 and "pass --data STORE" in r.stderr
+    r = runner.invoke(app, ["train", "densenet_bc100_k12", "--data", str(tiny_store), "--set",
+                            "model.num_classes=100", "--dry-run"])
+    assert r.exit_code == 2 and "has 10 classes" in r.stderr

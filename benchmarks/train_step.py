@@ -1,0 +1,96 @@
+"""Training-step throughput of DenseNet-BC-100-k12 at 32x32 on this CPU, against torchvision.
+
+    .venv/bin/python benchmarks/train_step.py                 # batch 64, 2 threads
+    .venv/bin/python benchmarks/train_step.py --compile       # adds torch.compile (minutes)
+
+Baseline, measured in the same run: torchvision's DenseNet built to the same architecture
+(its ImageNet stem swapped for the CIFAR 3x3 conv, so the parameter counts are equal), fp32.
+Each variant: forward + backward + SGD step on a fixed batch, best of --steps after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+def torchvision_same_arch(num_classes: int = 10) -> nn.Module:
+    import torchvision
+
+    net = torchvision.models.DenseNet(growth_rate=12, block_config=(16, 16, 16), num_init_features=24,
+                                      bn_size=4, drop_rate=0.0, num_classes=num_classes)
+    net.features.conv0 = nn.Conv2d(3, 24, kernel_size=3, padding=1, bias=False)
+    net.features.norm0 = nn.Identity()
+    net.features.relu0 = nn.Identity()
+    net.features.pool0 = nn.Identity()
+    return net
+
+
+def ours() -> nn.Module:
+    from pipeline.models.densenet import build
+    from pipeline.models.spec import resolve
+
+    return build(resolve("densenet_bc100_k12"))
+
+
+def time_steps(model: nn.Module, batch: int, steps: int, dtype, channels_last: bool) -> float:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    ctx = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else contextlib.nullcontext
+    best = float("inf")
+    for i in range(steps + 2):
+        t = time.perf_counter()
+        with ctx():
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= 2:
+            best = min(best, time.perf_counter() - t)
+    return batch / best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    from pipeline.train.amp import cpu_has_fast_bf16
+
+    tv = torchvision_same_arch()
+    assert sum(p.numel() for p in tv.parameters()) == sum(p.numel() for p in ours().parameters())
+    rows = [("torchvision, fp32 (baseline)", time_steps(tv, a.batch, a.steps, None, False))]
+    variants = [("ours, fp32", None, False), ("ours, fp32 + channels_last", None, True),
+                ("ours, bf16 autocast", torch.bfloat16, False),
+                ("ours, bf16 autocast + channels_last", torch.bfloat16, True)]
+    for name, dtype, cl in variants:
+        rows.append((name, time_steps(ours(), a.batch, a.steps, dtype, cl)))
+    if a.compile:
+        rows.append(("ours, fp32 + channels_last, compiled",
+                     time_steps(torch.compile(ours()), a.batch, a.steps, None, True)))
+    base = rows[0][1]
+    print(f"DenseNet-BC-100-k12, 32x32, batch {a.batch}, {a.threads} threads, best of {a.steps} steps; "
+          f"native bf16 kernels: {cpu_has_fast_bf16()}")
+    print(f"{'variant':<40}{'img/s':>9}{'vs baseline':>13}")
+    for name, ips in rows:
+        print(f"{name:<40}{ips:>9.1f}{ips / base:>12.2f}x")
+
+
+if __name__ == "__main__":
+    main()
