@@ -15,6 +15,7 @@ import dataclasses
 import math
 import random
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,13 @@ from ..config import Config
 from ..models.densenet import build
 from ..tracking import Tracker
 from . import amp, checkpoint, optim
+
+
+def _say(line: str) -> None:
+    # Straight to stdout: Ray Train wraps `print` in its logger, which (with W&B around)
+    # puts every line in the job log twice.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _seed(seed: int, epoch: int, rank: int) -> None:
@@ -124,9 +132,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + grad scaler"}[dtype]
         if dtype is None and cfg.train.amp == "auto" and device.type == "cpu":
             precision += " (this CPU has no native bf16 kernels; --amp bf16 forces it)"
-        print(f"{world} worker(s) on {len(set(node_ids))} node(s) "
+        _say(f"{world} worker(s) on {len(set(node_ids))} node(s) "
               f"[{', '.join(f'rank {r}: {n[:8]}' for r, n in enumerate(node_ids))}], {device.type}, "
-              f"{precision}, {steps} steps of {per_worker} per worker an epoch", flush=True)
+              f"{precision}, {steps} steps of {per_worker} per worker an epoch")
 
     start_epoch, history, best = 0, [], math.inf
     restored = ray.train.get_checkpoint()
@@ -140,7 +148,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         start_epoch, history = state["epoch"], list(state["history"])
         best = min((h["val_top1_error"] for h in history), default=math.inf)
         if primary:
-            print(f"resumed from epoch {start_epoch} ({folder})", flush=True)
+            _say(f"resumed from epoch {start_epoch} ({folder})")
 
     net: nn.Module = model
     if world > 1:
@@ -186,8 +194,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 elapsed = time.perf_counter() - t0
                 lr = optimizer.param_groups[0]["lr"]
                 img_s = sums[3] * world / elapsed
-                print(_progress(epoch, epochs, step, steps, sums[0] / sums[3], lr, img_s, elapsed),
-                      flush=True)
+                _say(_progress(epoch, epochs, step, steps, sums[0] / sums[3], lr, img_s, elapsed))
                 tracker.log({"step/loss": loss.item(), "step/lr": lr, "step/images_per_s": img_s,
                              "epoch": epoch + step / steps}, step=epoch * steps + step)
         train_time = time.perf_counter() - t0
@@ -227,10 +234,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         is_best = row["val_top1_error"] < best
         best = min(best, row["val_top1_error"])
         if primary:
-            print("epoch {epoch}/{0}: train loss {train_loss:.4f} top-1 err {train_top1_error:.4f}"
+            _say("epoch {epoch}/{0}: train loss {train_loss:.4f} top-1 err {train_top1_error:.4f}"
                   " | val loss {val_loss:.4f} top-1 err {val_top1_error:.4f} top-5 err "
                   "{val_top5_error:.4f} | {images_per_s:,.0f} img/s, {epoch_time_s:.1f} s".format(
-                      epochs, **row), flush=True)
+                epochs, **row))
             tracker.log({f"epoch/{k}": v for k, v in row.items()}, step=(epoch + 1) * steps)
 
         save_now = (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == epochs
