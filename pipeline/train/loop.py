@@ -138,9 +138,16 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     start_epoch, history, best = 0, [], math.inf
     restored = ray.train.get_checkpoint()
+    state = None
     if restored is not None:
         with restored.as_directory() as folder:
             state = checkpoint.load(Path(folder), map_location=device)
+    elif cfg.train.resume and list(run_dir.glob(f"epoch-*/{checkpoint.FILE}")):
+        # A job stopped right after a checkpoint was written can leave Ray's own record
+        # of it behind; the run folder's newest checkpoint is the truth.
+        folder = checkpoint.find(run_dir).parent
+        state = checkpoint.load(folder, map_location=device)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
