@@ -23,7 +23,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-import yaml
 
 from .errors import UserError
 from .models import spec as model_spec
@@ -305,6 +304,8 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`section.key=value` with YAML scalars: `optim.lr=0.05`, `tracking.tags=[a,b]`."""
+    import yaml  # lazy: only --set and recipes need it, and every command imports this module
+
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not KEY=VALUE: write e.g. optim.lr=0.05")
     key, raw = text.split("=", 1)
@@ -345,6 +346,8 @@ def recipe_names() -> list[str]:
 
 def load_recipe(name_or_path: str) -> Config:
     """A recipe by name (`cifar`, `svhn`, `imagenet`, `smoke`) or a YAML file path."""
+    import yaml
+
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         try:

@@ -16,7 +16,7 @@ TTA = ("none", "flip", "10crop")
 
 @app.command("evaluate")
 def evaluate(
-    checkpoint: Annotated[str, typer.Argument(help="A checkpoint folder (epoch-NNNN), its checkpoint.pt, or a run folder (its newest).")],
+    checkpoint: Annotated[str, typer.Argument(metavar="CHECKPOINT", help="A checkpoint folder (epoch-NNNN), its checkpoint.pt, or a run folder (its newest).")],
     data: Annotated[str, typer.Option("--data", help="Store directory with the val split.")],
     tta: Annotated[str, typer.Option(help="none, flip or 10crop (the paper's ImageNet protocol).")] = "none",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,

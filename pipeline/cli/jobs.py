@@ -19,7 +19,7 @@ jobs_app = typer.Typer(name="jobs", help="List, inspect, follow and stop jobs on
                        no_args_is_help=True)
 app.add_typer(jobs_app)
 
-JobId = Annotated[str, typer.Argument(help="Job id, as `submit` printed it or `jobs list` shows.")]
+JobId = Annotated[str, typer.Argument(metavar="JOB_ID", help="Job id, as `submit` printed it or `jobs list` shows.")]
 
 
 def _when(ms: int | None) -> str:

@@ -14,7 +14,7 @@ from .options import Format
 
 @app.command("models")
 def models(
-    name: Annotated[Optional[str], typer.Argument(help="Show one model (with overrides).")] = None,
+    name: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", help="Show one model (with overrides).")] = None,
     depth: Annotated[Optional[int], typer.Option(help="Override the depth L.")] = None,
     growth_rate: Annotated[Optional[int], typer.Option(help="Override the growth rate k.")] = None,
     bottleneck: Annotated[Optional[bool], typer.Option("--bottleneck/--no-bottleneck")] = None,

@@ -47,7 +47,7 @@ def build_prepare_config(dataset: str, flags: dict[str, Any], synthetic: dict[st
 
 @app.command("prepare")
 def prepare(
-    dataset: Annotated[str, typer.Argument(help=f"One of: {', '.join(DATASETS)}.")],
+    dataset: Annotated[str, typer.Argument(metavar="DATASET", help=f"One of: {', '.join(DATASETS)}.")],
     source: Annotated[Optional[str], typer.Option(help="Official archive/.mat/folder (see datasets/README.md).")] = None,
     out: Annotated[Optional[str], typer.Option(help="Store directory to write (default: stores/DATASET).")] = None,
     max_resolution: Annotated[Optional[int], typer.Option(help="Longest side in pixels; larger images are downscaled.")] = None,

@@ -25,7 +25,7 @@ def _ints(text: str | None, flag: str) -> list[int] | None:
 
 @app.command("sweep")
 def sweep(
-    family: Annotated[str, typer.Argument(help="densenet (no bottleneck) or densenet_bc.")],
+    family: Annotated[str, typer.Argument(metavar="FAMILY", help="densenet (no bottleneck) or densenet_bc.")],
     data: Annotated[Optional[str], typer.Option("--data", help="Store directory (from `prepare`).")] = None,
     growth_rate: Annotated[Optional[str], typer.Option(help="Growth rates to try, e.g. 12,24,40.")] = None,
     depth: Annotated[Optional[str], typer.Option(help="Depths to try, e.g. 40,100,190 (those the family forbids are dropped).")] = None,

@@ -35,7 +35,7 @@ def build_config(recipe: str | None, model_name: str | None, flags: dict[str, An
 
 @app.command("train")
 def train(
-    model: Annotated[str, typer.Argument(help="Model name; see `densenet-pipe models`.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model name; see `densenet-pipe models`.")],
     data: Annotated[Optional[str], typer.Option("--data", help="Store directory (from `prepare`).")] = None,
     recipe: Recipe = None,
     nodes: Annotated[Optional[int], typer.Option(help="Ray nodes the workers span.")] = None,
