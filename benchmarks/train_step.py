@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/train_step.py                 # batch 64, 2 threads
     .venv/bin/python benchmarks/train_step.py --compile       # adds torch.compile (minutes)
+    .venv/bin/python benchmarks/train_step.py --profile       # where a step's time goes, per dtype
 
 Baseline, measured in the same run: torchvision's DenseNet built to the same architecture
 (its ImageNet stem swapped for the CIFAR 3x3 conv, so the parameter counts are equal), fp32.
@@ -62,12 +63,36 @@ def time_steps(model: nn.Module, batch: int, steps: int, dtype, channels_last: b
     return batch / best
 
 
+def matmul_gflops(dtype, n: int = 1024, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def profile_step(batch: int, dtype, channels_last: bool, top: int = 6) -> str:
+    """The ops that take a training step's time, by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = ours()
+    time_steps(model, batch, 1, dtype, channels_last)  # warm-up outside the profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        time_steps(model, batch, 1, dtype, channels_last)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return ", ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in events[:top])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 variants (slow without native kernels)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -76,20 +101,35 @@ def main() -> None:
     tv = torchvision_same_arch()
     assert sum(p.numel() for p in tv.parameters()) == sum(p.numel() for p in ours().parameters())
     rows = [("torchvision, fp32 (baseline)", time_steps(tv, a.batch, a.steps, None, False))]
-    variants = [("ours, fp32", None, False), ("ours, fp32 + channels_last", None, True),
-                ("ours, bf16 autocast", torch.bfloat16, False),
-                ("ours, bf16 autocast + channels_last", torch.bfloat16, True)]
+    variants = [("ours, fp32", None, False), ("ours, fp32 + channels_last", None, True)]
+    if not a.no_bf16:
+        variants += [("ours, bf16 autocast", torch.bfloat16, False),
+                     ("ours, bf16 autocast + channels_last", torch.bfloat16, True)]
     for name, dtype, cl in variants:
         rows.append((name, time_steps(ours(), a.batch, a.steps, dtype, cl)))
+    compile_s = None
     if a.compile:
-        rows.append(("ours, fp32 + channels_last, compiled",
-                     time_steps(torch.compile(ours()), a.batch, a.steps, None, True)))
+        start = time.perf_counter()
+        compiled = torch.compile(ours())
+        time_steps(compiled, a.batch, 0, None, False)  # compiles on the first calls
+        compile_s = time.perf_counter() - start
+        rows.append(("ours, fp32, compiled", time_steps(compiled, a.batch, a.steps, None, False)))
     base = rows[0][1]
     print(f"DenseNet-BC-100-k12, 32x32, batch {a.batch}, {a.threads} threads, best of {a.steps} steps; "
           f"native bf16 kernels: {cpu_has_fast_bf16()}")
     print(f"{'variant':<40}{'img/s':>9}{'vs baseline':>13}")
     for name, ips in rows:
         print(f"{name:<40}{ips:>9.1f}{ips / base:>12.2f}x")
+    if compile_s is not None:
+        print(f"torch.compile: {compile_s:.0f} s to compile (first steps)")
+    print("1024x1024 matmul GFLOP/s: " + ", ".join(
+        f"{name} {matmul_gflops(dt):.1f}" for name, dt in
+        (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16))))
+    if a.profile:
+        print("top ops by self CPU time, one step:")
+        print(f"  fp32:                      {profile_step(a.batch, None, False)}")
+        if not a.no_bf16:
+            print(f"  bf16 autocast + chl-last:  {profile_step(a.batch, torch.bfloat16, True)}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from jobs import common
 
 
 def run(data: dict[str, Any]) -> None:
+    from pipeline import storage
     from pipeline.errors import UserError
     from pipeline.train import checkpoint
     from pipeline.train.evaluate import evaluate
@@ -25,12 +26,9 @@ def run(data: dict[str, Any]) -> None:
     store = common.resolve_path(data["store"])
     result = evaluate(ckpt, store, tta=data.get("tta", "none"), batch_size=int(data.get("batch_size", 128)),
                       loader_workers=int(data.get("loader_workers", 2)))
-    out = Path(common.resolve_path(data["out"])) if data.get("out") else (
-        checkpoint.find(Path(ckpt)).parent / f"evaluation-{Path(store).name}-{result['tta']}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    out = common.resolve_path(data["out"]) if data.get("out") else storage.join(
+        storage.parent(checkpoint.find(ckpt)), f"evaluation-{Path(store).name}-{result['tta']}.json")
+    storage.write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"{result['model']} epoch {result['epoch']} on {result['dataset']} val ({result['images']} images, "
           f"tta {result['tta']}): top-1 error {result['top1_error']:.4f}, top-5 error "
           f"{result['top5_error']:.4f}", flush=True)

@@ -16,16 +16,14 @@ def prepare_config(data: dict[str, Any]):
     from pipeline.config import Config, apply_overrides, validate
     from pipeline.data.store import open_store
     from pipeline.errors import UserError
+    from pipeline.storage import check
 
     cfg = validate(Config.from_dict(data))
     manifest = open_store(common.resolve_path(cfg.data.store))
     if cfg.model.num_classes not in (None, manifest.num_classes):
         raise UserError(f"model.num_classes is {cfg.model.num_classes} but store {manifest.path} has "
                         f"{manifest.num_classes} classes: drop model.num_classes or use the matching store")
-    storage = cfg.cluster.storage or str(Path.home() / "densenet-pipe" / "runs")
-    if "://" in storage:
-        raise UserError(f"storage {storage}: object-store URIs are not supported yet; use a folder "
-                        "every node mounts (NFS, EFS, Filestore)")
+    storage = check(cfg.cluster.storage or str(Path.home() / "densenet-pipe" / "runs"))
     cfg = apply_overrides(cfg, {"data.store": manifest.path, "model.num_classes": manifest.num_classes,
                                 "cluster.storage": common.resolve_path(storage)})
     return cfg, manifest

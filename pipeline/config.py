@@ -174,13 +174,11 @@ class Config:
         """A short stable hash of the resolved config, for job metadata and run names."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
 
-    def save(self, path: Path) -> Path:
-        """Write the resolved config as JSON atomically (tmp file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_json() + "\n")
-        tmp.replace(path)
+    def save(self, path: str | Path) -> str | Path:
+        """Write the resolved config as JSON atomically, to a path or a storage URI."""
+        from . import storage
+
+        storage.write_text(path, self.to_json() + "\n")
         return path
 
     @classmethod

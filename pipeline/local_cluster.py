@@ -360,7 +360,10 @@ def _start_worker(cluster: LocalCluster, index: int, cpus: float | None, gpus: i
     gpu_args, gpu_slice = _gpu_args(index, gpus)
     args = ["--address", cluster.gcs_address,
             "--dashboard-agent-listen-port", str(_free_port()),
-            "--temp-dir", cluster.temp_dir, "--disable-usage-stats", *gpu_args]
+            "--temp-dir", cluster.temp_dir, "--disable-usage-stats", *gpu_args,
+            # Every node here shares the head's log folder, and each log monitor would
+            # forward every worker's output: each line would reach the driver once a node.
+            "--include-log-monitor", "false"]
     if cpus is not None:
         args += ["--num-cpus", _number(cpus)]
     if object_store_memory:

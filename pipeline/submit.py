@@ -410,16 +410,16 @@ def check_resources(server: JobServer, resources: dict[str, Any],
 
 def job_env(cfg: dict[str, Any], server: JobServer) -> dict[str, str]:
     """Environment every job gets (see docs/orchestration.md for why each is set)."""
-    # Ray Train V2 routes worker prints through its logger and, once W&B wraps stdout, also
-    # tees them: every progress line would reach the job log twice.
+    # Worker prints go straight to the job log, not through Ray Train V2's logger.
     env = {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if server.local is not None:
         env["DENSENET_PIPE_WORKDIR"] = os.getcwd()
     tracking = cfg.get("tracking")
     mode = tracking.get("wandb") if isinstance(tracking, dict) else None
+    # WANDB_API_KEY is never sent: a runtime env is written to Ray's logs and shown by its
+    # job API. Online runs use the nodes' own key (their environment or `wandb login`).
     if mode == "online":
-        if os.environ.get("WANDB_API_KEY"):
-            env["WANDB_API_KEY"] = os.environ["WANDB_API_KEY"]
+        pass
     elif mode == "off":
         env["WANDB_MODE"] = "disabled"
     else:

@@ -12,11 +12,13 @@ The API key is read by wandb from its own environment or settings, never from ou
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from . import storage
 from .config import Config
 
 
@@ -45,20 +47,28 @@ def _warn(what: str, e: BaseException) -> None:
 class Tracker:
     """A W&B run, or a no-op stand-in for other ranks and for `--wandb off`."""
 
-    def __init__(self, run: Any = None, mode: str = "disabled") -> None:
+    def __init__(self, run: Any = None, mode: str = "disabled", upload_to: str | None = None,
+                 local_dir: Path | None = None) -> None:
         self.run = run
         self.mode = mode
         self.disabled = False
+        # With run folders in an object store, W&B writes to a local scratch folder and
+        # `finish` copies its files to `upload_to` (the run folder's wandb/).
+        self.upload_to = upload_to
+        self.local_dir = local_dir
 
     @classmethod
-    def start(cls, cfg: Config, *, run_id: str, run_dir: Path, job_type: str = "train",
+    def start(cls, cfg: Config, *, run_id: str, run_dir: str | Path, job_type: str = "train",
               name: str | None = None, group: str | None = None, primary: bool = True) -> "Tracker":
         mode = resolve_mode(cfg.tracking.wandb)
         if not primary or mode == "disabled":
             return cls()
+        location = str(run_dir)
+        run_dir = storage.local_scratch(location, "wandb")
+        upload_to = storage.join(location, "wandb") if storage.is_uri(location) else None
         if cfg.tracking.wandb == "online" and mode == "offline":
             print("W&B: no API key found, logging offline; upload later with "
-                  f"`wandb sync {run_dir}/wandb/offline-run-*`", flush=True)
+                  f"`wandb sync {location}/wandb/offline-run-*`", flush=True)
         try:
             import wandb
 
@@ -77,10 +87,11 @@ class Tracker:
         except Exception as e:  # noqa: BLE001 - any W&B failure must leave training running
             _warn("init", e)
             return cls()
-        tracker = cls(run, mode)
+        tracker = cls(run, mode, upload_to, run_dir)
         if mode == "offline":
-            print(f"W&B offline run: {run.dir}; upload it later with `wandb sync {Path(run.dir).parent}`",
-                  flush=True)
+            where = (storage.join(upload_to, Path(run.dir).parent.relative_to(run_dir / "wandb").as_posix())
+                     if upload_to else Path(run.dir).parent)
+            print(f"W&B offline run: {where}; upload it later with `wandb sync {where}`", flush=True)
         return tracker
 
     @property
@@ -123,13 +134,22 @@ class Tracker:
                 self.run.use_artifact(art)
         self._guard("dataset artifact", use)
 
-    def log_checkpoint(self, folder: Path, name: str, aliases: list[str], metadata: dict[str, Any]) -> None:
+    def log_checkpoint(self, folder: str | Path, name: str, aliases: list[str], metadata: dict[str, Any]) -> None:
         """A checkpoint as a `model` artifact; by reference, so large weights are not copied."""
         def log() -> None:
             import wandb
 
-            art = wandb.Artifact(_safe_id(name), type="model", metadata=metadata)
-            art.add_reference(Path(folder).resolve().as_uri(), name=Path(folder).name)
+            if storage.is_uri(folder):
+                # W&B references objects through each store's own SDK (boto3, google-cloud-
+                # storage), which the project does not need; the artifact names the location.
+                art = wandb.Artifact(_safe_id(name), type="model",
+                                     metadata={**metadata, "uri": str(folder)})
+                pointer = (self.local_dir or Path(".")) / f"{storage.name(folder)}.json"
+                pointer.write_text(json.dumps({"uri": str(folder), **metadata}, indent=2) + "\n")
+                art.add_file(str(pointer), name="checkpoint.json")
+            else:
+                art = wandb.Artifact(_safe_id(name), type="model", metadata=metadata)
+                art.add_reference(Path(folder).resolve().as_uri(), name=Path(folder).name)
             self.run.log_artifact(art, aliases=aliases)
         self._guard("checkpoint artifact", log)
 
@@ -144,6 +164,11 @@ class Tracker:
         if summary:
             self.summary(summary)
         self._guard("finish", self.run.finish if self.run else None)
+        if self.run is not None and self.upload_to and self.local_dir is not None:
+            try:
+                storage.upload_dir(self.local_dir / "wandb", self.upload_to)
+            except Exception as e:  # noqa: BLE001
+                _warn(f"copying its files to {self.upload_to}", e)
         self.run = None
 
 

@@ -33,6 +33,13 @@ def cluster_dir() -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(local_cluster.CLUSTER_DIR_ENV, str(path))
         mp.delenv("RAY_ADDRESS", raising=False)
+        # The S3 storage tests talk to a local S3 server; the cluster's nodes inherit these
+        # from here, as real nodes get theirs from their own environment. No instance
+        # metadata lookups: this machine has no cloud behind it.
+        for name, value in (("AWS_ACCESS_KEY_ID", "densenet-pipe-test"),
+                            ("AWS_SECRET_ACCESS_KEY", "densenet-pipe-test"),
+                            ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")):
+            mp.setenv(name, value)
         yield path
         if local_cluster.load(path) is not None:
             local_cluster.down(path)

@@ -114,8 +114,11 @@ def test_raycluster_image_ports_gpus_and_shared_volume():
         claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
                   for v in spec["volumes"] if "persistentVolumeClaim" in v}
         for container in spec["containers"]:
-            env = {e["name"]: e["value"] for e in container["env"]}
+            env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
             assert env["DENSENET_PIPE_HOME"] == SHARED
+            # The W&B key comes from a secret in the pod, never from the job (submit.job_env).
+            assert env["WANDB_API_KEY"] == {"secretKeyRef": {"name": "wandb", "key": "api-key",
+                                                             "optional": True}}
             mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
             assert claims[mounts[SHARED]] == pvc["metadata"]["name"]
 

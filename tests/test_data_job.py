@@ -1,4 +1,4 @@
-"""`densenet-pipe prepare` through the real Ray job path, on a private local cluster."""
+"""`densenet-pipe prepare` through the real Ray job path, on the session's local cluster."""
 
 from __future__ import annotations
 
@@ -14,26 +14,12 @@ from pipeline.data.store import open_store
 pytestmark = [pytest.mark.ray, pytest.mark.ffcv]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    from pipeline import local_cluster
-
-    mp = pytest.MonkeyPatch()
-    directory = tmp_path_factory.mktemp("cluster")
-    mp.setenv(local_cluster.CLUSTER_DIR_ENV, str(directory))
-    mp.delenv("RAY_ADDRESS", raising=False)
-    local_cluster.up(nodes=1, cpus_per_node=2)
-    yield directory
-    local_cluster.down(directory)
-    mp.undo()
-
-
 def run(*args: str):
     return CliRunner().invoke(app, ["prepare", *args])
 
 
 @pytest.mark.timeout(600)
-def test_prepare_official_formats_as_ray_jobs(cluster, tmp_path):
+def test_prepare_official_formats_as_ray_jobs(ray_cluster, tmp_path):
     from ffcv.pipeline.compiler import Compiler
 
     from pipeline.data.loaders import make_loader

@@ -93,7 +93,7 @@ def test_checkpoint_round_trip_and_newest(tmp_path):
     model = build(resolve("densenet_simple"))
     for epoch in (1, 2, 10):
         checkpoint.save(tmp_path / f"epoch-{epoch:04d}", {**_state(model), "epoch": epoch})
-    assert checkpoint.find(tmp_path).parent.name == "epoch-0010"
+    assert Path(checkpoint.find(tmp_path)).parent.name == "epoch-0010"
     state = checkpoint.load(tmp_path / "epoch-0002")
     assert state["epoch"] == 2 and (tmp_path / "epoch-0002" / "config.json").is_file()
     fresh = build(resolve("densenet_simple"))

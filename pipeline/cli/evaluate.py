@@ -37,10 +37,11 @@ def evaluate(
         from ..data.store import open_store
         from ..train.checkpoint import find, load
 
-        cfg["checkpoint"] = str(find(Path(checkpoint)).resolve())
-        load(Path(cfg["checkpoint"]))  # torch, but a corrupt file fails here, not in the job
+        found = find(checkpoint if "://" in checkpoint else Path(checkpoint).expanduser())
+        cfg["checkpoint"] = found if "://" in found else str(Path(found).resolve())
+        load(cfg["checkpoint"])  # torch, but a corrupt file fails here, not in the job
         cfg["store"] = open_store(Path(data)).path
-        if out:
+        if out and "://" not in out:
             cfg["out"] = str(Path(out).resolve())
     from .. import submit
 

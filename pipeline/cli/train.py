@@ -113,6 +113,10 @@ def finalize_paths(cfg: C.Config, address: str | None) -> C.Config:
         updates["cluster.storage"] = str(Path("runs").resolve())
     elif cfg.cluster.storage and "://" not in cfg.cluster.storage and address is None:
         updates["cluster.storage"] = str(Path(cfg.cluster.storage).expanduser().resolve())
+    elif cfg.cluster.storage:
+        from .. import storage
+
+        storage.check(cfg.cluster.storage)
     if cfg.cluster.run_name is None:
         updates["cluster.run_name"] = f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = C.apply_overrides(cfg, updates) if updates else cfg

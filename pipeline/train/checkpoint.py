@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from .. import storage
 from ..errors import UserError
 
 FILE = "checkpoint.pt"
@@ -37,28 +38,40 @@ def save(folder: Path, state: dict[str, Any]) -> Path:
     return folder / FILE
 
 
-def find(path: Path) -> Path:
-    """The checkpoint file for a file, a checkpoint folder, or a run folder (its newest)."""
-    path = Path(path)
-    if path.is_file():
+def find(path: str | os.PathLike) -> str:
+    """The checkpoint file for a file, a checkpoint folder, or a run folder (its newest).
+
+    Paths and storage URIs alike (`pipeline.storage`); returns a location string.
+    """
+    path = str(path)
+    if storage.is_file(path):
         return path
-    if (path / FILE).is_file():
-        return path / FILE
-    if path.is_dir():
-        found = sorted(path.glob(f"epoch-*/{FILE}"))
-        if found:
-            return found[-1]
+    if storage.is_file(storage.join(path, FILE)):
+        return storage.join(path, FILE)
+    if storage.is_dir(path):
+        found = newest(path)
+        if found is not None:
+            return found
         raise UserError(f"no checkpoint in {path}: pass a checkpoint folder (epoch-NNNN) or its {FILE}")
     raise UserError(f"checkpoint {path} does not exist: pass a checkpoint folder or file")
 
 
-def load(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+def newest(run_dir: str | os.PathLike) -> str | None:
+    """The newest `epoch-*/checkpoint.pt` under a run folder, or None."""
+    for folder in reversed([n for n in storage.listdir(run_dir) if n.startswith("epoch-")]):
+        file = storage.join(run_dir, folder, FILE)
+        if storage.is_file(file):
+            return file
+    return None
+
+
+def load(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """Load and check a checkpoint; a corrupt or foreign file is a UserError, not a traceback."""
     import torch
 
     file = find(path)
     try:
-        state = torch.load(file, map_location=map_location, weights_only=True)
+        state = torch.load(storage.open_bytes(file), map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {file} is corrupt or not a densenet-pipe checkpoint ({reason[:120]}): "

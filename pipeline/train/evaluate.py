@@ -44,7 +44,7 @@ def evaluate(checkpoint_path: str | Path, store: str | Path, *, tta: str = "none
 
     if tta not in TTA:
         raise UserError(f"unknown --tta {tta!r}: use one of {', '.join(TTA)}")
-    state = checkpoint.load(Path(checkpoint_path))
+    state = checkpoint.load(checkpoint_path)
     cfg = Config.from_dict(state["config"])
     spec = DenseNetSpec(**{**state["spec"], "block_config": tuple(state["spec"]["block_config"])})
     manifest = open_store(store)
@@ -87,7 +87,7 @@ def evaluate(checkpoint_path: str | Path, store: str | Path, *, tta: str = "none
             top5 += int(hit.any(1).sum())
             n += labels.shape[0]
     return {
-        "checkpoint": str(checkpoint.find(Path(checkpoint_path))),
+        "checkpoint": checkpoint.find(checkpoint_path),
         "store": str(store), "dataset": manifest.dataset, "tta": tta, "images": n,
         "epoch": state["epoch"], "model": spec.name,
         "top1_error": 1 - top1 / n, "top5_error": 1 - top5 / n,

@@ -1,8 +1,9 @@
 """The Ray Train worker loop: one process per DDP rank.
 
-`train_worker` is what `TorchTrainer` runs on every worker. Distributed code lives here and
+`train_worker` is what `TorchTrainer` runs on every worker; `train_loop` is the loop itself,
+given a session (Ray Train's, or `LocalSession` for a plain one-process baseline). Distributed code lives here and
 nowhere else: one unwrapped-model handle, one `primary` gate for side effects (printing,
-W&B, writing checkpoints), and every rank calls `ray.train.report` once per epoch (it is a
+W&B, writing checkpoints), and every rank reports once per epoch (it is a
 barrier). Determinism: each epoch re-seeds torch from (seed, epoch, rank) and the loader
 order from (seed, epoch), so a run resumed from epoch e continues exactly as an
 uninterrupted one would (with data augmentation off; FFCV's augmentations draw from
@@ -11,20 +12,23 @@ numba's unseeded generator).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
 import resource
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import storage
 from ..config import Config
 from ..models.densenet import build
 from ..tracking import Tracker
@@ -32,8 +36,7 @@ from . import amp, checkpoint, optim
 
 
 def _say(line: str) -> None:
-    # Straight to stdout: Ray Train wraps `print` in its logger, which (with W&B around)
-    # puts every line in the job log twice.
+    # Straight to stdout, flushed: the job log is a file, and W&B may wrap `print`.
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
@@ -77,27 +80,85 @@ def shard_size(total: int, rank: int, world: int) -> int:
     return len(range(rank, total, world))
 
 
-def train_worker(loop_config: dict[str, Any]) -> None:
-    import ray
-    import ray.train
-    import ray.train.torch
-    from ray.train import Checkpoint
+class RaySession:
+    """What the loop needs from Ray Train: rank, device, placement, restore and report."""
 
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[Path | None]:
+        import ray.train
+
+        found = ray.train.get_checkpoint()
+        if found is None:
+            yield None
+            return
+        with found.as_directory() as folder:
+            yield Path(folder)
+
+    def report(self, row: dict[str, Any], folder: Path | None, name: str | None) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        ckpt = Checkpoint.from_directory(str(folder)) if folder is not None else None
+        ray.train.report(row, checkpoint=ckpt, checkpoint_dir_name=name)
+
+
+class LocalSession:
+    """One process, no Ray: the baseline `benchmarks/ray_overhead.py` holds Ray Train to.
+
+    Checkpoints are copied into the run folder as Ray Train's storage does.
+    """
+
+    rank, world = 0, 1
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.device = torch.device("cpu")
+
+    def node_id(self) -> str:
+        return "local"
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[Path | None]:
+        yield None
+
+    def report(self, row: dict[str, Any], folder: Path | None, name: str | None) -> None:
+        if folder is not None and name is not None:
+            shutil.copytree(folder, self.run_dir / name, dirs_exist_ok=True)
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """What `TorchTrainer` runs on every worker."""
+    train_loop(loop_config, RaySession())
+
+
+def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) -> None:
     from ..data.loaders import make_loader
 
     cfg = Config.from_dict(loop_config["config"])
-    run_dir = Path(loop_config["run_dir"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    run_dir = loop_config["run_dir"]  # a path or a storage URI
+    rank, world = session.rank, session.world
     primary = rank == 0
-    device = ray.train.torch.get_device()
+    device = session.device
     if device.type == "cpu":
         torch.set_num_threads(max(1, round(cfg.cluster.cpus_per_worker)))
 
-    node_ids = [ray.get_runtime_context().get_node_id()]
+    node_ids = [session.node_id()]
     if world > 1:
         node_ids = [None] * world
-        dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
+        dist.all_gather_object(node_ids, session.node_id())
     if len(set(node_ids)) != cfg.cluster.nodes:
         raise RuntimeError(f"{world} workers landed on {len(set(node_ids))} nodes, not the "
                            f"{cfg.cluster.nodes} asked for")
@@ -137,15 +198,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
               f"{precision}, {steps} steps of {per_worker} per worker an epoch")
 
     start_epoch, history, best = 0, [], math.inf
-    restored = ray.train.get_checkpoint()
     state = None
-    if restored is not None:
-        with restored.as_directory() as folder:
-            state = checkpoint.load(Path(folder), map_location=device)
-    elif cfg.train.resume and list(run_dir.glob(f"epoch-*/{checkpoint.FILE}")):
+    with session.restored() as folder:
+        if folder is not None:
+            state = checkpoint.load(folder, map_location=device)
+    if state is None and cfg.train.resume and checkpoint.newest(run_dir) is not None:
         # A job stopped right after a checkpoint was written can leave Ray's own record
         # of it behind; the run folder's newest checkpoint is the truth.
-        folder = checkpoint.find(run_dir).parent
+        folder = storage.parent(checkpoint.newest(run_dir))
         state = checkpoint.load(folder, map_location=device)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -236,6 +296,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             "epoch_time_s": epoch_time,
             "lr": optimizer.param_groups[0]["lr"],
             "peak_memory_mib": max(_sum([_peak_memory_mib(device)], device)[0] / world, 0.0),
+            # Wall clock as the row is made: the gaps between rows are whole epochs, the
+            # previous report and checkpoint included.
+            "wall_time": time.time(),
         }
         history.append(row)
         is_best = row["val_top1_error"] < best
@@ -249,7 +312,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
         save_now = (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == epochs
         with tempfile.TemporaryDirectory(prefix="densenet-ckpt-") as tmp:
-            ckpt = None
+            written = None
             name = f"epoch-{epoch + 1:04d}"
             if save_now and primary:
                 checkpoint.save(Path(tmp), {
@@ -266,11 +329,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                     "placement": node_ids,
                     "rng": {"torch": torch.get_rng_state()},
                 })
-                ckpt = Checkpoint.from_directory(tmp)
-            ray.train.report(row, checkpoint=ckpt, checkpoint_dir_name=name if save_now else None)
+                written = Path(tmp)
+            session.report(row, written, name if save_now else None)
         if primary and save_now and tracker.active:
             aliases = ["latest"] + (["best"] if is_best else [])
-            tracker.log_checkpoint(run_dir / name, name=f"{loop_config['run_name']}-model",
+            tracker.log_checkpoint(storage.join(run_dir, name), name=f"{loop_config['run_name']}-model",
                                    aliases=aliases, metadata=row)
     if primary:
         tracker.finish(summary={"best_val_top1_error": best,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def training_curves(history: list[dict], path: Path, title: str) -> Path:
+def training_curves(history: list[dict], path: str | Path, title: str) -> str | Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,9 +28,19 @@ def training_curves(history: list[dict], path: Path, title: str) -> Path:
     axes[1].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    return save_png(fig, path)
+
+
+def save_png(fig, path: str | Path) -> str | Path:
+    """Write a figure to a path or a storage URI, atomically, and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from .. import storage
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(path)
+    storage.write_bytes(path, buffer.getvalue())
     return path

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import storage
 from ..config import Config
 from ..errors import JobFailed, UserError
 
@@ -69,22 +70,23 @@ def plan_placement(cfg: Config) -> Placement:
         time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
 
 
-def run_dir(cfg: Config) -> Path:
-    return Path(cfg.cluster.storage) / cfg.cluster.run_name
+def run_dir(cfg: Config) -> str:
+    """storage/run_name: a path or a storage URI (`pipeline.storage`)."""
+    return storage.join(cfg.cluster.storage, cfg.cluster.run_name)
 
 
-def check_run_dir(cfg: Config, resume: bool) -> Path:
+def check_run_dir(cfg: Config, resume: bool) -> str:
     folder = run_dir(cfg)
-    if resume and not folder.is_dir():
+    if resume and not storage.is_dir(folder):
         raise UserError(f"no run {cfg.cluster.run_name!r} under {cfg.cluster.storage} to resume: "
                         "check --resume NAME and --storage")
-    if not resume and folder.exists():
+    if not resume and storage.exists(folder):
         raise UserError(f"run {cfg.cluster.run_name!r} already exists in {cfg.cluster.storage}: "
                         "pass --resume NAME to continue it, or --name for a new run")
     return folder
 
 
-def latest_history(folder: Path) -> list[dict[str, Any]]:
+def latest_history(folder: str | Path) -> list[dict[str, Any]]:
     from . import checkpoint
 
     try:
@@ -93,7 +95,7 @@ def latest_history(folder: Path) -> list[dict[str, Any]]:
         return []
 
 
-def build_trainer(cfg: Config, placement: Placement, folder: Path, manifest_sha256: str = "",
+def build_trainer(cfg: Config, placement: Placement, folder: str, manifest_sha256: str = "",
                   callbacks: list | None = None):
     """The TorchTrainer for one run; `folder` is storage/run_name."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -112,7 +114,7 @@ def build_trainer(cfg: Config, placement: Placement, folder: Path, manifest_sha2
             placement_strategy="STRICT_SPREAD" if placement.workers_per_node == 1 else "PACK",
         ),
         run_config=RunConfig(
-            name=cfg.cluster.run_name, storage_path=str(folder.parent),
+            name=cfg.cluster.run_name, storage_path=cfg.cluster.storage,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute="val_top1_error", checkpoint_score_order="min"),
@@ -124,18 +126,19 @@ def build_trainer(cfg: Config, placement: Placement, folder: Path, manifest_sha2
     )
 
 
-def finish_run(cfg: Config, folder: Path) -> list[dict[str, Any]]:
+def finish_run(cfg: Config, folder: str) -> list[dict[str, Any]]:
     """history.json and curves.png beside the checkpoints; returns the per-epoch history."""
     from .plots import training_curves
 
     history = latest_history(folder)
-    (folder / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    storage.write_text(storage.join(folder, "history.json"), json.dumps(history, indent=2) + "\n")
     if history:
-        training_curves(history, folder / "curves.png", f"{cfg.cluster.run_name} ({cfg.model_spec().name})")
+        training_curves(history, storage.join(folder, "curves.png"),
+                        f"{cfg.cluster.run_name} ({cfg.model_spec().name})")
     return history
 
 
-def run(cfg: Config, manifest_sha256: str = "") -> Path:
+def run(cfg: Config, manifest_sha256: str = "") -> str:
     """Train; returns the run folder (checkpoints, config.json, history.json, curves.png)."""
     import ray.train
 
@@ -147,8 +150,8 @@ def run(cfg: Config, manifest_sha256: str = "") -> Path:
         state = checkpoint.load(folder)
         print(f"resuming {cfg.cluster.run_name} after epoch {state['epoch']}", flush=True)
     placement = plan_placement(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg.save(folder / "config.json")
+    storage.makedirs(folder)
+    cfg.save(storage.join(folder, "config.json"))
     print(f"run {cfg.cluster.run_name}: {placement.num_workers} worker(s) on {placement.nodes} node(s), "
           f"global batch {cfg.optim.batch_size}, folder {folder}", flush=True)
     try:
@@ -159,5 +162,5 @@ def run(cfg: Config, manifest_sha256: str = "") -> Path:
     if history:
         best = min(history, key=lambda h: h["val_top1_error"])
         print(f"done: best val top-1 error {best['val_top1_error']:.4f} at epoch {best['epoch']}; "
-              f"curves {folder / 'curves.png'}", flush=True)
+              f"curves {storage.join(folder, 'curves.png')}", flush=True)
     return folder

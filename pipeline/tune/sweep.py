@@ -10,13 +10,15 @@ and the results: `results.csv`, `results.json`, `val_error_vs_params_macs.png`.
 from __future__ import annotations
 
 import csv
+import io
 import json
-from pathlib import Path
 from typing import Any
 
+from .. import storage
 from ..config import Config, apply_overrides, validate
 from ..errors import JobFailed, UserError
 from ..models import spec as model_spec
+from ..train.plots import save_png
 from .space import plan_space, sample_overrides
 
 # The trial function only waits on its TorchTrainer; Tune refuses a zero-CPU trial.
@@ -32,7 +34,7 @@ def base_config(cfg: Config) -> Config:
                                  "tracking.group": s.name})
 
 
-def trial_config(base: Config, overrides: dict[str, Any], trial_name: str, trials_dir: Path) -> Config:
+def trial_config(base: Config, overrides: dict[str, Any], trial_name: str, trials_dir: str) -> Config:
     # The trial function holds TRIAL_CPU on some node; its workers ask for that much less, so
     # a node with a whole number of CPUs still fits its share of workers beside the trial.
     cpus = max(TRIAL_CPU, base.cluster.cpus_per_worker - TRIAL_CPU)
@@ -50,11 +52,11 @@ def _trial_fn(base_dict: dict[str, Any], trials_dir: str, manifest_sha256: str):
         from ..train.trainer import build_trainer, finish_run, plan_placement
 
         name = ray.tune.get_context().get_trial_name()
-        cfg = trial_config(Config.from_dict(base_dict), params, name, Path(trials_dir))
-        folder = Path(trials_dir) / name
+        cfg = trial_config(Config.from_dict(base_dict), params, name, trials_dir)
+        folder = storage.join(trials_dir, name)
         # A trial that ran before the sweep job died continues from its own checkpoints.
-        folder.mkdir(parents=True, exist_ok=True)
-        cfg.save(folder / "config.json")
+        storage.makedirs(folder)
+        cfg.save(storage.join(folder, "config.json"))
         trainer = build_trainer(cfg, plan_placement(cfg), folder, manifest_sha256,
                                 callbacks=[TuneReportCallback()])
         trainer.fit()
@@ -77,7 +79,7 @@ def _max_concurrent(cfg: Config) -> int:
     return max(1, int(cpus // (per_trial * c.cpus_per_worker)))
 
 
-def run(cfg: Config, manifest_sha256: str = "") -> Path:
+def run(cfg: Config, manifest_sha256: str = "") -> str:
     import ray.tune as tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -85,19 +87,19 @@ def run(cfg: Config, manifest_sha256: str = "") -> Path:
     plan = plan_space(cfg)
     for line in plan.dropped:
         print(line, flush=True)
-    folder = Path(cfg.cluster.storage) / s.name
-    if s.resume and not tune.Tuner.can_restore(str(folder)):
+    folder = storage.join(cfg.cluster.storage, s.name)
+    if s.resume and not tune.Tuner.can_restore(folder):
         raise UserError(f"no sweep {s.name!r} under {cfg.cluster.storage} to resume: check --resume NAME")
-    if not s.resume and folder.exists():
+    if not s.resume and storage.exists(folder):
         raise UserError(f"sweep {s.name!r} already exists in {cfg.cluster.storage}: "
                         "pass --resume NAME to continue it, or --name for a new sweep")
     base = base_config(cfg)
-    trials_dir = folder / "trials"
-    trial = tune.with_resources(_trial_fn(base.to_dict(), str(trials_dir), manifest_sha256),
+    trials_dir = storage.join(folder, "trials")
+    trial = tune.with_resources(_trial_fn(base.to_dict(), trials_dir, manifest_sha256),
                                 {"cpu": TRIAL_CPU})
     if s.resume:
         print(f"resuming sweep {s.name}: finished trials are kept", flush=True)
-        tuner = tune.Tuner.restore(str(folder), trainable=trial, resume_unfinished=True,
+        tuner = tune.Tuner.restore(folder, trainable=trial, resume_unfinished=True,
                                    resume_errored=True)
     else:
         scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs,
@@ -134,13 +136,13 @@ def run(cfg: Config, manifest_sha256: str = "") -> Path:
     return folder
 
 
-def collect(grid, base: Config, max_epochs: int, trials_dir: Path) -> list[dict[str, Any]]:
+def collect(grid, base: Config, max_epochs: int, trials_dir: str) -> list[dict[str, Any]]:
     """One row per trial; `trial` names its folder under trials/ (Tune's own folder name
     extends it with the params and a timestamp)."""
-    names = [p.name for p in trials_dir.iterdir()] if trials_dir.is_dir() else []
+    names = storage.listdir(trials_dir)
     rows = []
     for result in grid:
-        tune_dir = Path(result.path).name
+        tune_dir = storage.name(result.path)
         trial = next((n for n in names if tune_dir.startswith(n + "_")), tune_dir)
         df = result.metrics_dataframe
         if df is None or df.empty or "val_top1_error" not in df:
@@ -162,19 +164,17 @@ def collect(grid, base: Config, max_epochs: int, trials_dir: Path) -> list[dict[
     return sorted(rows, key=lambda r: r["best_val_top1_error"])
 
 
-def write_results(folder: Path, rows: list[dict[str, Any]]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".results.csv.tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    (folder / ".results.csv.tmp").replace(folder / "results.csv")
-    (folder / ".results.json.tmp").write_text(json.dumps(rows, indent=2) + "\n")
-    (folder / ".results.json.tmp").replace(folder / "results.json")
-    plot(rows, folder / "val_error_vs_params_macs.png")
+def write_results(folder: str, rows: list[dict[str, Any]]) -> None:
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    storage.write_text(storage.join(folder, "results.csv"), table.getvalue())
+    storage.write_text(storage.join(folder, "results.json"), json.dumps(rows, indent=2) + "\n")
+    plot(rows, storage.join(folder, "val_error_vs_params_macs.png"))
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+def plot(rows: list[dict[str, Any]], path: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,11 +193,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle("val error against model size (x: stopped early by the scheduler)")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_png(fig, path)
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -211,7 +207,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print("* stopped early by the scheduler", flush=True)
 
 
-def log_table(cfg: Config, folder: Path, rows: list[dict[str, Any]]) -> None:
+def log_table(cfg: Config, folder: str, rows: list[dict[str, Any]]) -> None:
     """The sweep's table as a W&B table, in a summary run of the sweep's group."""
     from ..tracking import Tracker
 

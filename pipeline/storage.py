@@ -1,0 +1,206 @@
+"""Run folders on a local or shared disk, or in an object store (`s3://`, `gs://`, ...).
+
+A location is a plain path or a URI that pyarrow reads (the same ones Ray Train takes as a
+`storage_path`), query included: `s3://bucket/runs?endpoint_override=host:9000&scheme=http`.
+Ray Train writes the checkpoints there itself; this module is how everything else (config,
+history, curves, sweep results, W&B files, resume and evaluate) reads and writes beside
+them. Credentials come from the nodes' environment (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_
+CREDENTIALS, ...), never from the location: a location is printed and saved in configs.
+
+pyarrow is imported only for URIs, so local runs and the CLI do not pay for it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+def is_uri(location: str | os.PathLike) -> bool:
+    return "://" in str(location)
+
+
+def _split(location: str) -> tuple[str, str]:
+    base, _, query = str(location).partition("?")
+    return base, query
+
+
+def join(location: str | os.PathLike, *parts: str) -> str:
+    """`location/part/...`, keeping a URI's query at the end."""
+    if not is_uri(location):
+        return str(Path(location, *parts))
+    base, query = _split(str(location))
+    base = "/".join([base.rstrip("/"), *(p.strip("/") for p in parts if p)])
+    return base + (f"?{query}" if query else "")
+
+
+def name(location: str | os.PathLike) -> str:
+    return _split(str(location))[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(location: str | os.PathLike) -> str:
+    if not is_uri(location):
+        return str(Path(location).parent)
+    base, query = _split(str(location))
+    return base.rstrip("/").rsplit("/", 1)[0] + (f"?{query}" if query else "")
+
+
+def check(location: str) -> str:
+    """A UserError for a location that cannot be used; else the location unchanged."""
+    if not is_uri(location):
+        return location
+    base, _ = _split(location)
+    scheme, _, rest = base.partition("://")
+    if "@" in rest.split("/", 1)[0]:
+        raise UserError(f"storage {scheme}://...@... carries credentials: locations are printed "
+                        "and saved with each run; give the nodes credentials in their environment "
+                        "(e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) instead")
+    try:
+        _fs(location)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for a bad URI
+        raise UserError(f"storage {base}: {str(e).splitlines()[0][:160]}; use a folder every node "
+                        "mounts or a URI pyarrow reads (s3://bucket/path, gs://bucket/path)") from None
+    return location
+
+
+def _fs(location: str) -> tuple[Any, str]:
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(str(location))
+
+
+def _remote(fn):
+    """A store that cannot be reached or refuses us is a UserError naming the location."""
+    import functools
+
+    @functools.wraps(fn)
+    def call(location, *args, **kwargs):
+        try:
+            return fn(location, *args, **kwargs)
+        except OSError as e:
+            if not is_uri(location) or isinstance(e, (FileNotFoundError, NotADirectoryError)):
+                raise
+            base = _split(str(location))[0]
+            raise UserError(f"storage {base}: {str(e).splitlines()[0][:200]}; check the URI and "
+                            "the credentials in this machine's and the nodes' environment") from None
+    return call
+
+
+def _info(location: str):
+    import pyarrow.fs
+
+    fs, path = _fs(location)
+    return fs.get_file_info(path), pyarrow.fs.FileType
+
+
+@_remote
+def exists(location: str | os.PathLike) -> bool:
+    if not is_uri(location):
+        return Path(location).exists()
+    info, kind = _info(str(location))
+    return info.type != kind.NotFound
+
+
+@_remote
+def is_dir(location: str | os.PathLike) -> bool:
+    if not is_uri(location):
+        return Path(location).is_dir()
+    info, kind = _info(str(location))
+    return info.type == kind.Directory
+
+
+@_remote
+def is_file(location: str | os.PathLike) -> bool:
+    if not is_uri(location):
+        return Path(location).is_file()
+    info, kind = _info(str(location))
+    return info.type == kind.File
+
+
+@_remote
+def listdir(location: str | os.PathLike) -> list[str]:
+    """Names directly under `location`, sorted; empty when it does not exist."""
+    if not is_uri(location):
+        folder = Path(location)
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    import pyarrow.fs
+
+    fs, path = _fs(str(location))
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(i.base_name for i in infos)
+
+
+@_remote
+def makedirs(location: str | os.PathLike) -> None:
+    if not is_uri(location):
+        Path(location).mkdir(parents=True, exist_ok=True)
+        return
+    fs, path = _fs(str(location))
+    fs.create_dir(path, recursive=True)
+
+
+@_remote
+def read_bytes(location: str | os.PathLike) -> bytes:
+    if not is_uri(location):
+        return Path(location).read_bytes()
+    fs, path = _fs(str(location))
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+@_remote
+def write_bytes(location: str | os.PathLike, data: bytes) -> None:
+    """Readers see the old file or the new one, never half of it (an object PUT is whole)."""
+    if not is_uri(location):
+        target = Path(location)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(target)
+        return
+    fs, path = _fs(str(location))
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def write_text(location: str | os.PathLike, text: str) -> None:
+    write_bytes(location, text.encode())
+
+
+def read_text(location: str | os.PathLike) -> str:
+    return read_bytes(location).decode()
+
+
+def upload_dir(local: Path, location: str) -> int:
+    """Copy a local folder's files under `location`; returns how many."""
+    count = 0
+    for file in sorted(Path(local).rglob("*")):
+        if file.is_file() and not file.is_symlink():
+            write_bytes(join(location, *file.relative_to(local).parts), file.read_bytes())
+            count += 1
+    return count
+
+
+def open_bytes(location: str | os.PathLike) -> io.BytesIO | Path:
+    """A local path as is, or a URI's bytes in memory: what `torch.load` takes."""
+    return Path(location) if not is_uri(location) else io.BytesIO(read_bytes(location))
+
+
+def local_scratch(location: str | os.PathLike, purpose: str) -> Path:
+    """A local folder standing in for `location` where a tool needs a real disk (W&B)."""
+    if not is_uri(location):
+        return Path(location)
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha1(str(location).encode()).hexdigest()[:10]
+    folder = Path(tempfile.gettempdir()) / "densenet-pipe" / purpose / f"{name(location)}-{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
