@@ -17,6 +17,10 @@ test-all: setup
 
 bench: setup
 	$(PY) benchmarks/memory_efficient.py
+	$(PY) benchmarks/loader.py
+	$(PY) benchmarks/train_step.py --profile
+	$(PY) benchmarks/ray_overhead.py
+	$(PY) benchmarks/submit_overhead.py
 
 clean:
 	rm -rf .build runs stores .pytest_cache

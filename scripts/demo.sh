@@ -26,7 +26,7 @@ step "a 2-node local Ray cluster (1 CPU a node)"
 "$DP" cluster status
 
 step "prepare: a learnable synthetic 32x32 dataset into an FFCV store (a Ray job)"
-"$DP" prepare synthetic --size 2000 --val-size 500 --classes 10 --out "$STORE"
+"$DP" prepare synthetic --size 2000 --val-size 500 --classes 10 --noise 1.0 --out "$STORE"
 
 step "train: DenseNet (two-block) with DDP across both nodes, W&B offline (a Ray job)"
 "$DP" train densenet_simple --recipe smoke --data "$STORE" --nodes 2 --epochs 4 \

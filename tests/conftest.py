@@ -7,6 +7,8 @@
   `cluster down`; anything submitted without `--address` lands on it. Tests that use it
   run last, together. Mark them `@pytest.mark.ray`.
 - `cli`: runs `densenet-pipe ARGS...` in-process and returns click's Result.
+- `s3_bucket`: a real S3 server on localhost (moto's) with an empty bucket; the URI of a
+  folder in it, for `--storage s3://...`.
 - Tests marked `slow` are deselected by default (pyproject's `-m "not slow"`); `make test-all`
   runs them too.
 """
@@ -15,7 +17,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -71,3 +77,41 @@ def ray_cluster(cluster_dir: Path, cli: Callable[..., Result]):
     result = cli("cluster", "down")
     assert result.exit_code == 0, result.output
     assert not [n.pid for n in cluster.nodes if local_cluster.node_alive(n)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(tmp_path_factory):
+    """A real S3 server (moto) on a free local port, with an empty bucket; stopped after."""
+    import pyarrow.fs
+
+    port = _free_port()
+    log = tmp_path_factory.mktemp("s3") / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
+                                   "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        fs, _ = pyarrow.fs.FileSystem.from_uri(f"s3://runs?{query}&allow_bucket_creation=true")
+        fs.create_dir("runs")
+        yield f"s3://runs/densenet-pipe?{query}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

@@ -224,3 +224,14 @@ def make_imagefolder(root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_
                 h, w = size or tuple(int(v) for v in rng.integers(24, 64, 2))
                 (d / f"{j}.png").write_bytes(jpeg_bytes(rng, h, w, fmt="PNG"))
     return {"classes": sorted(classes), "count": per_class * len(classes)}
+
+
+def make_synthetic_store(out: Path, train: int, val: int, **synthetic) -> Path:
+    """A real FFCV store of the learnable synthetic set (32x32, 10 classes unless told)."""
+    from pipeline.data.prepare import prepare
+    from pipeline.data.prepare_config import PrepareConfig
+
+    prepare(PrepareConfig.from_dict({"dataset": "synthetic", "out": str(out), "workers": 1,
+                                     "synthetic": {"train_size": train, "val_size": val, **synthetic}}),
+            log=lambda _: None)
+    return out

@@ -55,6 +55,7 @@ def test_models_table_and_overrides():
     (["train", "densenet_bc100_k12", "--set", "optim.lrr=1", "--dry-run"], "unknown key optim.lrr"),
     (["train", "resnet50", "--dry-run"], "unknown model 'resnet50'"),
     (["train", "densenet121", "--epochs", "3", "--dry-run"], "milestones [30.0, 60.0] must be epochs in (0, 3]"),
+    (["prepare", "synthetic", "--noise", "-1", "--dry-run"], "synthetic noise must be >= 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle):
     r = runner.invoke(app, args)
@@ -99,3 +100,10 @@ def test_train_dry_run_resolves_recipe_flags_and_sets(tmp_path, tiny_store, monk
     r = runner.invoke(app, ["train", "densenet_bc100_k12", "--data", str(tiny_store), "--set",
                             "model.num_classes=100", "--dry-run"])
     assert r.exit_code == 2 and "has 10 classes" in r.stderr
+
+
+def test_storage_uri_with_credentials_is_refused_before_submitting(tiny_store):
+    r = runner.invoke(app, ["train", "densenet_simple", "--data", str(tiny_store), "--storage",
+                            "s3://AKIAEXAMPLE:secret@bucket/runs", "--dry-run"])
+    assert r.exit_code == 2 and "carries credentials" in r.stderr
+    assert "secret" not in r.output

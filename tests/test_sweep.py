@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from fixtures_data import make_synthetic_store
 from pipeline import config as C
-from pipeline.data.prepare import prepare
-from pipeline.data.prepare_config import PrepareConfig
 from pipeline.tune.space import plan_space
 
 
@@ -62,11 +61,8 @@ def test_bad_sweep_cli_input_is_one_line_exit_2(cli, tmp_path):
 @pytest.fixture(scope="module")
 def hard_store(tmp_path_factory) -> Path:
     # Noisy enough that tiny nets differ in val error, so ASHA has something to cut.
-    out = tmp_path_factory.mktemp("stores") / "noisy"
-    prepare(PrepareConfig.from_dict({"dataset": "synthetic", "out": str(out), "workers": 1,
-                                     "synthetic": {"train_size": 256, "val_size": 128, "num_classes": 10,
-                                                   "noise": 1.5, "seed": 3}}), log=lambda _: None)
-    return out
+    return make_synthetic_store(tmp_path_factory.mktemp("stores") / "noisy", 256, 128,
+                                noise=1.5, seed=3)
 
 
 @pytest.mark.ray

@@ -64,6 +64,7 @@ def prepare(
     resolution: Annotated[Optional[int], typer.Option(help="synthetic: image side (the largest, with --min-size).")] = None,
     min_size: Annotated[Optional[int], typer.Option(help="synthetic: varied sizes from this up to --resolution.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="synthetic: seed.")] = None,
+    noise: Annotated[Optional[float], typer.Option(help="synthetic: pixel noise (std); more is harder to learn.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved job config; submit nothing.")] = False,
     address: Address = None,
     detach: Detach = False,
@@ -75,7 +76,8 @@ def prepare(
         "jpeg_quality": jpeg_quality, "compress_probability": compress_probability,
         "workers": workers, "skip_bad": skip_bad, "force": force, "extra": extra,
     }, {"train_size": size, "val_size": val_size, "num_classes": classes,
-        "resolution": resolution, "min_size": min_size, "seed": seed}, local=address is None)
+        "resolution": resolution, "min_size": min_size, "seed": seed, "noise": noise},
+        local=address is None)
     if dry_run:
         output.as_json(cfg.to_dict())
         return
