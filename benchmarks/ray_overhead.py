@@ -14,7 +14,6 @@ Start-up is reported apart. Target: Ray Train within 10% of the plain loop once 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -27,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+from pipeline.train.trainer import latest_history  # noqa: E402
 
 
 def make_store(folder: Path, train: int, val: int) -> str:
@@ -71,8 +72,6 @@ def plain(args, store: str, storage: Path) -> tuple[list[float], float, list[dic
     train_loop({"config": cfg.to_dict(), "run_dir": str(folder), "run_name": "plain"},
                LocalSession(folder))
     total = time.perf_counter() - start
-    from pipeline.train.trainer import latest_history
-
     history = latest_history(folder)
     return epoch_times(history), total, history
 
@@ -91,7 +90,7 @@ def with_ray(args, store: str, storage: Path) -> tuple[list[float], float, list[
         total = time.perf_counter() - start
     finally:
         ray.shutdown()
-    history = json.loads((folder / "history.json").read_text())
+    history = latest_history(folder)
     return epoch_times(history), total, history
 
 

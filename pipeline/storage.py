@@ -90,35 +90,30 @@ def _remote(fn):
     return call
 
 
-def _info(location: str):
+@_remote
+def _kind(location: str | os.PathLike) -> str | None:
+    """"file", "dir", "other", or None when nothing is there."""
+    if not is_uri(location):
+        path = Path(location)
+        return "dir" if path.is_dir() else "file" if path.is_file() else "other" if path.exists() else None
     import pyarrow.fs
 
-    fs, path = _fs(location)
-    return fs.get_file_info(path), pyarrow.fs.FileType
+    fs, path = _fs(str(location))
+    kind = fs.get_file_info(path).type
+    return {pyarrow.fs.FileType.File: "file", pyarrow.fs.FileType.Directory: "dir",
+            pyarrow.fs.FileType.NotFound: None}.get(kind, "other")
 
 
-@_remote
 def exists(location: str | os.PathLike) -> bool:
-    if not is_uri(location):
-        return Path(location).exists()
-    info, kind = _info(str(location))
-    return info.type != kind.NotFound
+    return _kind(location) is not None
 
 
-@_remote
 def is_dir(location: str | os.PathLike) -> bool:
-    if not is_uri(location):
-        return Path(location).is_dir()
-    info, kind = _info(str(location))
-    return info.type == kind.Directory
+    return _kind(location) == "dir"
 
 
-@_remote
 def is_file(location: str | os.PathLike) -> bool:
-    if not is_uri(location):
-        return Path(location).is_file()
-    info, kind = _info(str(location))
-    return info.type == kind.File
+    return _kind(location) == "file"
 
 
 @_remote

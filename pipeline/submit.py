@@ -418,11 +418,9 @@ def job_env(cfg: dict[str, Any], server: JobServer) -> dict[str, str]:
     mode = tracking.get("wandb") if isinstance(tracking, dict) else None
     # WANDB_API_KEY is never sent: a runtime env is written to Ray's logs and shown by its
     # job API. Online runs use the nodes' own key (their environment or `wandb login`).
-    if mode == "online":
-        pass
-    elif mode == "off":
+    if mode == "off":
         env["WANDB_MODE"] = "disabled"
-    else:
+    elif mode != "online":
         env["WANDB_MODE"] = "offline"
     return env
 

@@ -35,13 +35,14 @@ def evaluate(
         cfg["out"] = out
     if address is None:
         from ..data.store import open_store
+        from ..storage import is_uri
         from ..train.checkpoint import find, load
 
-        found = find(checkpoint if "://" in checkpoint else Path(checkpoint).expanduser())
-        cfg["checkpoint"] = found if "://" in found else str(Path(found).resolve())
+        found = find(checkpoint if is_uri(checkpoint) else Path(checkpoint).expanduser())
+        cfg["checkpoint"] = found if is_uri(found) else str(Path(found).resolve())
         load(cfg["checkpoint"])  # torch, but a corrupt file fails here, not in the job
         cfg["store"] = open_store(Path(data)).path
-        if out and "://" not in out:
+        if out and not is_uri(out):
             cfg["out"] = str(Path(out).resolve())
     from .. import submit
 

@@ -1,10 +1,10 @@
 """The Ray Train worker loop: one process per DDP rank.
 
 `train_worker` is what `TorchTrainer` runs on every worker; `train_loop` is the loop itself,
-given a session (Ray Train's, or `LocalSession` for a plain one-process baseline). Distributed code lives here and
-nowhere else: one unwrapped-model handle, one `primary` gate for side effects (printing,
-W&B, writing checkpoints), and every rank reports once per epoch (it is a
-barrier). Determinism: each epoch re-seeds torch from (seed, epoch, rank) and the loader
+given a session (Ray Train's, or `LocalSession` for a plain one-process baseline).
+Distributed code lives here and nowhere else: one unwrapped-model handle, one `primary`
+gate for side effects (printing, W&B, writing checkpoints), and every rank reports once
+per epoch (it is a barrier). Determinism: each epoch re-seeds torch from (seed, epoch, rank) and the loader
 order from (seed, epoch), so a run resumed from epoch e continues exactly as an
 uninterrupted one would (with data augmentation off; FFCV's augmentations draw from
 numba's unseeded generator).
@@ -202,11 +202,12 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
     with session.restored() as folder:
         if folder is not None:
             state = checkpoint.load(folder, map_location=device)
-    if state is None and cfg.train.resume and checkpoint.newest(run_dir) is not None:
+    newest = checkpoint.newest(run_dir) if state is None and cfg.train.resume else None
+    if newest is not None:
         # A job stopped right after a checkpoint was written can leave Ray's own record
         # of it behind; the run folder's newest checkpoint is the truth.
-        folder = storage.parent(checkpoint.newest(run_dir))
-        state = checkpoint.load(folder, map_location=device)
+        folder = storage.parent(newest)
+        state = checkpoint.load(newest, map_location=device)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
