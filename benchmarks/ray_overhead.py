@@ -79,6 +79,7 @@ def plain(args, store: str, storage: Path) -> tuple[list[float], float, list[dic
 def with_ray(args, store: str, storage: Path) -> tuple[list[float], float, list[dict]]:
     import ray
 
+    from pipeline.data.store import open_store
     from pipeline.train import trainer
 
     cfg = make_config(args, store, storage, "ray")
@@ -86,7 +87,7 @@ def with_ray(args, store: str, storage: Path) -> tuple[list[float], float, list[
              _temp_dir=str(storage.parent / "ray"))
     try:
         start = time.perf_counter()
-        folder = trainer.run(cfg)
+        folder = trainer.run(cfg, open_store(store))
         total = time.perf_counter() - start
     finally:
         ray.shutdown()

@@ -14,7 +14,7 @@ def run(data: dict[str, Any]) -> None:
     from pipeline.tune import sweep
 
     cfg, manifest = prepare_config(data)
-    sweep.run(cfg, manifest_sha256=sha256_file(Path(manifest.path) / "manifest.json"))
+    sweep.run(cfg, manifest, manifest_sha256=sha256_file(Path(manifest.path) / "manifest.json"))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def run(data: dict[str, Any]) -> None:
     from pipeline.train import trainer
 
     cfg, manifest = prepare_config(data)
-    trainer.run(cfg, manifest_sha256=sha256_file(Path(manifest.path) / "manifest.json"))
+    trainer.run(cfg, manifest, manifest_sha256=sha256_file(Path(manifest.path) / "manifest.json"))
 
 
 if __name__ == "__main__":

@@ -173,6 +173,18 @@ class JobServer:
     def logs(self, job_id: str) -> str:
         return self._json("GET", f"/api/jobs/{_quote(job_id)}/logs", job_id=job_id)["logs"]
 
+    def actors(self, job_id: str) -> list[dict[str, Any]]:
+        """The live actors of submitted job `job_id` (class_name, pid, node_id, ...)."""
+        ray_job = self.job(job_id).get("job_id")
+        if not ray_job:
+            return []
+        query = urllib.parse.urlencode([("limit", 10000), ("detail", 1),
+                                        ("filter_keys", "job_id"), ("filter_predicates", "="),
+                                        ("filter_values", ray_job),
+                                        ("filter_keys", "state"), ("filter_predicates", "="),
+                                        ("filter_values", "ALIVE")])
+        return self._json("GET", f"/api/v0/actors?{query}")["data"]["result"]["result"]
+
     def stop(self, job_id: str) -> bool:
         """Ask the job to stop; False when it had already ended."""
         reply = self._json("POST", f"/api/jobs/{_quote(job_id)}/stop", job_id=job_id)
@@ -243,18 +255,53 @@ def normalize_address(address: str) -> str:
     return text
 
 
-def _remote_headers() -> dict[str, str]:
-    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
-        return {}
-    token = os.environ.get("RAY_AUTH_TOKEN")
+def user_token_file() -> Path:
+    """The token the cluster configs in cluster/ ship to every node (`cluster token` makes it)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "densenet-pipe" / "ray-token"
+
+
+def _remote_headers(url: str) -> dict[str, str]:
+    """The bearer token for a remote job server: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, our
+    token file, or (with RAY_AUTH_MODE=token) Ray's own ~/.ray/auth_token."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    token_mode = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
     if not token:
-        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-        try:
-            token = path.read_text().strip()
-        except OSError:
-            raise UserError(f"RAY_AUTH_MODE=token but no token: set RAY_AUTH_TOKEN or put it "
-                            f"in {path}") from None
+        candidates = [os.environ.get("RAY_AUTH_TOKEN_PATH"), user_token_file()]
+        if token_mode:
+            candidates.append(Path.home() / ".ray" / "auth_token")
+        for path in filter(None, candidates):
+            try:
+                token = Path(path).read_text().strip()
+            except OSError:
+                continue
+            if token:
+                break
+    if not token:
+        if token_mode:
+            raise UserError("RAY_AUTH_MODE=token but no token: set RAY_AUTH_TOKEN, or put it in "
+                            f"{user_token_file()} (`densenet-pipe cluster token` makes one)")
+        return {}
+    check_token_transport(url)
     return {"Authorization": f"Bearer {token}"}
+
+
+PLAIN_HTTP_ENV = "DENSENET_PIPE_ALLOW_PLAIN_HTTP"
+
+
+def check_token_transport(url: str) -> None:
+    """A token crosses the network only over https, or plain http to this machine (an SSH or
+    `kubectl port-forward` tunnel). Anything else is refused unless the user opts in."""
+    parsed = urllib.parse.urlsplit(url)
+    host = (parsed.hostname or "").lower()
+    loopback = host in ("localhost", "::1") or host.startswith("127.")
+    if parsed.scheme == "https" or loopback or os.environ.get(PLAIN_HTTP_ENV) == "1":
+        return
+    raise UserError(f"refusing to send the cluster's token over plain http to {host}: anyone on "
+                    f"the way could read it; use https, forward the port (`ray dashboard "
+                    f"cluster/aws.yaml`, `kubectl port-forward`) and pass --address "
+                    f"http://127.0.0.1:{parsed.port or 8265}, or set {PLAIN_HTTP_ENV}=1 on a "
+                    "network you trust")
 
 
 def connect(address: str | None, *, start: bool = True,
@@ -269,7 +316,7 @@ def connect(address: str | None, *, start: bool = True,
         if local is not None and local.dashboard_url == url:
             server = JobServer(url, local.headers(), local)
         else:
-            server = JobServer(url, _remote_headers())
+            server = JobServer(url, _remote_headers(url))
     else:
         local = local_cluster.ensure(note=note) if start else local_cluster.running()
         if local is None:
@@ -411,7 +458,10 @@ def check_resources(server: JobServer, resources: dict[str, Any],
 def job_env(cfg: dict[str, Any], server: JobServer) -> dict[str, str]:
     """Environment every job gets (see docs/orchestration.md for why each is set)."""
     # Worker prints go straight to the job log, not through Ray Train V2's logger.
-    env = {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    env = {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+           # `jobs stop` sends SIGTERM, then SIGKILL after this many seconds (Ray's default
+           # is 3): time for the driver to end its W&B runs and say how they ended.
+           "RAY_JOB_STOP_WAIT_TIME_S": "30"}
     if server.local is not None:
         env["DENSENET_PIPE_WORKDIR"] = os.getcwd()
     tracking = cfg.get("tracking")

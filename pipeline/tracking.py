@@ -8,13 +8,25 @@
 
 Every call swallows W&B errors with one warning: tracking trouble must not stop training.
 The API key is read by wandb from its own environment or settings, never from our config.
+
+On a cluster the W&B run does not live in a training worker: a worker can be killed at any
+moment (a scheduler stopping a trial, `jobs stop`, a lost node), and W&B buffers what it was
+given. The job driver starts a `Recorder` actor per run, which holds the run; rank 0 sends
+it every log call and waits for the answer, so whatever was reported is in the W&B run
+before the next step. The driver, which outlives the workers, ends the run and says how:
+
+    name = start_recorder(cfg, run_id=..., run_dir=...)          # driver
+    tracker = RemoteTracker.connect(name)                          # rank 0, also after a restart
+    finish_recorder(name, "stopped_early")                         # driver
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +56,14 @@ def _warn(what: str, e: BaseException) -> None:
           file=sys.stderr, flush=True)
 
 
+# How a run ended -> the exit code its W&B run records (W&B shows non-zero as "failed");
+# the summary's `ended` key names it exactly.
+ENDED = {"finished": 0, "stopped_early": 0, "stopped_by_user": 143, "failed": 1}
+# W&B's own step must only grow; a worker restarted from a checkpoint logs earlier steps
+# again. Our step is a metric that the charts use as their x axis instead.
+STEP_KEY = "trainer/global_step"
+
+
 class Tracker:
     """A W&B run, or a no-op stand-in for other ranks and for `--wandb off`."""
 
@@ -53,20 +73,24 @@ class Tracker:
         self.mode = mode
         self.disabled = False
         # With run folders in an object store, W&B writes to a local scratch folder and
-        # `finish` copies its files to `upload_to` (the run folder's wandb/).
+        # `sync`/`finish` copy its files to `upload_to` (the run folder's wandb/).
         self.upload_to = upload_to
         self.local_dir = local_dir
+        self.where: str | None = None
+        self.best = math.inf
+        self.epochs_done = 0
 
     @classmethod
     def start(cls, cfg: Config, *, run_id: str, run_dir: str | Path, job_type: str = "train",
-              name: str | None = None, group: str | None = None, primary: bool = True) -> "Tracker":
+              name: str | None = None, group: str | None = None, primary: bool = True,
+              announce: bool = True) -> "Tracker":
         mode = resolve_mode(cfg.tracking.wandb)
         if not primary or mode == "disabled":
             return cls()
         location = str(run_dir)
         run_dir = storage.local_scratch(location, "wandb")
         upload_to = storage.join(location, "wandb") if storage.is_uri(location) else None
-        if cfg.tracking.wandb == "online" and mode == "offline":
+        if announce and cfg.tracking.wandb == "online" and mode == "offline":
             print("W&B: no API key found, logging offline; upload later with "
                   f"`wandb sync {location}/wandb/offline-run-*`", flush=True)
         try:
@@ -84,14 +108,19 @@ class Tracker:
                 dir=str(run_dir), mode=mode, config=cfg.to_dict(),
                 settings=wandb.Settings(silent=True, console="off"),
             )
+            run.define_metric(STEP_KEY)
+            for prefix in ("step/*", "epoch/*"):
+                run.define_metric(prefix, step_metric=STEP_KEY)
         except Exception as e:  # noqa: BLE001 - any W&B failure must leave training running
             _warn("init", e)
             return cls()
         tracker = cls(run, mode, upload_to, run_dir)
         if mode == "offline":
-            where = (storage.join(upload_to, Path(run.dir).parent.relative_to(run_dir / "wandb").as_posix())
-                     if upload_to else Path(run.dir).parent)
-            print(f"W&B offline run: {where}; upload it later with `wandb sync {where}`", flush=True)
+            tracker.where = str(storage.join(upload_to, Path(run.dir).parent.relative_to(run_dir / "wandb").as_posix())
+                                if upload_to else Path(run.dir).parent)
+            if announce:
+                print(f"W&B offline run: {tracker.where}; upload it later with `wandb sync {tracker.where}`",
+                      flush=True)
         return tracker
 
     @property
@@ -109,7 +138,17 @@ class Tracker:
             return None
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        self._guard("log", self.run.log if self.run else None, metrics, step=step)
+        """Log `metrics` at our `step`; an `epoch/...` row also keeps the summary current."""
+        if not self.active:
+            return
+        row = dict(metrics) if step is None else {**metrics, STEP_KEY: step}
+        self._guard("log", self.run.log, row)
+        if "epoch/epoch" in metrics:
+            self.epochs_done = max(self.epochs_done, int(metrics["epoch/epoch"]))
+            if "epoch/val_top1_error" in metrics:
+                self.best = min(self.best, float(metrics["epoch/val_top1_error"]))
+            self.summary({"epochs_done": self.epochs_done,
+                          **({"best_val_top1_error": self.best} if self.best < math.inf else {})})
 
     def summary(self, values: dict[str, Any]) -> None:
         def update() -> None:
@@ -117,7 +156,7 @@ class Tracker:
                 self.run.summary[k] = v
         self._guard("summary", update)
 
-    def use_dataset(self, manifest_path: Path, name: str, metadata: dict[str, Any]) -> None:
+    def use_dataset(self, manifest_text: str, name: str, metadata: dict[str, Any]) -> None:
         """The store's manifest as a `dataset` artifact: used by the run (lineage) when online.
 
         W&B cannot `use_artifact` offline, so an offline run logs the same artifact instead;
@@ -126,8 +165,10 @@ class Tracker:
         def use() -> None:
             import wandb
 
+            path = (self.local_dir or Path(".")) / f"{_safe_id(name)}-manifest.json"
+            path.write_text(manifest_text)
             art = wandb.Artifact(_safe_id(name), type="dataset", metadata=metadata)
-            art.add_file(str(manifest_path), name="manifest.json")
+            art.add_file(str(path), name="manifest.json")
             if self.mode == "offline":
                 self.run.log_artifact(art, aliases=["used"])
             else:
@@ -152,6 +193,16 @@ class Tracker:
                 art.add_reference(Path(folder).resolve().as_uri(), name=Path(folder).name)
             self.run.log_artifact(art, aliases=aliases)
         self._guard("checkpoint artifact", log)
+        self.sync()
+
+    def sync(self) -> None:
+        """Copy the W&B files of a run kept in an object store out of the local scratch folder."""
+        if self.run is None or not self.upload_to or self.local_dir is None:
+            return
+        try:
+            storage.upload_dir(self.local_dir / "wandb", self.upload_to)
+        except Exception as e:  # noqa: BLE001
+            _warn(f"copying its files to {self.upload_to}", e)
 
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
         def log() -> None:
@@ -160,16 +211,168 @@ class Tracker:
             self.run.log({key: wandb.Table(columns=columns, data=rows)})
         self._guard("table", log)
 
-    def finish(self, summary: dict[str, Any] | None = None) -> None:
+    def finish(self, summary: dict[str, Any] | None = None, ended: str = "finished") -> None:
+        """End the run: `ended` is a key of ENDED and sets the exit code W&B records."""
+        if self.run is None:
+            return
+        self.summary({**(summary or {}), "ended": ended})
+        self._guard("finish", self.run.finish, exit_code=ENDED[ended])
+        self.sync()
+        self.run = None
+
+
+RECORDER_NAMESPACE = "densenet-pipe"
+# Recorders this process started (the job driver), ended on a normal exit or a stop signal.
+_OWNED: dict[str, Any] = {}
+
+
+def recorder_name(run_id: str) -> str:
+    return f"wandb-{_safe_id(run_id)}"
+
+
+class Recorder:
+    """The Ray actor that holds one run's W&B run for the job driver that started it."""
+
+    def __init__(self, cfg: dict[str, Any], run_id: str, run_dir: str, job_type: str,
+                 group: str | None) -> None:
+        self.tracker = Tracker.start(Config.from_dict(cfg), run_id=run_id, run_dir=run_dir,
+                                     job_type=job_type, group=group, announce=False)
+        self.attached = 0
+
+    def where(self) -> tuple[bool, str | None]:
+        return self.tracker.active, self.tracker.where
+
+    def attach(self) -> bool:
+        """A rank 0 (re)starts; every start after the first is a restart of the worker group."""
+        self.attached += 1
+        if self.attached > 1:
+            self.tracker.summary({"worker_restarts": self.attached - 1})
+        return self.tracker.active
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> None:
+        if method not in ("log", "summary", "use_dataset", "log_checkpoint"):
+            raise ValueError(f"no tracker method {method}")
+        getattr(self.tracker, method)(*args, **kwargs)
+
+    def finish(self, ended: str, summary: dict[str, Any] | None = None) -> dict[str, Any]:
+        done = {"epochs_done": self.tracker.epochs_done, "best_val_top1_error": self.tracker.best}
+        self.tracker.finish(summary, ended=ended)
+        return done
+
+
+def start_recorder(cfg: Config, *, run_id: str, run_dir: str | Path, group: str | None = None,
+                   job_type: str = "train", dataset: tuple[str, str, dict[str, Any]] | None = None,
+                   announce: bool = True) -> str | None:
+    """Start (or find) the Recorder actor for `run_id` on this node; its name, or None when
+    W&B is off or could not start. `dataset` is (manifest JSON text, artifact name, metadata)."""
+    if resolve_mode(cfg.tracking.wandb) == "disabled":
+        return None
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    name = recorder_name(run_id)
+    try:
+        # On the driver's node: paths in the config resolve there as they do for the driver.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        handle = ray.remote(num_cpus=0, max_restarts=0)(Recorder).options(
+            name=name, namespace=RECORDER_NAMESPACE, get_if_exists=True, scheduling_strategy=here,
+        ).remote(cfg.to_dict(), run_id, str(run_dir), job_type, group)
+        active, where = ray.get(handle.where.remote(), timeout=300)
+    except Exception as e:  # noqa: BLE001
+        _warn("recorder start", e)
+        return None
+    if not active:
+        return None
+    _OWNED[name] = handle
+    if dataset is not None:
+        handle.call.remote("use_dataset", *dataset)
+    if announce and where:
+        if cfg.tracking.wandb == "online":
+            print("W&B: no API key found, logging offline", flush=True)
+        print(f"W&B offline run: {where}; upload it later with `wandb sync {where}`", flush=True)
+    return name
+
+
+def finish_recorder(name: str | None, ended: str, summary: dict[str, Any] | None = None) -> None:
+    """End the W&B run held by recorder `name` (one this process started) and stop the actor."""
+    handle = _OWNED.pop(name, None) if name else None
+    if handle is None:
+        return
+    import ray
+
+    try:
+        ray.get(handle.finish.remote(ended, summary), timeout=120)
+    except Exception as e:  # noqa: BLE001
+        _warn("finish", e)
+    try:
+        ray.kill(handle)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
+
+
+def finish_all_recorders(ended: str) -> None:
+    for name in list(_OWNED):
+        finish_recorder(name, ended)
+
+
+class RemoteTracker:
+    """Rank 0's handle on the driver's Recorder: each call returns once W&B has the data.
+
+    `finish` only records the summary: the driver ends the run, knowing how it ended.
+    """
+
+    def __init__(self, handle: Any = None) -> None:
+        self.handle = handle
+
+    @classmethod
+    def connect(cls, name: str, wait_s: float = 60.0) -> "RemoteTracker":
+        import ray
+
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                handle = ray.get_actor(name, namespace=RECORDER_NAMESPACE)
+                active = ray.get(handle.attach.remote(), timeout=wait_s)
+                return cls(handle if active else None)
+            except ValueError:
+                if time.monotonic() > deadline:
+                    _warn("connect", RuntimeError(f"no recorder {name}"))
+                    return cls()
+                time.sleep(0.5)
+            except Exception as e:  # noqa: BLE001
+                _warn("connect", e)
+                return cls()
+
+    @property
+    def active(self) -> bool:
+        return self.handle is not None
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> None:
+        if self.handle is None:
+            return
+        import ray
+
+        try:
+            ray.get(self.handle.call.remote(method, *args, **kwargs), timeout=300)
+        except Exception as e:  # noqa: BLE001
+            _warn(method, e)
+            self.handle = None
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self._call("log", metrics, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        self._call("summary", values)
+
+    def use_dataset(self, manifest_text: str, name: str, metadata: dict[str, Any]) -> None:
+        self._call("use_dataset", manifest_text, name, metadata)
+
+    def log_checkpoint(self, folder: str | Path, name: str, aliases: list[str], metadata: dict[str, Any]) -> None:
+        self._call("log_checkpoint", folder, name, aliases, metadata)
+
+    def finish(self, summary: dict[str, Any] | None = None, ended: str = "finished") -> None:
         if summary:
             self.summary(summary)
-        self._guard("finish", self.run.finish if self.run else None)
-        if self.run is not None and self.upload_to and self.local_dir is not None:
-            try:
-                storage.upload_dir(self.local_dir / "wandb", self.upload_to)
-            except Exception as e:  # noqa: BLE001
-                _warn(f"copying its files to {self.upload_to}", e)
-        self.run = None
 
 
 def _safe_id(text: str) -> str:

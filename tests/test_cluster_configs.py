@@ -50,8 +50,7 @@ def test_launcher_config_matches_rays_schema(name):
 @pytest.mark.parametrize("name", LAUNCHERS)
 def test_launcher_installs_the_project_with_its_setup_script(name):
     cfg = _load(name)
-    (remote, local), = cfg["file_mounts"].items()
-    assert local == ".", "ray up runs from the project root and syncs it as the code"
+    (remote,) = [r for r, local in cfg["file_mounts"].items() if local == "."]
     setup = _commands(cfg, "setup_commands")
     assert f"cd {remote} && bash scripts/setup.sh" in setup
     assert (ROOT / "scripts" / "setup.sh").exists()
@@ -68,7 +67,8 @@ def test_launcher_installs_the_project_with_its_setup_script(name):
 def test_launcher_dashboard_gpus_and_shared_storage(name):
     cfg = _load(name)
     head = _commands(cfg, "head_start_ray_commands")
-    assert "--dashboard-port=8265" in head and "--dashboard-host=0.0.0.0" in head
+    # Reached through `ray dashboard` (an SSH tunnel), never straight from the network.
+    assert "--dashboard-port=8265" in head and "--dashboard-host=127.0.0.1" in head
     gpu_types = [t for t, spec in cfg["available_node_types"].items()
                  if spec.get("resources", {}).get("GPU")]
     assert gpu_types, "a GPU worker node type"
@@ -169,3 +169,58 @@ def test_every_job_entrypoint_is_a_module_with_main():
         text = (ROOT / "jobs" / f"{job}.py").read_text()
         assert "common.main(run)" in text, job
     assert Path(ROOT / "jobs" / "common.py").exists()
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_every_launcher_start_command_runs_ray_with_token_auth(name):
+    cfg = _load(name)
+    token_file = next(r for r, local in cfg["file_mounts"].items()
+                      if local == "~/.config/densenet-pipe/ray-token")
+    assert f"chmod 600 {token_file}" in _commands(cfg, "setup_commands")
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands")
+              for c in cfg[key] if "ray start" in c]
+    assert len(starts) == 2
+    for command in starts:
+        before_start = command.split("ray start")[0]
+        assert "RAY_AUTH_MODE=token" in before_start and f"RAY_AUTH_TOKEN_PATH={token_file}" in before_start
+
+
+def test_every_kuberay_pod_runs_with_token_auth_behind_a_network_policy():
+    cluster = _load("kuberay/raycluster.yaml")
+    assert cluster["spec"]["authOptions"] == {"mode": "token"}
+    # KubeRay injects RAY_AUTH_MODE/RAY_AUTH_TOKEN itself; nothing may turn it off per pod.
+    for group in [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]:
+        for container in _containers(group):
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert env.get("RAY_AUTH_MODE", "token") == "token"
+    job = _load("kuberay/rayjob.yaml")
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
+    policy = _load("kuberay/networkpolicy.yaml")
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    own = {"ray.io/cluster": cluster["metadata"]["name"]}
+    assert policy["spec"]["podSelector"]["matchLabels"] == own
+    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": own}}]}]
+
+
+def test_the_token_goes_only_over_https_or_to_this_machine(monkeypatch, tmp_path, cli):
+    from pipeline.errors import UserError
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", submit.PLAIN_HTTP_ENV):
+        monkeypatch.delenv(var, raising=False)
+    assert submit._remote_headers("http://10.0.0.5:8265") == {}
+    r = cli("cluster", "token")
+    assert r.exit_code == 0, r.output
+    path = Path(r.stdout.strip())
+    assert path == submit.user_token_file() and path.stat().st_mode & 0o777 == 0o600
+    token = path.read_text().strip()
+    assert len(token) >= 32
+    assert cli("cluster", "token").exit_code == 0 and path.read_text().strip() == token
+    assert submit._remote_headers("https://head.example:8265") == {"Authorization": f"Bearer {token}"}
+    assert submit._remote_headers("http://127.0.0.1:8265") == {"Authorization": f"Bearer {token}"}
+    with pytest.raises(UserError, match="refusing to send the cluster's token over plain http to 10.0.0.5"):
+        submit._remote_headers("http://10.0.0.5:8265")
+    r = cli("jobs", "list", "--address", "http://10.0.0.5:8265")
+    assert r.exit_code == 2 and "plain http" in r.stderr and "Traceback" not in r.output
+    monkeypatch.setenv(submit.PLAIN_HTTP_ENV, "1")
+    assert submit._remote_headers("http://10.0.0.5:8265")["Authorization"] == f"Bearer {token}"

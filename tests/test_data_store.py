@@ -8,6 +8,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -187,3 +188,108 @@ def test_full_disk_is_one_line_exit_2_and_nothing_published(tmp_path):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "disk full" in errors[0] and "Traceback" not in r.stderr
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def _small(out: Path, **kw) -> PrepareConfig:
+    cfg = PrepareConfig(dataset="synthetic", out=str(out), **kw)
+    cfg.synthetic.train_size, cfg.synthetic.val_size = 40, 10
+    return cfg
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.timeout(120)
+def test_force_replaces_only_a_store_or_an_empty_folder(tmp_path, no_compile, cli):
+    work = tmp_path / "work"
+    (work / "thesis").mkdir(parents=True)
+    (work / "thesis" / "chapter1.tex").write_text("It was a dark and stormy night.")
+    with pytest.raises(UserError, match="--force replaces only a store or an empty folder.*'thesis'"):
+        prepare(_small(work, force=True), log=quiet)
+    r = cli("prepare", "synthetic", "--out", work, "--force")
+    assert r.exit_code == 2 and r.stderr.count("error:") == 1 and "only a store" in r.stderr
+    assert (work / "thesis" / "chapter1.tex").read_text() == "It was a dark and stormy night."
+
+    store = tmp_path / "syn"
+    prepare(_small(store), log=quiet)
+    (store / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="'notes.txt'"):
+        prepare(_small(store, force=True), log=quiet)
+    assert (store / "notes.txt").exists() and open_store(store).dataset == "synthetic"
+    (store / "notes.txt").unlink()
+    prepare(_small(store, force=True), log=quiet)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    prepare(_small(empty, force=True), log=quiet)
+    assert open_store(empty).splits["train"].count == 40
+
+
+@pytest.mark.timeout(60)
+def test_protected_folders_are_never_an_out(tmp_path, monkeypatch):
+    from pipeline.data.publish import PROJECT_ROOT, check_out
+
+    home, here = tmp_path / "home", tmp_path / "home" / "here"
+    here.mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    for out, what in (("/", "the root folder"), (str(home), "your home folder"), (".", "the current folder"),
+                      (str(PROJECT_ROOT), "the project's folder"), (str(tmp_path), "a folder that holds")):
+        with pytest.raises(UserError, match=what):
+            check_out(out, force=True)
+    assert check_out("stores/x", force=True) == here / "stores" / "x"
+
+
+@pytest.mark.timeout(120)
+def test_leftovers_of_a_dead_prepare_are_removed_and_a_live_one_locks(tmp_path, no_compile):
+    import fcntl
+
+    out = tmp_path / "syn"
+    dead = _dead_pid()
+    stale = [tmp_path / f".syn.prepare-{dead}-0000", tmp_path / f".syn.old-{dead}-0001"]
+    for p in stale:
+        (p / "train.beton").parent.mkdir()
+        (p / "train.beton").write_bytes(b"x" * 1000)
+    alive = tmp_path / f".syn.prepare-{os.getpid()}-0002"
+    alive.mkdir()
+    lines: list[str] = []
+    prepare(_small(out), log=lines.append)
+    assert not any(p.exists() for p in stale) and alive.exists()
+    assert sum("left by an interrupted prepare" in line for line in lines) == 2
+    alive.rmdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["syn"]
+
+    with open(tmp_path / ".syn.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242")
+        held.flush()
+        with pytest.raises(UserError, match=r"another prepare is writing .*syn \(pid 4242\)"):
+            prepare(_small(out, force=True), log=quiet)
+    assert open_store(out).splits["train"].count == 40
+
+
+@pytest.mark.timeout(180)
+def test_a_sigkilled_prepare_leaves_nothing_after_the_next_one(tmp_path):
+    out = tmp_path / "stores" / "syn"
+    cfg = {"dataset": "synthetic", "out": str(out), "synthetic": {"train_size": 20000, "val_size": 10}}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    cmd = [sys.executable, "-m", "jobs.prepare", "--config", str(tmp_path / "cfg.json")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.parent.glob(".syn.prepare-*/train.beton")):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not out.exists() and list(out.parent.glob(".syn.prepare-*"))
+    cfg["synthetic"]["train_size"] = 40
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert r.returncode == 0, r.stderr
+    assert f"pid {proc.pid}" in r.stdout and "left by an interrupted prepare" in r.stdout
+    assert sorted(p.name for p in out.parent.iterdir()) == ["syn"]
+    assert open_store(out).splits["train"].count == 40

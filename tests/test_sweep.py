@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import pytest
 
 from fixtures_data import make_synthetic_store
 from pipeline import config as C
+from pipeline.tracking import ENDED
 from pipeline.tune.space import plan_space
+from pipeline.wandb_records import RunView
 
 
 def _cfg(**sweep) -> C.Config:
@@ -86,16 +89,80 @@ def test_real_sweep_with_asha_table_plot_wandb_and_resume(ray_cluster, cli, hard
         assert len(list(csv.DictReader(f))) == 4
     assert (folder / "val_error_vs_params_macs.png").stat().st_size > 10_000
     for row in rows:
-        (run,) = (folder / "trials" / row["trial"] / "wandb").glob("offline-run-*")
-        assert b"s1" in next(run.glob("*.wandb")).read_bytes()
+        # What each trial reported to Tune is in its W&B run, the scheduler's stop included.
+        view = _wandb_run(folder / "trials" / row["trial"])
+        reported = list(range(1, row["epochs_run"] + 1))
+        assert set(reported) <= set(view.epochs()), (row, view.epochs())
+        # At most the epoch that was running when the scheduler stopped the trial comes after.
+        assert len(view.epochs()) <= len(reported) + (1 if row["stopped_early"] else 0)
+        assert view.config["tracking"]["group"] == "s1" and view.config["cluster"]["run_name"] == row["trial"]
+        assert view.summary["stopped_early"] is row["stopped_early"]
+        assert view.summary["ended"] == ("stopped_early" if row["stopped_early"] else "finished")
+        assert view.summary["epochs_done"] >= row["epochs_run"]
+        assert view.summary["best_val_top1_error"] <= row["best_val_top1_error"] + 1e-12
+        assert view.exit_code == 0
+        assert any("step/loss" in h for h in view.history)
     (summary,) = (folder / "wandb").glob("offline-run-*s1-summary")
-    assert b"sweep/results" in next(summary.glob("*.wandb")).read_bytes()
+    table = RunView.read(next(summary.glob("*.wandb"))).history[0]
+    assert table["sweep/results/_type"] == "table-file" and table["sweep/results/nrows"] == 4
 
     before = {p: p.stat().st_mtime_ns for p in folder.glob("trials/*/history.json")}
     r = cli(*args[:-4], "--resume", "s1", "--wandb", "offline")
     assert r.exit_code == 0, r.output
     assert "resuming sweep s1" in r.output
     assert {p: p.stat().st_mtime_ns for p in folder.glob("trials/*/history.json")} == before
+
+
+def _wandb_run(run_folder: Path) -> RunView:
+    """The one W&B offline run of a training run, read as W&B's records."""
+    (data,) = run_folder.glob("wandb/offline-run-*/*.wandb")
+    return RunView.read(data)
+
+
+def _wait(what, seconds: float = 300):
+    deadline = time.monotonic() + seconds
+    while not (found := what()):
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.5)
+    return found
+
+
+@pytest.mark.ray
+@pytest.mark.ffcv
+@pytest.mark.timeout(900)
+def test_a_failed_trial_and_a_stopped_sweep_keep_their_wandb_record(ray_cluster, cli, hard_store, tmp_path):
+    # One trial diverges at once (lr 1e30); the other trains until `jobs stop`.
+    r = cli("sweep", "densenet_bc", "--data", hard_store, "--growth-rate", "4", "--depth", "10",
+            "--space", "optim.lr=choice:0.05,1.0e+30", "--scheduler", "fifo", "--recipe", "smoke",
+            "--epochs", "50", "--batch-size", "32", "--storage", tmp_path, "--name", "s2",
+            "--wandb", "offline", "--set", "cluster.max_failures=0", "--detach")
+    assert r.exit_code == 0, r.output
+    job_id = r.stdout.strip().splitlines()[-1]
+    trials = tmp_path / "s2" / "trials"
+
+    def ended(view_code: int):
+        def check():
+            for data in trials.glob("*/wandb/offline-run-*/*.wandb"):
+                if RunView.read(data).exit_code == view_code:
+                    return data
+            return None
+        return check
+
+    failed = RunView.read(_wait(ended(ENDED["failed"])))
+    _wait(lambda: list(trials.glob("*/epoch-0001/checkpoint.pt")))
+    r = cli("jobs", "stop", job_id)
+    assert r.exit_code == 0, r.output
+    stopped = RunView.read(_wait(ended(ENDED["stopped_by_user"]), 120))
+
+    assert failed.config["optim"]["lr"] == 1e30 and failed.summary["ended"] == "failed"
+    assert failed.summary["stopped_early"] is False and failed.epochs() == []
+    assert stopped.config["optim"]["lr"] == 0.05 and stopped.summary["ended"] == "stopped_by_user"
+    # Epoch 1 was reported (its checkpoint exists): it and every later epoch are in W&B, once.
+    assert (trials / stopped.config["cluster"]["run_name"] / "epoch-0001").is_dir()
+    assert stopped.epochs() == list(range(1, max(stopped.epochs()) + 1))
+    assert stopped.summary["epochs_done"] == max(stopped.epochs())
+    r = cli("jobs", "status", job_id)
+    assert "STOPPED" in r.output
 
 
 def test_optuna_search_builds_from_the_plan():

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from pipeline import config as C
-from pipeline.tracking import Tracker, resolve_mode
+from pipeline.tracking import ENDED, STEP_KEY, Tracker, resolve_mode
+from pipeline.wandb_records import NotAWandbFile, RunView, read_records
 
 
 @pytest.fixture
@@ -29,29 +30,55 @@ def test_modes_without_a_key(no_key):
 def test_offline_run_records_config_metrics_and_artifacts(no_key, tmp_path, capsys):
     cfg = C.apply_overrides(C.load_recipe("smoke"), ["tracking.wandb=online", "tracking.tags=[test]"])
     run_dir = tmp_path / "run"
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"dataset": "synthetic"}))
     ckpt = tmp_path / "run" / "epoch-0001"
     ckpt.mkdir(parents=True)
     (ckpt / "checkpoint.pt").write_bytes(b"weights")
     tracker = Tracker.start(cfg, run_id="smoke-1", run_dir=run_dir)
     assert tracker.active and tracker.mode == "offline"
     assert "wandb sync" in capsys.readouterr().out
-    tracker.use_dataset(manifest, name="synthetic-store", metadata={"splits": {"train": 10}})
+    tracker.use_dataset(json.dumps({"dataset": "synthetic"}), name="synthetic-store",
+                        metadata={"splits": {"train": 10}})
     for step in range(1, 4):
         tracker.log({"step/loss": 1.0 / step}, step=step)
+    tracker.log({"epoch/epoch": 1, "epoch/val_top1_error": 0.25}, step=3)
+    # A restarted worker logs an earlier step again: kept, on our own step axis.
+    tracker.log({"step/loss": 0.9}, step=2)
+    tracker.log({"epoch/epoch": 2, "epoch/val_top1_error": 0.5}, step=6)
     tracker.log_checkpoint(ckpt, name="smoke-1-model", aliases=["latest", "best"], metadata={"epoch": 1})
-    tracker.finish(summary={"best_val_top1_error": 0.25})
+    tracker.finish(ended="stopped_early")
     assert not tracker.active
     (offline,) = (run_dir / "wandb").glob("offline-run-*smoke-1")
     (data,) = offline.glob("*.wandb")
-    assert data.stat().st_size > 0
     assert "warning" not in capsys.readouterr().err
-    record = data.read_bytes()
-    for needle in (b"densenet_simple", b"synthetic-store", b"smoke-1-model", b"best_val_top1_error", b"step/loss"):
-        assert needle in record, needle
+    view = RunView.read(data)
+    assert view.run_id == "smoke-1"
+    assert view.config["model"]["name"] == "densenet_simple"
+    assert [row[STEP_KEY] for row in view.history if "step/loss" in row] == [1, 2, 3, 2]
+    assert view.epochs() == [1, 2]
+    assert view.summary["best_val_top1_error"] == 0.25 and view.summary["epochs_done"] == 2
+    assert view.summary["ended"] == "stopped_early" and view.exit_code == 0
+    assert {"synthetic-store", "smoke-1-model"} <= set(view.artifacts)
     # Nothing was staged under the home folder: the run keeps its own artifact dirs.
     assert (run_dir / "wandb" / "data").exists() or (run_dir / "wandb" / "cache").exists()
+
+
+def test_a_torn_or_empty_file_reads_as_what_was_written(no_key, tmp_path):
+    tracker = Tracker.start(C.load_recipe("smoke"), run_id="torn", run_dir=tmp_path)
+    for step in range(1, 200):
+        tracker.log({"step/loss": float(step)}, step=step)
+    tracker.finish(ended="failed")
+    (data,) = (tmp_path / "wandb").glob("offline-run-*/*.wandb")
+    whole = data.read_bytes()
+    full = RunView.read(data)
+    assert full.exit_code == ENDED["failed"] == 1 and len(full.history) == 199
+    torn = tmp_path / "torn.wandb"
+    torn.write_bytes(whole[: len(whole) // 2])
+    assert 0 < len(read_records(torn)) < len(read_records(data))
+    torn.write_bytes(whole[:7])
+    assert read_records(torn) == []
+    torn.write_bytes(b"not a wandb file")
+    with pytest.raises(NotAWandbFile):
+        read_records(torn)
 
 
 def test_other_ranks_and_off_do_nothing(no_key, tmp_path):

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -18,8 +16,10 @@ import pytest
 import torch
 
 from fixtures_data import make_synthetic_store
-from pipeline import storage
+from pipeline import storage, submit
+from pipeline.tracking import ENDED
 from pipeline.train import checkpoint
+from pipeline.wandb_records import RunView
 
 pytestmark = [pytest.mark.ray, pytest.mark.ffcv]
 
@@ -84,9 +84,15 @@ def test_checkpoint_is_self_describing_and_placed_on_two_nodes(trained, store):
 def test_wandb_offline_run_per_training_run(trained):
     folder, output = trained
     (run,) = (folder / "wandb").glob("offline-run-*-learn")
-    record = next(run.glob("*.wandb")).read_bytes()
-    for needle in (b"epoch/val_top1_error", b"synthetic-store", b"learn-model", b"best_val_top1_error"):
-        assert needle in record, needle
+    view = RunView.read(next(run.glob("*.wandb")))
+    history = json.loads((folder / "history.json").read_text())
+    assert view.epochs() == [1, 2, 3]
+    assert [h["epoch/val_top1_error"] for h in view.history if "epoch/epoch" in h] == \
+        [h["val_top1_error"] for h in history]
+    assert {"synthetic-store", "learn-model"} <= set(view.artifacts)
+    assert view.summary["best_val_top1_error"] == min(h["val_top1_error"] for h in history)
+    assert view.summary["ended"] == "finished" and view.exit_code == 0
+    assert view.config["cluster"]["run_name"] == "learn"
     assert "wandb sync" in output
 
 
@@ -130,6 +136,14 @@ def test_resumed_run_in_s3_ends_with_the_same_weights(trained, cli, store, s3_bu
     job_id = r.stdout.strip().splitlines()[-1]
     _wait_for(storage.join(run, "epoch-0001", "checkpoint.pt"), 300)
     assert cli("jobs", "stop", job_id).exit_code == 0
+    # The stopped run's W&B record is whole and says the user stopped it (copied to S3).
+    (offline,) = [n for n in storage.listdir(storage.join(run, "wandb")) if n.startswith("offline-run-")]
+    (name,) = [n for n in storage.listdir(storage.join(run, "wandb", offline)) if n.endswith(".wandb")]
+    local = tmp_path / name
+    local.write_bytes(storage.read_bytes(storage.join(run, "wandb", offline, name)))
+    stopped = RunView.read(local)
+    assert 1 in stopped.epochs() and stopped.summary["ended"] == "stopped_by_user"
+    assert stopped.exit_code == ENDED["stopped_by_user"]
     again = cli("train", *common, "--name", "broken")
     assert again.exit_code == 2 and "already exists" in again.output
     resumed = cli("train", *common, "--resume", "broken")
@@ -157,23 +171,28 @@ def test_resumed_run_in_s3_ends_with_the_same_weights(trained, cli, store, s3_bu
 @pytest.mark.timeout(900)
 def test_sigkilled_worker_restarts_from_the_latest_checkpoint(ray_cluster, cli, store, runs):
     folder = runs / "killed"
-
-    def kill_a_worker() -> None:
-        _wait_for(folder / "epoch-0001" / "checkpoint.pt", 300)
-        time.sleep(3)
-        pids = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout.split()
-        assert pids, "no Ray Train worker to kill"
-        os.kill(int(pids[-1]), signal.SIGKILL)
-
-    killer = threading.Thread(target=kill_a_worker, daemon=True)
-    killer.start()
     r = cli("train", "densenet_simple", "--data", store, "--storage", runs, "--name", "killed",
-            "--epochs", "3", "--wandb", "off", *TRAIN[:-2])
-    killer.join(timeout=5)
+            "--epochs", "3", *TRAIN, "--detach")
+    assert r.exit_code == 0, r.output
+    job_id = r.stdout.strip().splitlines()[-1]
+    _wait_for(folder / "epoch-0001" / "checkpoint.pt", 300)
+    time.sleep(3)
+    # The job's own Ray Train workers, found through the job server, never by process name.
+    server = submit.connect(None, start=False)
+    workers = [a for a in server.actors(job_id) if a["class_name"] == "RayTrainWorker"]
+    assert len(workers) == 2, workers
+    os.kill(int(workers[-1]["pid"]), signal.SIGKILL)
+    r = cli("jobs", "logs", job_id, "--follow")
     assert r.exit_code == 0, r.output
     assert "resumed from epoch" in r.output
     history = json.loads((folder / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
+    # The restarted rank 0 went on with the same W&B run: one run, every epoch, the restart counted.
+    (data,) = folder.glob("wandb/offline-run-*/*.wandb")
+    view = RunView.read(data)
+    assert view.run_id == "killed" and view.epochs() == [1, 2, 3]
+    assert view.summary["worker_restarts"] >= 1 and view.summary["ended"] == "finished"
+    assert view.exit_code == 0
 
 
 @pytest.mark.timeout(300)
@@ -190,13 +209,11 @@ def test_bad_training_input_is_one_line_exit_2(ray_cluster, cli, store, runs, ar
         base += ["--data", str(store)]
     if "--nodes" not in args:
         base += ["--nodes", "2"]
-    t0 = time.monotonic()
     r = cli(*base, *args)
     assert r.exit_code == 2, r.output
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and needle in errors[0], r.output
     assert "Traceback" not in r.output
-    assert time.monotonic() - t0 < 120
 
 
 @pytest.mark.timeout(300)

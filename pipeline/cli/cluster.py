@@ -46,6 +46,29 @@ def up(
     output.result(cluster.dashboard_url)
 
 
+@cluster_app.command("token")
+def token() -> None:
+    """Make the token for a remote cluster's token auth (once), and print where it is.
+
+    The configs in cluster/ copy this file to every node; the CLI sends it to --address.
+    """
+    import os
+    import secrets
+
+    from ..submit import user_token_file
+
+    path = user_token_file()
+    if path.exists():
+        output.info(f"the token already exists; every cluster made from cluster/ uses it")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+        output.info("made a new token (0600); `ray up cluster/aws.yaml` copies it to every node")
+    output.result(str(path))
+
+
 @cluster_app.command("down")
 def down() -> None:
     """Stop the local cluster: exactly the processes `cluster up` started, nothing else."""

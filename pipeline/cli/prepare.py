@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..data.prepare_config import DATASETS, PrepareConfig, validate_prepare
+from ..data.publish import check_out
 from ..errors import UserError
 from . import app, output
 from .options import Address, Detach, StopOnInterrupt
@@ -37,8 +38,7 @@ def build_prepare_config(dataset: str, flags: dict[str, Any], synthetic: dict[st
                 raise UserError(f"source {source} does not exist: pass --source with the path "
                                 f"to the official {dataset} files (see datasets/README.md)")
             cfg.source = str(source)
-        if out.exists() and not cfg.force and (not out.is_dir() or any(out.iterdir())):
-            raise UserError(f"{out} already exists: pass --force to replace it, or choose another --out")
+        check_out(out, cfg.force)
         parent = next((p for p in out.parents if p.exists()), None)
         if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
             raise UserError(f"cannot write to {parent} (permission denied): choose an --out you can write to")

@@ -3,11 +3,11 @@
     manifest = prepare(PrepareConfig(dataset="cifar10", source="cifar-10-python.tar.gz",
                                      out="stores/cifar10"), log=print)
 
-Publishing is a rename: the store is written into `.<name>.prepare-<id>/` beside `out`,
-checked (sample counts, labels, sha256 via `open_store`), and only then renamed to `out`.
-Anything that fails or is interrupted removes the temporary folder; one left behind by a
-killed process has no manifest in place of `out`, so nothing reads it. An existing store is
-replaced only with `force`.
+The store is written into `.<name>.prepare-<pid>-<id>/` beside `out` under a lock
+(`.<name>.lock`), checked (sample counts, labels, sha256 via `open_store`), and only then
+published: renamed to `out`, or swapped with the old store in one step (`publish.py` has the
+rules for what `--force` may replace). Anything that fails removes the temporary folder; one
+left by a killed process is removed by the next prepare to the same `out`.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from ..errors import UserError
+from .publish import check_out, publish, publishing
 from .prepare_config import PrepareConfig, validate_prepare
 from .readers import ArraySplit, FileSplit, Source, read_source
 from .store import FORMAT_VERSION, MANIFEST, Manifest, SplitInfo, WriterInfo, md5_file, open_store, sha256_file, write_manifest
@@ -79,11 +79,7 @@ def _estimate_bytes(src: Source, settings: WriteSettings) -> int:
 
 
 def _check_output(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: choose a folder path for the store")
-    if out.exists() and any(out.iterdir()) and not force:
-        what = "a store" if (out / MANIFEST).exists() else "a non-empty folder"
-        raise UserError(f"{out} is already {what}: pass --force to replace it, or choose another --out")
+    check_out(out, force)
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -149,16 +145,37 @@ def _sources(src: Source, log: Log) -> list[dict]:
     return out
 
 
-def _publish(tmp: Path, out: Path, force: bool) -> None:
-    old = None
-    if out.exists():
-        if not force and any(out.iterdir()):
-            raise UserError(f"{out} appeared while preparing: pass --force to replace it")
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _write_store(tmp: Path, src: Source, settings: WriteSettings, cfg: PrepareConfig,
+                 log: Log) -> dict[str, SplitInfo]:
+    """Both splits and the manifest into `tmp`, checked as a reader will check them."""
+    sources = _sources(src, log)
+    splits, skipped, page = {}, [], 0
+    for name in ("train", "val"):
+        splits[name], bad, page = _write_split(name, src, tmp, settings, cfg, log)
+        skipped += bad
+    card = src.card
+    manifest = Manifest(
+        format_version=FORMAT_VERSION, dataset=src.dataset, num_classes=len(src.classes),
+        classes=list(src.classes), splits=splits,
+        fields={"image": {"type": "RGBImageField"}, "label": {"type": "IntField"}},
+        writer=WriterInfo(write_mode=settings.write_mode, max_resolution=settings.max_resolution,
+                          jpeg_quality=settings.jpeg_quality,
+                          compress_probability=settings.compress_probability,
+                          smart_threshold=settings.smart_threshold,
+                          page_size=page),
+        mean=list(card.mean), std=list(card.std), resolution=card.resolution,
+        eval_resolution=card.eval_resolution, family=card.family, augment=card.augment,
+        fixed_size=_fixed_size(src, settings), sources=sources, skipped=skipped,
+        card_differences=list(src.notes), info=src.info,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    write_manifest(tmp, manifest)
+    open_store(tmp)
+    for note in src.notes:
+        log(f"note: {note}")
+    if skipped:
+        log(f"skipped {len(skipped)} unreadable image(s); they are listed in {MANIFEST}")
+    return splits
 
 
 def prepare(cfg: PrepareConfig, log: Log = print) -> Manifest:
@@ -176,37 +193,10 @@ def prepare(cfg: PrepareConfig, log: Log = print) -> Manifest:
     if need > free:
         raise UserError(f"not enough disk space for {out}: about {need / 2**30:.1f} GiB needed, "
                         f"{free / 2**30:.1f} GiB free; free some space or choose another --out")
-    tmp = out.parent / f".{out.name}.prepare-{uuid.uuid4().hex[:8]}"
     try:
-        tmp.mkdir()
-        sources = _sources(src, log)
-        splits, skipped, page = {}, [], 0
-        for name in ("train", "val"):
-            splits[name], bad, page = _write_split(name, src, tmp, settings, cfg, log)
-            skipped += bad
-        card = src.card
-        manifest = Manifest(
-            format_version=FORMAT_VERSION, dataset=src.dataset, num_classes=len(src.classes),
-            classes=list(src.classes), splits=splits,
-            fields={"image": {"type": "RGBImageField"}, "label": {"type": "IntField"}},
-            writer=WriterInfo(write_mode=settings.write_mode, max_resolution=settings.max_resolution,
-                              jpeg_quality=settings.jpeg_quality,
-                              compress_probability=settings.compress_probability,
-                              smart_threshold=settings.smart_threshold,
-                              page_size=page),
-            mean=list(card.mean), std=list(card.std), resolution=card.resolution,
-            eval_resolution=card.eval_resolution, family=card.family, augment=card.augment,
-            fixed_size=_fixed_size(src, settings), sources=sources, skipped=skipped,
-            card_differences=list(src.notes), info=src.info,
-            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        )
-        write_manifest(tmp, manifest)
-        open_store(tmp)
-        for note in src.notes:
-            log(f"note: {note}")
-        if skipped:
-            log(f"skipped {len(skipped)} unreadable image(s); they are listed in {MANIFEST}")
-        _publish(tmp, out, cfg.force)
+        with publishing(out, log) as tmp:
+            splits = _write_store(tmp, src, settings, cfg, log)
+            publish(tmp, out, cfg.force)
     except WriteFailed as e:
         if e.disk_full:
             raise UserError(f"disk full while writing {out} ({e.message}): free some space or "
@@ -220,9 +210,6 @@ def prepare(cfg: PrepareConfig, log: Log = print) -> Manifest:
             raise UserError(f"permission denied writing {e.filename or out}: choose an --out you "
                             "can write to") from None
         raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log(f"wrote {out}: train {splits['train'].count:,}, val {splits['val'].count:,} images, "
         f"{(splits['train'].bytes + splits['val'].bytes) / 2**20:,.1f} MiB")
     return open_store(out)

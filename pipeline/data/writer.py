@@ -64,7 +64,20 @@ def page_size_for(split: Split, settings: WriteSettings) -> int:
     return min(page, MAX_PAGE)
 
 
+def _die_with_parent() -> None:
+    """A writer process outlives a SIGKILLed prepare otherwise, holding its lock and memory."""
+    try:
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent's finally still stops its workers on a normal exit
+
+
 def _guarded(work_fn: Callable, errors: Any, *args: Any) -> None:
+    _die_with_parent()
     try:
         work_fn(*args)
     except BaseException as e:  # noqa: BLE001  (reported to the parent, which raises)

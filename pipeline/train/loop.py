@@ -31,7 +31,7 @@ from torch import nn
 from .. import storage
 from ..config import Config
 from ..models.densenet import build
-from ..tracking import Tracker
+from ..tracking import RemoteTracker, Tracker
 from . import amp, checkpoint, optim
 
 
@@ -139,6 +139,30 @@ class LocalSession:
             shutil.copytree(folder, self.run_dir / name, dirs_exist_ok=True)
 
 
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def _open_tracker(cfg: Config, loop_config: dict[str, Any], primary: bool, manifest) -> Tracker | RemoteTracker:
+    """Rank 0's W&B handle: the job driver's Recorder when it started one, else a run here."""
+    if not primary:
+        return Tracker()
+    if loop_config.get("tracker"):
+        return RemoteTracker.connect(loop_config["tracker"])
+    tracker = Tracker.start(cfg, run_id=loop_config["run_name"], run_dir=loop_config["run_dir"],
+                            group=cfg.tracking.group)
+    if tracker.active:
+        tracker.use_dataset(*dataset_artifact(manifest))
+    return tracker
+
+
+def dataset_artifact(manifest) -> tuple[str, str, dict[str, Any]]:
+    """(manifest text, artifact name, metadata) of a store, for `Tracker.use_dataset`."""
+    return ((Path(manifest.path) / "manifest.json").read_text(), f"{manifest.dataset}-store",
+            {"dataset": manifest.dataset, "path": manifest.path,
+             "splits": {k: v.count for k, v in manifest.splits.items()}})
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
     """What `TorchTrainer` runs on every worker."""
     train_loop(loop_config, RaySession())
@@ -226,12 +250,8 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
         net = torch.compile(net)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
 
-    tracker = Tracker.start(cfg, run_id=loop_config["run_name"], run_dir=run_dir,
-                            group=cfg.tracking.group, primary=primary)
+    tracker = _open_tracker(cfg, loop_config, primary, manifest)
     if primary and tracker.active:
-        tracker.use_dataset(Path(manifest.path) / "manifest.json", name=f"{manifest.dataset}-store",
-                            metadata={"dataset": manifest.dataset, "path": manifest.path,
-                                      "splits": {k: v.count for k, v in manifest.splits.items()}})
         tracker.summary({"params": sum(p.numel() for p in model.parameters()),
                          "macs": spec.complexity()["macs"], "workers": world,
                          "nodes": len(set(node_ids))})
@@ -250,6 +270,10 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
             with amp.autocast(device, dtype):
                 logits = net(images)
                 loss = criterion(logits.float(), labels)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(f"the loss is {loss_value} at epoch {epoch + 1} step {step}: "
+                                       "training diverged; lower optim.lr or turn on warm-up")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -257,13 +281,13 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
             scheduler.step()
             n = labels.shape[0]
             c1, c5 = _topk_correct(logits.detach(), labels)
-            sums = [sums[0] + loss.item() * n, sums[1] + c1, sums[2] + c5, sums[3] + n]
+            sums = [sums[0] + loss_value * n, sums[1] + c1, sums[2] + c5, sums[3] + n]
             if primary and (step % cfg.train.log_every_steps == 0 or step == steps):
                 elapsed = time.perf_counter() - t0
                 lr = optimizer.param_groups[0]["lr"]
                 img_s = sums[3] * world / elapsed
                 _say(_progress(epoch, epochs, step, steps, sums[0] / sums[3], lr, img_s, elapsed))
-                tracker.log({"step/loss": loss.item(), "step/lr": lr, "step/images_per_s": img_s,
+                tracker.log({"step/loss": loss_value, "step/lr": lr, "step/images_per_s": img_s,
                              "epoch": epoch + step / steps}, step=epoch * steps + step)
         train_time = time.perf_counter() - t0
         loss_sum, c1, c5, n = _sum(sums, device)

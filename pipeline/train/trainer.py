@@ -96,7 +96,7 @@ def latest_history(folder: str | Path) -> list[dict[str, Any]]:
 
 
 def build_trainer(cfg: Config, placement: Placement, folder: str, manifest_sha256: str = "",
-                  callbacks: list | None = None):
+                  callbacks: list | None = None, tracker: str | None = None):
     """The TorchTrainer for one run; `folder` is storage/run_name."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -106,7 +106,8 @@ def build_trainer(cfg: Config, placement: Placement, folder: str, manifest_sha25
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "run_dir": str(folder),
-                           "run_name": cfg.cluster.run_name, "manifest_sha256": manifest_sha256},
+                           "run_name": cfg.cluster.run_name, "manifest_sha256": manifest_sha256,
+                           "tracker": tracker},
         torch_config=TorchConfig(backend="nccl" if placement.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=placement.num_workers, use_gpu=placement.use_gpu,
@@ -138,9 +139,12 @@ def finish_run(cfg: Config, folder: str) -> list[dict[str, Any]]:
     return history
 
 
-def run(cfg: Config, manifest_sha256: str = "") -> str:
+def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
     """Train; returns the run folder (checkpoints, config.json, history.json, curves.png)."""
     import ray.train
+
+    from .. import tracking
+    from .loop import dataset_artifact
 
     folder = check_run_dir(cfg, cfg.train.resume)
     if cfg.train.resume:
@@ -154,10 +158,20 @@ def run(cfg: Config, manifest_sha256: str = "") -> str:
     cfg.save(storage.join(folder, "config.json"))
     print(f"run {cfg.cluster.run_name}: {placement.num_workers} worker(s) on {placement.nodes} node(s), "
           f"global batch {cfg.optim.batch_size}, folder {folder}", flush=True)
+    recorder = tracking.start_recorder(cfg, run_id=cfg.cluster.run_name, run_dir=folder,
+                                       group=cfg.tracking.group, dataset=dataset_artifact(manifest))
+    ended = "failed"
     try:
-        build_trainer(cfg, placement, folder, manifest_sha256).fit()
+        build_trainer(cfg, placement, folder, manifest_sha256, tracker=recorder).fit()
+        ended = "finished"
     except ray.train.TrainingFailedError as e:
         raise JobFailed(f"training failed: {str(e).strip().splitlines()[-1][:300]}") from e
+    except (SystemExit, KeyboardInterrupt):
+        # `jobs stop`: Ray's driver turns SIGTERM into SystemExit.
+        ended = "stopped_by_user"
+        raise
+    finally:
+        tracking.finish_recorder(recorder, ended)
     history = finish_run(cfg, folder)
     if history:
         best = min(history, key=lambda h: h["val_top1_error"])

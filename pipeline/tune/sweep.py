@@ -18,6 +18,7 @@ from .. import storage
 from ..config import Config, apply_overrides, validate
 from ..errors import JobFailed, UserError
 from ..models import spec as model_spec
+from ..tracking import recorder_name
 from ..train.plots import save_png
 from .space import plan_space, sample_overrides
 
@@ -44,7 +45,7 @@ def trial_config(base: Config, overrides: dict[str, Any], trial_name: str, trial
     return validate(cfg)
 
 
-def _trial_fn(base_dict: dict[str, Any], trials_dir: str, manifest_sha256: str):
+def _trial_fn(base_dict: dict[str, Any], trials_dir: str, manifest_sha256: str, tracked: bool):
     def trial(params: dict[str, Any]) -> None:
         import ray.tune
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -57,12 +58,40 @@ def _trial_fn(base_dict: dict[str, Any], trials_dir: str, manifest_sha256: str):
         # A trial that ran before the sweep job died continues from its own checkpoints.
         storage.makedirs(folder)
         cfg.save(storage.join(folder, "config.json"))
+        # The sweep driver's TrialRecorders callback holds this trial's W&B run.
         trainer = build_trainer(cfg, plan_placement(cfg), folder, manifest_sha256,
-                                callbacks=[TuneReportCallback()])
+                                callbacks=[TuneReportCallback()],
+                                tracker=recorder_name(name) if tracked else None)
         trainer.fit()
         finish_run(cfg, folder)
 
     return trial
+
+
+def _trial_recorders(base: Config, trials_dir: str, max_epochs: int, dataset):
+    """A Tune callback, run in the sweep driver, that starts each trial's W&B Recorder and
+    ends it saying how the trial ended: the trial's own processes may be killed at any time."""
+    from ray.tune import Callback
+
+    from .. import tracking
+
+    class TrialRecorders(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            name = str(trial)
+            cfg = trial_config(base, dict(trial.config), name, trials_dir)
+            tracking.start_recorder(cfg, run_id=name, run_dir=storage.join(trials_dir, name),
+                                    group=cfg.tracking.group, dataset=dataset, announce=False)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            epochs = int((trial.last_result or {}).get("epoch", 0))
+            early = epochs < max_epochs
+            tracking.finish_recorder(recorder_name(str(trial)), "stopped_early" if early else "finished",
+                                     {"stopped_early": early})
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            tracking.finish_recorder(recorder_name(str(trial)), "failed", {"stopped_early": False})
+
+    return TrialRecorders()
 
 
 def _max_concurrent(cfg: Config) -> int:
@@ -79,8 +108,11 @@ def _max_concurrent(cfg: Config) -> int:
     return max(1, int(cpus // (per_trial * c.cpus_per_worker)))
 
 
-def run(cfg: Config, manifest_sha256: str = "") -> str:
+def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
     import ray.tune as tune
+
+    from ..tracking import resolve_mode
+    from ..train.loop import dataset_artifact
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     s = cfg.sweep
@@ -95,12 +127,16 @@ def run(cfg: Config, manifest_sha256: str = "") -> str:
                         "pass --resume NAME to continue it, or --name for a new sweep")
     base = base_config(cfg)
     trials_dir = storage.join(folder, "trials")
-    trial = tune.with_resources(_trial_fn(base.to_dict(), trials_dir, manifest_sha256),
+    tracked = resolve_mode(cfg.tracking.wandb) != "disabled"
+    trial = tune.with_resources(_trial_fn(base.to_dict(), trials_dir, manifest_sha256, tracked),
                                 {"cpu": TRIAL_CPU})
+    callbacks = [_trial_recorders(base, trials_dir, cfg.train.epochs, dataset_artifact(manifest))] if tracked else []
     if s.resume:
         print(f"resuming sweep {s.name}: finished trials are kept", flush=True)
         tuner = tune.Tuner.restore(folder, trainable=trial, resume_unfinished=True,
                                    resume_errored=True)
+        # Callbacks are not part of Tune's saved state; they are set again on restore.
+        tuner._local_tuner._run_config.callbacks = callbacks or None
     else:
         scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs,
                                    grace_period=s.grace_period, reduction_factor=s.reduction_factor)
@@ -121,9 +157,19 @@ def run(cfg: Config, manifest_sha256: str = "") -> str:
                                         search_alg=search_alg, num_samples=samples,
                                         max_concurrent_trials=concurrent),
             run_config=tune.RunConfig(name=s.name, storage_path=cfg.cluster.storage,
-                                      failure_config=tune.FailureConfig(max_failures=1)),
+                                      failure_config=tune.FailureConfig(max_failures=cfg.cluster.max_failures),
+                                      callbacks=callbacks or None),
         )
-    grid = tuner.fit()
+    from .. import tracking
+
+    try:
+        grid = tuner.fit()
+    except BaseException as e:
+        # `jobs stop` (SIGTERM, which Ray turns into SystemExit) or a crash of Tune itself.
+        tracking.finish_all_recorders("stopped_by_user" if isinstance(e, (SystemExit, KeyboardInterrupt))
+                                      else "failed")
+        raise
+    tracking.finish_all_recorders("finished")
     rows = collect(grid, base, cfg.train.epochs, trials_dir)
     if not rows:
         raise JobFailed(f"sweep {s.name} produced no results: see the trial errors above")
