@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-
+from . import runs
 from .errors import UserError
 from .models import spec as model_spec
 
@@ -407,10 +407,13 @@ def validate(cfg: Config) -> Config:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    workers = c.nodes * (c.workers_per_node or 1)
-    if o.batch_size % workers:
-        raise ConfigError(
-            f"global batch {o.batch_size} does not divide across {workers} workers "
-            f"({c.nodes} nodes x {c.workers_per_node or 1}): pick a multiple of {workers}"
-        )
+    try:
+        # The final split is checked again in the job, once it knows the GPUs per node.
+        runs.per_worker_batch(o.batch_size, c.nodes * (c.workers_per_node or 1))
+        if c.run_name is not None:
+            runs.check_name("run", c.run_name)
+        if cfg.sweep.name is not None:
+            runs.check_name("sweep", cfg.sweep.name)
+    except UserError as e:
+        raise ConfigError(str(e)) from None
     return cfg

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 import signal
 import socket
 import subprocess
@@ -247,13 +248,34 @@ def _token(directory: Path) -> Path:
     return path
 
 
+def private_dir(path: Path) -> Path:
+    """Make `path` a folder only we can enter, or refuse one that another user could have
+    planted: its name under /tmp is predictable."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{path} is a link or a file, not our folder: someone else may have made it; "
+                        "remove it, or set TMPDIR to a folder of your own")
+    if st.st_uid != os.getuid():
+        raise UserError(f"{path} belongs to another user (uid {st.st_uid}): remove it, or set "
+                        "TMPDIR to a folder of your own")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
 def _temp_dir(directory: Path) -> Path:
     preferred = directory / "ray"
     if len(str(preferred)) <= _MAX_TEMP_DIR_LEN:
         return preferred
     digest = hashlib.sha1(str(directory).encode()).hexdigest()[:10]
-    short = Path(tempfile.gettempdir()) / f"dp-{os.getuid()}" / digest
-    short.mkdir(parents=True, exist_ok=True)
+    base = Path(tempfile.gettempdir()) / f"dp-{os.getuid()}"
+    private_dir(base)
+    short = base / digest
+    private_dir(short)
     if not preferred.is_symlink():
         if preferred.exists():
             raise UserError(f"{preferred} is in the way: delete it (Ray's logs go to {short})")

@@ -142,6 +142,20 @@ def makedirs(location: str | os.PathLike) -> None:
 
 
 @_remote
+def size(location: str | os.PathLike) -> int:
+    """A file's size in bytes (OSError when it is not there)."""
+    if not is_uri(location):
+        return Path(location).stat().st_size
+    import pyarrow.fs
+
+    fs, path = _fs(str(location))
+    info = fs.get_file_info(path)
+    if info.type != pyarrow.fs.FileType.File:
+        raise FileNotFoundError(str(location))
+    return info.size
+
+
+@_remote
 def read_bytes(location: str | os.PathLike) -> bytes:
     if not is_uri(location):
         return Path(location).read_bytes()

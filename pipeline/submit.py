@@ -52,6 +52,14 @@ _SKIP_DIRS = {".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".mypy_ca
 _SKIP_TOP = {".build", ".cluster", CONFIG_DIR, "runs", "stores", "wandb", "checkpoints",
              "outputs"}
 _SKIP_SUFFIXES = (".beton", ".pyc", ".ckpt", ".pt", ".pth", ".egg-info")
+# Secrets never go into a package, whatever git says of them: anyone who reaches the job
+# server can download it. cluster/Dockerfile.dockerignore lists the same patterns.
+SECRET_PATTERNS = (".env", ".env.*", "*.pem", "*.key", "*key*.json", "auth_token", "ray-token",
+                   ".netrc", "id_rsa*", "id_ed25519*", "credentials", "*.p12")
+_SECRET_DIRS = {".ssh", ".aws", ".gnupg", ".config"}
+# Untracked files ship only from the project's own code folders (new modules not yet
+# committed); anything else untracked stays on this machine.
+_CODE_DIRS = ("pipeline", "jobs", "datasets")
 _CONNECT_TIMEOUT = 5.0
 
 
@@ -335,16 +343,20 @@ class Package:
     config_path: str
 
 
-def _candidate_files(root: Path) -> Iterable[str]:
+def _git_ls(root: Path, *args: str) -> list[str] | None:
     try:
-        out = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others",
-                              "--exclude-standard"], capture_output=True, timeout=30)
+        out = subprocess.run(["git", "-C", str(root), "ls-files", "-z", *args],
+                             capture_output=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        out = None
-    listed = sorted(p for p in out.stdout.decode().split("\0") if p) if (
-        out is not None and out.returncode == 0) else []
-    if listed:
-        return listed
+        return None
+    return [p for p in out.stdout.decode().split("\0") if p] if out.returncode == 0 else None
+
+
+def _candidate_files(root: Path) -> Iterable[str]:
+    tracked = _git_ls(root, "--cached")
+    if tracked:
+        untracked = _git_ls(root, "--others", "--exclude-standard") or []
+        return sorted(set(tracked) | {p for p in untracked if p.split("/", 1)[0] in _CODE_DIRS})
     found = []
     for folder, dirs, files in os.walk(root):
         rel = Path(folder).relative_to(root)
@@ -353,17 +365,25 @@ def _candidate_files(root: Path) -> Iterable[str]:
     return sorted(found)
 
 
+def is_secret(rel: Path) -> bool:
+    import fnmatch
+
+    return any(p in _SECRET_DIRS for p in rel.parts[:-1]) or any(
+        fnmatch.fnmatch(rel.name.lower(), pattern) for pattern in SECRET_PATTERNS)
+
+
 def _skipped(rel: Path) -> bool:
     parts = rel.parts
     return (bool(parts) and parts[0] in _SKIP_TOP) or any(
-        p in _SKIP_DIRS or p.endswith(_SKIP_SUFFIXES) for p in parts)
+        p in _SKIP_DIRS or p.endswith(_SKIP_SUFFIXES) for p in parts) or is_secret(rel)
 
 
 def package_working_dir(root: Path, job: str, cfg: dict[str, Any]) -> Package:
     """Zip the project's code (plus the config) as the job's working dir.
 
-    Files are what git would commit (tracked and untracked-but-not-ignored; a plain walk
-    outside git) minus `_SKIP_*`; symlinks are left out. The zip is byte-for-byte stable for
+    Files are what git tracks plus untracked code under `_CODE_DIRS` (a plain walk outside
+    git), minus `_SKIP_*` and anything that looks like a secret (`SECRET_PATTERNS`), even
+    when tracked; symlinks are left out. The zip is byte-for-byte stable for
     the same files, so an unchanged project is uploaded once.
     """
     entries: list[tuple[str, Path, os.stat_result]] = []

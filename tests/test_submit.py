@@ -70,6 +70,40 @@ def test_package_holds_code_and_config_but_no_data(tmp_path):
     assert one.config_path == f".densenet-pipe/train-{submit.config_digest(cfg)}.json"
 
 
+SECRETS = [".env", ".env.prod", "gcp-key.json", "pipeline/service_key.json", "auth_token", ".netrc",
+           "server.pem", ".ssh/id_rsa", "cluster/ray-token", ".aws/credentials"]
+
+
+def _names(package: submit.Package) -> list[str]:
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(package.data)) as zf:
+        return sorted(zf.namelist())
+
+
+def test_package_never_holds_secrets_and_only_git_tracked_or_new_code(tmp_path):
+    files = ["pipeline/b.py", "jobs/a.py", "README.md", *SECRETS]
+    for rel in files + ["pipeline/new.py", "scratch.txt"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    plain = _names(submit.package_working_dir(tmp_path, "train", {}))
+    assert not set(SECRETS) & set(plain) and "scratch.txt" in plain
+    git = ["git", "-C", str(tmp_path), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    # Committed by mistake, a secret is still left out.
+    subprocess.run([*git, "add", "-f", *files], check=True)
+    names = _names(submit.package_working_dir(tmp_path, "train", {}))
+    assert [n for n in names if not n.startswith(".densenet-pipe/")] == \
+        ["README.md", "jobs/a.py", "pipeline/b.py", "pipeline/new.py"]
+
+
+def test_the_docker_build_ignores_the_same_secrets():
+    ignore = (ROOT / "cluster" / "Dockerfile.dockerignore").read_text().split()
+    for pattern in submit.SECRET_PATTERNS:
+        assert f"**/{pattern}" in ignore, pattern
+
+
 def test_address_forms():
     assert submit.normalize_address("head:8265") == "http://head:8265"
     assert submit.normalize_address("https://ray.example.com/") == "https://ray.example.com"

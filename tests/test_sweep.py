@@ -133,7 +133,7 @@ def _wait(what, seconds: float = 300):
 def test_a_failed_trial_and_a_stopped_sweep_keep_their_wandb_record(ray_cluster, cli, hard_store, tmp_path):
     # One trial diverges at once (lr 1e30); the other trains until `jobs stop`.
     r = cli("sweep", "densenet_bc", "--data", hard_store, "--growth-rate", "4", "--depth", "10",
-            "--space", "optim.lr=choice:0.05,1.0e+30", "--scheduler", "fifo", "--recipe", "smoke",
+            "--space", "optim.lr=grid:0.05,1.0e+30", "--scheduler", "fifo", "--recipe", "smoke",
             "--epochs", "50", "--batch-size", "32", "--storage", tmp_path, "--name", "s2",
             "--wandb", "offline", "--set", "cluster.max_failures=0", "--detach")
     assert r.exit_code == 0, r.output

@@ -118,3 +118,32 @@ def test_corrupt_or_foreign_checkpoints_are_user_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no checkpoint in"):
         checkpoint.load(tmp_path / "empty")
+
+
+def test_a_checkpoint_cut_short_is_skipped_for_the_newest_whole_one(tmp_path, cli):
+    model = build(resolve("densenet_simple"))
+    for epoch in (1, 2, 3):
+        checkpoint.save(tmp_path / f"epoch-{epoch:04d}", {**_state(model), "epoch": epoch})
+    # A job stopped while Ray copied epoch 3 (no marker yet) and a .pt cut in half in epoch 2.
+    (tmp_path / "epoch-0003" / checkpoint.DONE).unlink()
+    pt = tmp_path / "epoch-0002" / checkpoint.FILE
+    pt.write_bytes(pt.read_bytes()[: pt.stat().st_size // 2])
+    said: list[str] = []
+    found = checkpoint.newest(tmp_path, say=said.append)
+    assert Path(found).parent.name == "epoch-0001"
+    assert [s.split()[1] for s in said] == [str(tmp_path / "epoch-0003") + ":", str(tmp_path / "epoch-0002") + ":"]
+    assert checkpoint.load(tmp_path)["epoch"] == 1
+    # Same size, other bytes: only the hash tells.
+    good = tmp_path / "epoch-0001" / checkpoint.FILE
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "flipped").mkdir()
+    (tmp_path / "flipped" / checkpoint.FILE).write_bytes(bytes(data))
+    (tmp_path / "flipped" / checkpoint.DONE).write_bytes((tmp_path / "epoch-0001" / checkpoint.DONE).read_bytes())
+    with pytest.raises(UserError, match="does not match its checkpoint.done"):
+        checkpoint.load(tmp_path / "flipped")
+    assert checkpoint.epoch_folder(tmp_path, 1) == str(tmp_path / "epoch-0001")
+    with pytest.raises(UserError, match="no complete checkpoint of epoch 2 .* it has epoch-0001"):
+        checkpoint.epoch_folder(tmp_path, 2)
+    r = cli("evaluate", tmp_path, "--epoch", "3", "--data", tmp_path)
+    assert r.exit_code == 2 and "no complete checkpoint of epoch 3" in r.stderr

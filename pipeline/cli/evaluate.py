@@ -21,6 +21,7 @@ def evaluate(
     tta: Annotated[str, typer.Option(help="none, flip or 10crop (the paper's ImageNet protocol).")] = "none",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,
     out: Annotated[Optional[str], typer.Option(help="Result JSON (default: beside the checkpoint).")] = None,
+    epoch: Annotated[Optional[int], typer.Option(help="With a run folder: that epoch's checkpoint, not the newest.")] = None,
     address: Address = None,
     detach: Detach = False,
     stop_on_interrupt: StopOnInterrupt = False,
@@ -30,6 +31,10 @@ def evaluate(
         raise UserError(f"unknown --tta {tta!r}: use one of {', '.join(TTA)}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if epoch is not None:
+        from ..train.checkpoint import epoch_folder
+
+        checkpoint = epoch_folder(checkpoint, epoch)
     cfg = {"checkpoint": checkpoint, "store": data, "tta": tta, "batch_size": batch_size}
     if out:
         cfg["out"] = out

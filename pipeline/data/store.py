@@ -22,6 +22,7 @@ from typing import Any
 
 from ..config import ConfigError, parse_dataclass
 from ..errors import UserError
+from ..runs import NAME
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -186,6 +187,9 @@ def open_store(path: str | os.PathLike, *, verify: bool = True) -> Manifest:
     m.path = str(root.resolve())
     cache = _read_cache() if verify else {}
     for name, s in m.splits.items():
+        if not NAME.fullmatch(s.file) or s.file in (".", ".."):
+            raise UserError(f"{where} names {s.file!r} for its {name} split, which is not a file "
+                            "inside the store: prepare the store again")
         beton = root / s.file
         if not beton.is_file():
             raise UserError(f"store {root} lacks {s.file}: prepare the store again")

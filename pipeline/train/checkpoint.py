@@ -1,12 +1,17 @@
 """Self-describing checkpoints: everything needed to resume or evaluate, written atomically.
 
 Torch is imported only to save or load, so the CLI can `find` checkpoints cheaply.
-A checkpoint folder holds `checkpoint.pt` (loaded with `weights_only=True`) and
-`config.json` (the resolved config, readable without torch).
+A checkpoint folder holds `checkpoint.pt` (loaded with `weights_only=True`),
+`config.json` (the resolved config, readable without torch) and, written last,
+`checkpoint.done` (the .pt's size and sha256). Ray copies a checkpoint folder into the run
+folder file by file; a copy cut short has no marker or a short .pt. Such a folder is not a
+checkpoint: `newest` skips it, saying so, and `load` refuses a .pt that does not match.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import pickle
@@ -18,6 +23,7 @@ from .. import storage
 from ..errors import UserError
 
 FILE = "checkpoint.pt"
+DONE = "checkpoint.done"
 FORMAT = 1
 
 
@@ -35,6 +41,10 @@ def save(folder: Path, state: dict[str, Any]) -> Path:
         cfg_tmp = folder / ".config.json.tmp"
         cfg_tmp.write_text(json.dumps(state["config"], indent=2, sort_keys=True) + "\n")
         os.replace(cfg_tmp, folder / "config.json")
+    digest = _sha256(folder / FILE)
+    done_tmp = folder / f".{DONE}.tmp"
+    done_tmp.write_text(json.dumps({"bytes": (folder / FILE).stat().st_size, "sha256": digest}) + "\n")
+    os.replace(done_tmp, folder / DONE)
     return folder / FILE
 
 
@@ -56,13 +66,56 @@ def find(path: str | os.PathLike) -> str:
     raise UserError(f"checkpoint {path} does not exist: pass a checkpoint folder or file")
 
 
-def newest(run_dir: str | os.PathLike) -> str | None:
-    """The newest `epoch-*/checkpoint.pt` under a run folder, or None."""
+def _marker(folder: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(storage.read_text(storage.join(folder, DONE)))
+        return data if isinstance(data, dict) and {"bytes", "sha256"} <= set(data) else None
+    except (OSError, ValueError, UserError):
+        return None
+
+
+def complete(folder: str | os.PathLike) -> bool:
+    """Whether a checkpoint folder was written whole: its marker, and a .pt of that size."""
+    marker = _marker(str(folder))
+    if marker is None:
+        return False
+    try:
+        return storage.size(storage.join(str(folder), FILE)) == marker["bytes"]
+    except (OSError, UserError):
+        return False
+
+
+def newest(run_dir: str | os.PathLike, say=print) -> str | None:
+    """The newest complete `epoch-*/checkpoint.pt` under a run folder, or None; every newer
+    folder that is not a whole checkpoint is named through `say`."""
     for folder in reversed([n for n in storage.listdir(run_dir) if n.startswith("epoch-")]):
-        file = storage.join(run_dir, folder, FILE)
-        if storage.is_file(file):
-            return file
+        where = storage.join(run_dir, folder)
+        if complete(where):
+            return storage.join(where, FILE)
+        say(f"skipping {where}: not a complete checkpoint (a copy cut short?)")
     return None
+
+
+def epoch_folder(run_dir: str | os.PathLike, epoch: int) -> str:
+    """The checkpoint folder of `epoch` in a run folder, or a UserError listing those there."""
+    where = storage.join(str(run_dir), f"epoch-{epoch:04d}")
+    if not complete(where):
+        have = [n for n in storage.listdir(run_dir) if n.startswith("epoch-")
+                and complete(storage.join(str(run_dir), n))]
+        raise UserError(f"no complete checkpoint of epoch {epoch} in {run_dir}; it has "
+                        f"{', '.join(have) or 'none'}: pick one of those")
+    return where
+
+
+def _sha256(source: io.BytesIO | Path) -> str:
+    h = hashlib.sha256()
+    if isinstance(source, Path):
+        with open(source, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    else:
+        h.update(source.getbuffer())
+    return h.hexdigest()
 
 
 def load(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
@@ -70,8 +123,13 @@ def load(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     import torch
 
     file = find(path)
+    source = storage.open_bytes(file)
+    marker = _marker(storage.parent(file))
+    if marker is not None and _sha256(source) != marker["sha256"]:
+        raise UserError(f"checkpoint {file} is corrupt (it does not match its {DONE}): "
+                        "pick another checkpoint (--epoch N) or retrain")
     try:
-        state = torch.load(storage.open_bytes(file), map_location=map_location, weights_only=True)
+        state = torch.load(source, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {file} is corrupt or not a densenet-pipe checkpoint ({reason[:120]}): "

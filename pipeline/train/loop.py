@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import storage
+from .. import runs, storage
 from ..config import Config
 from ..models.densenet import build
 from ..tracking import RemoteTracker, Tracker
@@ -187,7 +187,7 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
         raise RuntimeError(f"{world} workers landed on {len(set(node_ids))} nodes, not the "
                            f"{cfg.cluster.nodes} asked for")
 
-    per_worker = cfg.optim.batch_size // world
+    per_worker = runs.per_worker_batch(cfg.optim.batch_size, world)
     threads_before = torch.get_num_threads()
     train_loader, manifest = make_loader(
         cfg.data.store, "train", per_worker, cfg.data, distributed=world > 1,
@@ -226,7 +226,8 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
     with session.restored() as folder:
         if folder is not None:
             state = checkpoint.load(folder, map_location=device)
-    newest = checkpoint.newest(run_dir) if state is None and cfg.train.resume else None
+    newest = (checkpoint.newest(run_dir, say=_say if primary else (lambda _: None))
+              if state is None and cfg.train.resume else None)
     if newest is not None:
         # A job stopped right after a checkpoint was written can leave Ray's own record
         # of it behind; the run folder's newest checkpoint is the truth.

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import storage
+from .. import runs, storage
 from ..config import Config
 from ..errors import JobFailed, UserError
 
@@ -52,10 +52,8 @@ def plan_placement(cfg: Config) -> Placement:
     deadline = time.monotonic() + c.wait_for_nodes
     while True:
         nodes = _alive_nodes()
-        wpn = c.workers_per_node
-        if wpn is None:
-            gpus = [int(n.get("GPU", 0)) for n in nodes if n.get("GPU", 0) >= 1]
-            wpn = min(gpus) if c.use_gpu and gpus else 1
+        wpn = runs.workers_per_node(c.workers_per_node, c.use_gpu, [int(n.get("GPU", 0)) for n in nodes])
+        runs.per_worker_batch(cfg.optim.batch_size, c.nodes * wpn)
         fits = [n for n in nodes
                 if n.get("CPU", 0) >= wpn * c.cpus_per_worker and (not c.use_gpu or n.get("GPU", 0) >= wpn)]
         if len(fits) >= c.nodes:

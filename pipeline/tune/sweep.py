@@ -122,6 +122,12 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
     folder = storage.join(cfg.cluster.storage, s.name)
     if s.resume and not tune.Tuner.can_restore(folder):
         raise UserError(f"no sweep {s.name!r} under {cfg.cluster.storage} to resume: check --resume NAME")
+    if s.resume and not storage.is_uri(folder):
+        from pathlib import Path
+
+        from ..runs import check_private_folder
+
+        check_private_folder(Path(folder), "sweep folder")
     if not s.resume and storage.exists(folder):
         raise UserError(f"sweep {s.name!r} already exists in {cfg.cluster.storage}: "
                         "pass --resume NAME to continue it, or --name for a new sweep")

@@ -1,0 +1,72 @@
+"""The run rules in one place (pipeline/runs.py), and where the CLI and the job apply them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from pipeline import config as C, local_cluster, runs
+from pipeline.errors import UserError
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "/etc", "../up", "", "x y", "naïve"])
+def test_names_that_would_escape_or_break_a_folder_are_refused(name, cli, tmp_path):
+    with pytest.raises(UserError, match="is not allowed"):
+        runs.check_name("run", name)
+    if name:
+        with pytest.raises(C.ConfigError, match="run name"):
+            C.validate(C.apply_overrides(C.load_recipe("smoke"), {"cluster.run_name": name}))
+
+
+def test_bad_run_and_sweep_names_are_one_line_exit_2(cli, tmp_path):
+    r = cli("train", "densenet_simple", "--data", tmp_path, "--name", "../../etc")
+    assert r.exit_code == 2 and "run name '../../etc' is not allowed" in r.stderr
+    r = cli("sweep", "densenet_bc", "--growth-rate", "4", "--data", tmp_path, "--name", "a/b")
+    assert r.exit_code == 2 and "sweep name 'a/b' is not allowed" in r.stderr
+
+
+def test_workers_per_node_and_the_batch_split_are_decided_once():
+    assert runs.workers_per_node(None, use_gpu=True, gpus=[0, 3, 4]) == 3
+    assert runs.workers_per_node(None, use_gpu=False, gpus=[8]) == 1
+    assert runs.workers_per_node(2, use_gpu=True, gpus=[8]) == 2
+    assert runs.per_worker_batch(64, 4) == 16
+    # 64 over one node with 3 GPUs was silently 63 a step.
+    with pytest.raises(UserError, match="global batch 64 does not divide across 3 workers"):
+        runs.per_worker_batch(64, runs.workers_per_node(None, use_gpu=True, gpus=[3]))
+
+
+@pytest.mark.ffcv
+@pytest.mark.timeout(120)
+def test_a_manifest_naming_a_file_outside_its_store_is_refused(tmp_path):
+    from fixtures_data import make_synthetic_store
+    from pipeline.data.store import open_store
+
+    store = make_synthetic_store(tmp_path / "s", 20, 10)
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["splits"]["train"]["file"] = "../../etc/passwd"
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="not a file inside the store"):
+        open_store(store, verify=False)
+
+
+def test_a_folder_to_unpickle_from_must_be_ours_and_not_writable_by_others(tmp_path):
+    folder = tmp_path / "sweep"
+    folder.mkdir(mode=0o755)
+    runs.check_private_folder(folder, "sweep folder")
+    os.chmod(folder, 0o777)
+    with pytest.raises(UserError, match="writable by others .*chmod go-w"):
+        runs.check_private_folder(folder, "sweep folder")
+
+
+def test_the_local_clusters_short_folder_is_private_and_never_a_planted_link(tmp_path):
+    mine = tmp_path / "mine"
+    assert local_cluster.private_dir(mine) == mine and (mine.stat().st_mode & 0o777) == 0o700
+    os.chmod(mine, 0o755)
+    local_cluster.private_dir(mine)
+    assert (mine.stat().st_mode & 0o777) == 0o700
+    planted = tmp_path / "planted"
+    planted.symlink_to(mine)
+    with pytest.raises(UserError, match="is a link or a file"):
+        local_cluster.private_dir(planted)
