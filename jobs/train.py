@@ -19,14 +19,39 @@ def prepare_config(data: dict[str, Any]):
     from pipeline.storage import check
 
     cfg = validate(Config.from_dict(data))
+    storage = check(cfg.cluster.storage or str(Path.home() / "densenet-pipe" / "runs"))
+    if cfg.train.resume:
+        cfg = _resumed(cfg, common.resolve_path(storage))
+    if not cfg.data.store:
+        raise UserError("no training data: pass --data STORE (a folder made by `densenet-pipe prepare`)")
     manifest = open_store(common.resolve_path(cfg.data.store))
     if cfg.model.num_classes not in (None, manifest.num_classes):
         raise UserError(f"model.num_classes is {cfg.model.num_classes} but store {manifest.path} has "
                         f"{manifest.num_classes} classes: drop model.num_classes or use the matching store")
-    storage = check(cfg.cluster.storage or str(Path.home() / "densenet-pipe" / "runs"))
     cfg = apply_overrides(cfg, {"data.store": manifest.path, "model.num_classes": manifest.num_classes,
                                 "cluster.storage": common.resolve_path(storage)})
     return cfg, manifest
+
+
+def _resumed(cfg, storage: str):
+    """The run's saved config with the changes a resume may make (`runs.resume_config`)."""
+    import json
+
+    from pipeline import storage as store_io
+    from pipeline.config import Config, validate
+    from pipeline.errors import UserError
+    from pipeline.runs import resume_config
+
+    name = cfg.cluster.run_name
+    saved_at = store_io.join(storage, name, "config.json")
+    try:
+        saved = json.loads(store_io.read_text(saved_at))
+    except FileNotFoundError:
+        raise UserError(f"no run {name!r} under {storage} to resume: check --resume NAME and --storage") from None
+    except ValueError as e:
+        raise UserError(f"{saved_at} is not valid JSON ({e}): the run's config is damaged") from None
+    merged = resume_config(saved, cfg.to_dict(), cfg.train.resume_changes, name)
+    return validate(Config.from_dict(merged))
 
 
 def run(data: dict[str, Any]) -> None:

@@ -90,8 +90,10 @@ class TrainSection:
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     compile: bool = False
     seed: int = 0
-    # Continue the run named cluster.run_name from its latest checkpoint.
+    # Continue the run named cluster.run_name from its latest checkpoint, with its own saved
+    # config; resume_changes lists the keys the user gave (see runs.resume_config).
     resume: bool = False
+    resume_changes: list[str] = field(default_factory=list)
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
     log_every_steps: int = 50
@@ -409,7 +411,7 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(message)
     try:
         # The final split is checked again in the job, once it knows the GPUs per node.
-        runs.per_worker_batch(o.batch_size, c.nodes * (c.workers_per_node or 1))
+        runs.per_worker_batch(o.batch_size, c.nodes, c.workers_per_node or 1)
         if c.run_name is not None:
             runs.check_name("run", c.run_name)
         if cfg.sweep.name is not None:

@@ -3,12 +3,13 @@ and the sweep all apply: torch- and Ray-free, one place each.
 
     check_name("run", "densenet121-20261202")       # names that become folders
     workers_per_node(None, use_gpu=True, gpus=[8, 8])  # -> 8
-    per_worker_batch(64, 4)                          # -> 16; 64 over 3 is an error, not 63
+    per_worker_batch(64, nodes=2, per_node=2)        # -> 16; 64 over 3 is an error, not 63
     check_private_folder(Path("runs/sweep-1"))       # before unpickling Tune's state from it
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -35,12 +36,14 @@ def workers_per_node(requested: int | None, use_gpu: bool, gpus: list[int]) -> i
     return min(have) if use_gpu and have else 1
 
 
-def per_worker_batch(global_batch: int, workers: int) -> int:
+def per_worker_batch(global_batch: int, nodes: int, per_node: int = 1) -> int:
     """The per-worker share of the global batch, which must divide evenly: a silent floor
     would train on fewer images a step than the recipe says."""
+    workers = nodes * per_node
     if workers < 1 or global_batch % workers:
-        raise UserError(f"global batch {global_batch} does not divide across {workers} workers: "
-                        f"pick a multiple of {workers} (--batch-size) or set --workers-per-node")
+        raise UserError(f"global batch {global_batch} does not divide across {workers} workers "
+                        f"({nodes} nodes x {per_node}): pick a multiple of {workers} (--batch-size) "
+                        "or set --workers-per-node")
     return global_batch // workers
 
 
@@ -53,3 +56,45 @@ def check_private_folder(path: Path, what: str) -> None:
     if stat.S_IMODE(st.st_mode) & 0o022:
         raise UserError(f"{what} {path} is writable by others (mode {stat.S_IMODE(st.st_mode):o}): "
                         f"its state is unpickled on resume; run `chmod go-w {path}` first")
+
+
+# What a resumed run may change; everything else comes from the run's own config.json.
+RESUME_MAY_CHANGE = ("train.epochs", "cluster.wait_for_nodes", "tracking.wandb")
+# What names the run and how to reach it, not how it trains.
+_RESUME_IDENTITY = ("cluster.storage", "cluster.run_name", "cluster.address", "train.resume",
+                    "train.resume_changes", "data.store")
+
+
+def _get(d: dict, key: str):
+    for part in key.split("."):
+        d = d.get(part, {}) if isinstance(d, dict) else {}
+    return d if d != {} else None
+
+
+def _set(d: dict, key: str, value) -> None:
+    *path, last = key.split(".")
+    for part in path:
+        d = d.setdefault(part, {})
+    d[last] = value
+
+
+def resume_config(saved: dict, asked: dict, changed: list[str], run: str) -> dict:
+    """The config a resumed run trains with: the run's saved config, plus the few changes
+    allowed (`RESUME_MAY_CHANGE`) among the keys the user gave (`changed`). Any other key
+    the user gave with a new value is refused, naming both values."""
+    out = json.loads(json.dumps(saved))
+    for key in _RESUME_IDENTITY:
+        if _get(asked, key) not in (None, ""):
+            _set(out, key, _get(asked, key))
+    for key in changed:
+        if key in _RESUME_IDENTITY:
+            continue
+        new, old = _get(asked, key), _get(saved, key)
+        if new == old:
+            continue
+        if key not in RESUME_MAY_CHANGE:
+            raise UserError(f"--resume {run} trains with the run's own config: {key} was {old!r}, "
+                            f"now {new!r}; a resumed run may change only {', '.join(RESUME_MAY_CHANGE)} "
+                            "(start a new run with --name for anything else)")
+        _set(out, key, new)
+    return out

@@ -549,8 +549,18 @@ def follow_command(job_id: str, address: str | None) -> str:
     return f"densenet-pipe jobs logs {job_id} --follow{extra}"
 
 
+_CONTROL = {c: None for c in range(32) if c not in (9,)} | {127: None}
+
+
+def clean_line(line: str) -> str:
+    """A job's output line as safe to print: control characters (escape sequences that could
+    rewrite the terminal, from tar member names or anything a job prints) are dropped; tab
+    stays."""
+    return line.translate(_CONTROL)
+
+
 class _Lines:
-    """Turns streamed text into whole lines for `on_line`."""
+    """Turns streamed text into whole lines for `on_line`, without control characters."""
 
     def __init__(self, on_line: Callable[[str], None]):
         self.on_line = on_line
@@ -561,11 +571,11 @@ class _Lines:
         self.seen += len(text)
         *lines, self.pending = (self.pending + text).split("\n")
         for line in lines:
-            self.on_line(line)
+            self.on_line(clean_line(line))
 
     def flush(self) -> None:
         if self.pending:
-            self.on_line(self.pending)
+            self.on_line(clean_line(self.pending))
             self.pending = ""
 
 

@@ -210,3 +210,32 @@ def test_cli_prepare_checks_before_submitting(tmp_path):
     assert r.exit_code == 2 and "write_mode" in r.output
     r = runner.invoke(app, ["prepare", "synthetic", "--out", "rel/s", "--size", "50", "--dry-run"])
     assert r.exit_code == 0 and '"train_size": 50' in r.output and '"out": "/' in r.output
+
+
+def test_decompression_bombs_and_unexpected_formats_are_refused():
+    bomb = io.BytesIO()
+    Image.new("1", (12_000, 12_000)).save(bomb, format="PNG")
+    assert len(bomb.getvalue()) < 100_000  # a small file claiming 144 Mpx
+    with pytest.raises(ValueError, match="decompression bomb"):
+        decode_image(bomb.getvalue())
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with pytest.raises(ValueError, match="not an image in JPEG"):
+        decode_image(eps)
+
+
+@pytest.mark.ffcv
+@pytest.mark.timeout(120)
+def test_a_non_utf8_file_name_is_a_listed_bad_file(tmp_path):
+    from pipeline.data.prepare import prepare
+
+    root = tmp_path / "src"
+    make_imagefolder(root)
+    bad = bytes(root / "train" / "cat") + b"/caf\xe9-\xff.jpg"
+    with open(bad, "wb") as f:
+        f.write(b"not a jpeg")
+    cfg = PrepareConfig(dataset="imagefolder", source=str(root), out=str(tmp_path / "out"),
+                        max_resolution=32, skip_bad=True)
+    lines: list[str] = []
+    m = prepare(cfg, log=lines.append)
+    assert len(m.skipped) == 1 and "caf" in m.skipped[0]["path"]
+    assert any("unreadable image" in line and "caf" in line for line in lines)

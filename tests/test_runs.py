@@ -31,10 +31,10 @@ def test_workers_per_node_and_the_batch_split_are_decided_once():
     assert runs.workers_per_node(None, use_gpu=True, gpus=[0, 3, 4]) == 3
     assert runs.workers_per_node(None, use_gpu=False, gpus=[8]) == 1
     assert runs.workers_per_node(2, use_gpu=True, gpus=[8]) == 2
-    assert runs.per_worker_batch(64, 4) == 16
+    assert runs.per_worker_batch(64, 2, 2) == 16
     # 64 over one node with 3 GPUs was silently 63 a step.
     with pytest.raises(UserError, match="global batch 64 does not divide across 3 workers"):
-        runs.per_worker_batch(64, runs.workers_per_node(None, use_gpu=True, gpus=[3]))
+        runs.per_worker_batch(64, 1, runs.workers_per_node(None, use_gpu=True, gpus=[3]))
 
 
 @pytest.mark.ffcv
@@ -70,3 +70,26 @@ def test_the_local_clusters_short_folder_is_private_and_never_a_planted_link(tmp
     planted.symlink_to(mine)
     with pytest.raises(UserError, match="is a link or a file"):
         local_cluster.private_dir(planted)
+
+
+def _saved() -> dict:
+    return C.apply_overrides(C.load_recipe("smoke"), {"cluster.run_name": "r", "data.store": "/s/cifar",
+                                                      "optim.batch_size": 64}).to_dict()
+
+
+def test_resume_trains_with_the_runs_own_config_and_only_the_allowed_changes():
+    saved = _saved()
+    # Resumed with the default recipe and a few flags: the saved values win where none was given.
+    asked = C.apply_overrides(C.load_recipe("cifar"), {"train.epochs": 9, "cluster.run_name": "r",
+                                                       "tracking.wandb": "off",
+                                                       "model.name": "densenet_simple"}).to_dict()
+    merged = runs.resume_config(saved, asked, ["train.epochs", "tracking.wandb", "model.name"], "r")
+    assert merged["train"]["epochs"] == 9 and merged["tracking"]["wandb"] == "off"
+    assert merged["optim"] == saved["optim"] and merged["model"] == saved["model"]
+    assert merged["data"]["store"] == "/s/cifar"
+    asked["optim"]["batch_size"] = 32
+    with pytest.raises(UserError, match=r"optim.batch_size was 64, now 32; a resumed run may change only"):
+        runs.resume_config(saved, asked, ["optim.batch_size"], "r")
+    asked["model"]["name"] = "densenet121"
+    with pytest.raises(UserError, match="model.name was 'densenet_simple', now 'densenet121'"):
+        runs.resume_config(saved, asked, ["model.name"], "r")

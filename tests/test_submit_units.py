@@ -16,3 +16,27 @@ def test_job_env_never_carries_the_wandb_key(monkeypatch, mode, expected):
     assert not any("0123456789abcdef" in value for value in env.values())
     assert env.get("WANDB_MODE") == expected
     assert env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_streamed_job_lines_lose_their_control_characters():
+    from pipeline.submit import _Lines
+
+    got: list[str] = []
+    lines = _Lines(got.append)
+    # A tar member named with an escape sequence that would clear the screen and retitle it.
+    lines.feed("bad member train/\x1b[2J\x1b]0;owned\x07x.JPEG\tskipped\nepoch 1/3\r")
+    lines.feed(" done\x00\n")
+    lines.flush()
+    assert got == ["bad member train/[2J]0;ownedx.JPEG\tskipped", "epoch 1/3 done"]
+
+
+def test_a_loc_synset_mapping_in_another_encoding_is_one_line(tmp_path):
+    from fixtures_data import make_ilsvrc
+    from pipeline.data.prepare_config import PrepareConfig
+    from pipeline.data.readers import read_source
+    from pipeline.errors import UserError
+
+    make_ilsvrc(tmp_path / "src", val="loc", messy=False)
+    (tmp_path / "src" / "LOC_synset_mapping.txt").write_bytes("n01440764 tanche, poisson\n".encode("utf-16"))
+    with pytest.raises(UserError, match="LOC_synset_mapping.txt is not UTF-8 text"):
+        read_source(PrepareConfig(dataset="imagenet", source=str(tmp_path / "src"), out=str(tmp_path / "o")))

@@ -12,6 +12,7 @@ import pytest
 from fixtures_data import make_synthetic_store
 from pipeline import config as C
 from pipeline.tracking import ENDED
+from pipeline.train import checkpoint
 from pipeline.tune.space import plan_space
 from pipeline.wandb_records import RunView
 
@@ -134,7 +135,7 @@ def test_a_failed_trial_and_a_stopped_sweep_keep_their_wandb_record(ray_cluster,
     # One trial diverges at once (lr 1e30); the other trains until `jobs stop`.
     r = cli("sweep", "densenet_bc", "--data", hard_store, "--growth-rate", "4", "--depth", "10",
             "--space", "optim.lr=grid:0.05,1.0e+30", "--scheduler", "fifo", "--recipe", "smoke",
-            "--epochs", "50", "--batch-size", "32", "--storage", tmp_path, "--name", "s2",
+            "--epochs", "12", "--batch-size", "32", "--storage", tmp_path, "--name", "s2",
             "--wandb", "offline", "--set", "cluster.max_failures=0", "--detach")
     assert r.exit_code == 0, r.output
     job_id = r.stdout.strip().splitlines()[-1]
@@ -163,6 +164,15 @@ def test_a_failed_trial_and_a_stopped_sweep_keep_their_wandb_record(ray_cluster,
     assert stopped.summary["epochs_done"] == max(stopped.epochs())
     r = cli("jobs", "status", job_id)
     assert "STOPPED" in r.output
+
+    # Resumed: the stopped trial goes on from its checkpoint to the end; the diverging one
+    # fails again, so the sweep says so (exit 1).
+    r = cli("sweep", "densenet_bc", "--data", hard_store, "--storage", tmp_path, "--resume", "s2",
+            "--wandb", "off", "--set", "cluster.max_failures=0")
+    assert r.exit_code == 1 and "1 trial(s) failed" in r.output, r.output
+    resumed = checkpoint.load(trials / stopped.config["cluster"]["run_name"])
+    assert [h["epoch"] for h in resumed["history"]] == list(range(1, 13))
+    assert "resumed from epoch" in r.output
 
 
 def test_optuna_search_builds_from_the_plan():

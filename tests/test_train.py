@@ -146,6 +146,12 @@ def test_resumed_run_in_s3_ends_with_the_same_weights(trained, cli, store, s3_bu
     assert stopped.exit_code == ENDED["stopped_by_user"]
     again = cli("train", *common, "--name", "broken")
     assert again.exit_code == 2 and "already exists" in again.output
+    # A resume keeps the run's config and store: a new batch size or another store is refused.
+    other = make_synthetic_store(tmp_path / "other", 64, 32, seed=5)
+    for change, needle in ((["--batch-size", "32"], "optim.batch_size was 64, now 32"),
+                           (["--data", other], "the run trained on a store whose manifest")):
+        refused = cli("train", *common, "--resume", "broken", *change)
+        assert refused.exit_code == 2 and needle in refused.output, refused.output
     resumed = cli("train", *common, "--resume", "broken")
     assert resumed.exit_code == 0, resumed.output
     assert "resumed from epoch" in resumed.output
@@ -224,3 +230,53 @@ def test_corrupt_checkpoint_for_evaluate_and_resume(ray_cluster, cli, store, run
     r = cli("evaluate", bad, "--data", store)
     assert r.exit_code == 2, r.output
     assert "corrupt" in r.stderr and "Traceback" not in r.output
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.timeout(900)
+def test_a_whole_node_killed_mid_run_restarts_on_the_nodes_left(ray_cluster, cli, store, runs):
+    """--nodes 2 on the 3-node cluster: one worker's node (raylet, its workers, its agents) is
+    killed after epoch 1; the run goes on on the two nodes left and finishes, each epoch once."""
+    from pipeline import local_cluster
+
+    folder = runs / "node-lost"
+    r = cli("train", "densenet_simple", "--data", store, "--storage", runs, "--name", "node-lost",
+            "--epochs", "3", *TRAIN[:-2], "--wandb", "off", "--detach")
+    assert r.exit_code == 0, r.output
+    job_id = r.stdout.strip().splitlines()[-1]
+    _wait_for(folder / "epoch-0001" / "checkpoint.done", 300)
+    server = submit.connect(None, start=False)
+    cluster = local_cluster.running()
+    worker_nodes = {n.pid: n for n in cluster.nodes if n.role != "head"}
+    # The node is found from the job's own worker: worker -> its raylet -> our `ray start`.
+    victim = None
+    for actor in server.actors(job_id):
+        if actor["class_name"] != "RayTrainWorker":
+            continue
+        raylet = _parent(int(actor["pid"]))
+        if _parent(raylet) in worker_nodes:
+            victim = worker_nodes[_parent(raylet)]
+            break
+    assert victim is not None, "no training worker on a worker node"
+    for pid in [*_children(raylet), raylet, victim.pid]:
+        os.kill(pid, signal.SIGKILL)
+    try:
+        r = cli("jobs", "logs", job_id, "--follow")
+        assert r.exit_code == 0, r.output
+        history = json.loads((folder / "history.json").read_text())
+        assert [h["epoch"] for h in history] == [1, 2, 3]
+        state = checkpoint.load(folder)
+        assert len(set(state["placement"])) == 2
+    finally:
+        assert cli("cluster", "up", "--nodes", "3", "--cpus-per-node", "1").exit_code == 0
+    assert len(local_cluster.running().alive()) == 3

@@ -103,7 +103,7 @@ def logs(
     if not follow:
         text = server.logs(job_id)
         for line in text.splitlines():
-            output.result(line)
+            output.result(submit.clean_line(line))
         return
     server.job(job_id)
     raise typer.Exit(submit.follow(server, job_id, output.result, address=address))

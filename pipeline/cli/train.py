@@ -66,7 +66,7 @@ def train(
     stop_on_interrupt: StopOnInterrupt = False,
 ) -> None:
     """Train a DenseNet with Ray Train (DDP, mixed precision) as a Ray job."""
-    cfg = build_config(recipe, model, {
+    flags = {
         "data.store": data, "cluster.nodes": nodes, "cluster.workers_per_node": workers_per_node,
         "cluster.use_gpu": gpus, "train.epochs": epochs, "optim.batch_size": batch_size,
         "optim.lr": lr, "model.depth": depth, "model.growth_rate": growth_rate,
@@ -76,11 +76,16 @@ def train(
         "cluster.storage": storage, "cluster.run_name": name, "tracking.wandb": wandb,
         "tracking.project": wandb_project, "cluster.address": address,
         "cluster.wait_for_nodes": wait_for_nodes,
-    }, sets)
+    }
+    cfg = build_config(recipe, model, flags, sets)
     if resume:
         if name and name != resume:
             raise UserError(f"--resume {resume} and --name {name} disagree: give only --resume")
-        cfg = C.apply_overrides(cfg, {"cluster.run_name": resume, "train.resume": True})
+        # The job trains with the run's saved config; these are the keys the user gave.
+        changed = sorted({k for k, v in flags.items() if v is not None} | {"model.name"}
+                         | {s.split("=", 1)[0].strip() for s in sets or []})
+        cfg = C.apply_overrides(cfg, {"cluster.run_name": resume, "train.resume": True,
+                                      "train.resume_changes": changed})
     cfg = finalize_paths(cfg, address)
     if save_config:
         cfg.save(save_config)
@@ -99,9 +104,9 @@ def finalize_paths(cfg: C.Config, address: str | None) -> C.Config:
     own ~/densenet-pipe/runs, resolved by the job.
     """
     updates: dict[str, Any] = {}
-    if not cfg.data.store:
+    if not cfg.data.store and not cfg.train.resume:
         raise UserError("no training data: pass --data STORE (a folder made by `densenet-pipe prepare`)")
-    if address is None and "://" not in cfg.data.store:
+    if address is None and cfg.data.store and "://" not in cfg.data.store:
         from ..data.store import open_store
 
         manifest = open_store(Path(cfg.data.store).expanduser())

@@ -101,7 +101,7 @@ def _write_split(name: str, src: Source, tmp: Path, settings: WriteSettings, cfg
     skipped: dict[int, str] = {}
     for _ in range(3):
         page = write_beton(path, split, settings, workers=cfg.workers, indices=indices, log=log, label=name)
-        bad = {int(p.name): p.read_text() for p in bad_dir.iterdir()}
+        bad = {int(p.name): p.read_text(errors="replace") for p in bad_dir.iterdir()}
         new = {i: t for i, t in bad.items() if i not in skipped}
         for p in bad_dir.iterdir():
             p.unlink()

@@ -33,11 +33,34 @@ from .prepare_config import PrepareConfig, SyntheticSpec
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Any image PIL reads (CMYK, grayscale, palette, PNG named .JPEG) as HxWx3 uint8 RGB."""
-    from PIL import Image
+# Only the formats image datasets come in: PIL would otherwise also open EPS (running
+# Ghostscript on untrusted bytes where it is installed), PSD, and more.
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "PPM", "TIFF", "GIF")
+# Decompression bombs: a 10 kB PNG can claim 16k x 16k pixels. PIL's own warning level
+# (89.5 Mpx, several times ImageNet's largest image) is our refusal level.
+MAX_PIXELS = 89_478_485
 
-    with Image.open(io.BytesIO(data)) as im:
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Any image PIL reads (CMYK, grayscale, palette, PNG named .JPEG) as HxWx3 uint8 RGB,
+    among IMAGE_FORMATS and at most MAX_PIXELS; anything else raises ValueError."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        except UnidentifiedImageError:
+            raise ValueError(f"not an image in {', '.join(IMAGE_FORMATS)}") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ValueError(f"refused as a decompression bomb ({e})") from None
+    with im:
+        width, height = im.size
+        if width * height > MAX_PIXELS:
+            raise ValueError(f"{width}x{height} pixels is over the {MAX_PIXELS:,}-pixel cap "
+                             "(a decompression bomb?)")
         im.load()
         if im.mode in ("P", "PA", "LA", "RGBA") and im.mode != "RGB":
             im = im.convert("RGBA")
@@ -71,7 +94,9 @@ class Split:
             if self.bad_dir is None:
                 raise
             reason = " ".join(str(e).split()) or type(e).__name__
-            (self.bad_dir / str(int(i))).write_text(f"{self.describe(i)}\t{reason}")
+            # A file name need not be UTF-8: kept, escaped, rather than crashing the writer.
+            line = f"{self.describe(i)}\t{reason}".encode("utf-8", "backslashreplace")
+            (self.bad_dir / str(int(i))).write_bytes(line)
             return np.zeros((8, 8, 3), np.uint8), label
 
 
@@ -560,7 +585,12 @@ def read_imagenet(path: Path, card: Card, cfg: PrepareConfig) -> Source:
         info["val_ground_truth"] = str(loc_csv)
         files.append(loc_csv)
     if loc_names is not None and not words:
-        for line in loc_names.read_text().splitlines():
+        try:
+            text = loc_names.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{loc_names} is not UTF-8 text (byte {e.start}): use Kaggle's original "
+                            "LOC_synset_mapping.txt") from None
+        for line in text.splitlines():
             if line.strip():
                 w, _, name = line.partition(" ")
                 words[w] = name.strip()

@@ -51,6 +51,11 @@ def evaluate(checkpoint_path: str | Path, store: str | Path, *, tta: str = "none
     if manifest.num_classes != spec.num_classes:
         raise UserError(f"checkpoint predicts {spec.num_classes} classes but store {store} has "
                         f"{manifest.num_classes}: evaluate on the store it was trained for")
+    trained = state.get("store", {}).get("classes")
+    if trained and list(trained) != list(manifest.classes):
+        differ = next(i for i, (a, b) in enumerate(zip(trained, manifest.classes)) if a != b)
+        raise UserError(f"checkpoint's class {differ} is {trained[differ]!r} but store {store} calls it "
+                        f"{manifest.classes[differ]!r}: evaluate on the store it was trained for")
     model = build(spec)
     model.load_state_dict(state["model"])
     model.eval()

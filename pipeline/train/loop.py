@@ -187,7 +187,7 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
         raise RuntimeError(f"{world} workers landed on {len(set(node_ids))} nodes, not the "
                            f"{cfg.cluster.nodes} asked for")
 
-    per_worker = runs.per_worker_batch(cfg.optim.batch_size, world)
+    per_worker = runs.per_worker_batch(cfg.optim.batch_size, cfg.cluster.nodes, world // cfg.cluster.nodes)
     threads_before = torch.get_num_threads()
     train_loader, manifest = make_loader(
         cfg.data.store, "train", per_worker, cfg.data, distributed=world > 1,
@@ -351,7 +351,8 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
                     "config": cfg.to_dict(),
                     "spec": spec.to_dict(),
                     "store": {"path": manifest.path, "dataset": manifest.dataset,
-                              "manifest_sha256": loop_config.get("manifest_sha256", "")},
+                              "manifest_sha256": loop_config.get("manifest_sha256", ""),
+                              "classes": list(manifest.classes)},
                     "placement": node_ids,
                     "rng": {"torch": torch.get_rng_state()},
                 })

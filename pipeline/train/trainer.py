@@ -53,7 +53,7 @@ def plan_placement(cfg: Config) -> Placement:
     while True:
         nodes = _alive_nodes()
         wpn = runs.workers_per_node(c.workers_per_node, c.use_gpu, [int(n.get("GPU", 0)) for n in nodes])
-        runs.per_worker_batch(cfg.optim.batch_size, c.nodes * wpn)
+        runs.per_worker_batch(cfg.optim.batch_size, c.nodes, wpn)
         fits = [n for n in nodes
                 if n.get("CPU", 0) >= wpn * c.cpus_per_worker and (not c.use_gpu or n.get("GPU", 0) >= wpn)]
         if len(fits) >= c.nodes:
@@ -150,6 +150,11 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
 
         # A corrupt latest checkpoint would otherwise fail every worker restart in turn.
         state = checkpoint.load(folder)
+        trained_on = state.get("store", {}).get("manifest_sha256")
+        if trained_on and manifest_sha256 and trained_on != manifest_sha256:
+            raise UserError(f"--resume {cfg.cluster.run_name}: the run trained on a store whose manifest "
+                            f"sha256 is {trained_on[:12]}, and {cfg.data.store} has {manifest_sha256[:12]}: "
+                            "pass the run's own store with --data (or none), or start a new run")
         print(f"resuming {cfg.cluster.run_name} after epoch {state['epoch']}", flush=True)
     placement = plan_placement(cfg)
     storage.makedirs(folder)
