@@ -19,13 +19,12 @@ on anything else.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable
 
 from pipeline.errors import JobFailed, UserError
 from pipeline.models.spec import SpecError
@@ -72,15 +71,6 @@ def resolve_path(path: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
-def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    rows = [["" if c is None else str(c) for c in r] for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    return "\n".join(lines)
-
-
 def main(run: Callable[[dict[str, Any]], Any], argv: list[str] | None = None) -> None:
     name = Path(sys.modules[run.__module__].__file__ or "job").stem
     parser = argparse.ArgumentParser(prog=f"python -m jobs.{name}")
@@ -88,8 +78,9 @@ def main(run: Callable[[dict[str, Any]], Any], argv: list[str] | None = None) ->
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config)
-        digest = hashlib.sha256(json.dumps(cfg, indent=2, sort_keys=True).encode()).hexdigest()
-        print(f"{name}: started, config {digest[:12]}", flush=True)
+        from pipeline.config import digest
+
+        print(f"{name}: started, config {digest(cfg)}", flush=True)
         folder = base_folder()
         if folder is not None:
             os.chdir(folder)

@@ -24,6 +24,7 @@ from typing import Any
 
 from jobs import common
 from pipeline.errors import JobFailed
+from pipeline.tables import format_table
 
 MODULES = ("torch", "torchvision", "ffcv", "ray.train", "wandb")
 
@@ -186,7 +187,7 @@ def _print(reports: list[dict[str, Any]], quick: bool, burn_in: bool) -> None:
         if burn_in:
             row += [r.get("fp32_tflops"), r.get("bf16_tflops")]
         rows.append(row)
-    print(common.format_table(headers, rows), flush=True)
+    print(format_table(headers, rows), flush=True)
 
 
 if __name__ == "__main__":

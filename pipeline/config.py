@@ -174,7 +174,7 @@ class Config:
 
     def digest(self) -> str:
         """A short stable hash of the resolved config, for job metadata and run names."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
+        return digest(self.to_dict())
 
     def save(self, path: str | Path) -> str | Path:
         """Write the resolved config as JSON atomically, to a path or a storage URI."""
@@ -295,11 +295,9 @@ def parse_dataclass(cls: type, data: Any, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+def digest(data: dict[str, Any]) -> str:
+    """The one config digest: a short hash of a config dict (a Config's, or a job's)."""
+    return hashlib.sha256(json.dumps(data, indent=2, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

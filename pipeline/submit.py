@@ -73,7 +73,9 @@ def _print_line(line: str) -> None:
 
 def config_digest(cfg: dict[str, Any]) -> str:
     """Short hash of a config dict; equal to `Config.digest()` for a Config's dict."""
-    return hashlib.sha256(json.dumps(cfg, indent=2, sort_keys=True).encode()).hexdigest()[:12]
+    from .config import digest
+
+    return digest(cfg)
 
 
 def available_jobs(root: Path | None = None) -> list[str]:
@@ -513,12 +515,17 @@ def _submit_package(server: JobServer, job: str, cfg: dict[str, Any], package: P
                          metadata, job_id)
 
 
+# Set by `densenet-pipe --verbose`: follow jobs with Ray's, Tune's and W&B's own lines.
+VERBOSE_ENV = "DENSENET_PIPE_VERBOSE"
+
+
 def run_job(job: str, cfg: dict, *, address: str | None, detach: bool = False,
             stop_on_interrupt: bool = False, resources: dict | None = None,
             wait_for_nodes: float = 0.0,
             on_line: Callable[[str], None] | None = None) -> int:
     """Submit `python -m jobs.<job>` with `cfg` and follow it; returns the exit code.
 
+    Lines go through `console.ConsoleFilter` unless VERBOSE_ENV is "1".
     0: the job succeeded (or was submitted, with `detach`); 1: it failed or was stopped;
     2: it failed on bad input (the job exited 2); 130: Ctrl-C left it running. Bad input
     here (unknown job, unreachable address, missing resources, oversized working dir)
@@ -538,8 +545,17 @@ def run_job(job: str, cfg: dict, *, address: str | None, detach: bool = False,
               f"{follow_command(job_id, address)}")
         return 0
     _note(f"submitted job {job_id} to {server.address} (Ctrl-C to stop or detach)")
-    return follow(server, job_id, on_line or _print_line, stop_on_interrupt=stop_on_interrupt,
-                  address=address)
+    show = on_line or _print_line
+    if os.environ.get(VERBOSE_ENV) != "1":
+        from .console import ConsoleFilter
+
+        keep, raw = ConsoleFilter(), show
+
+        def show(line: str) -> None:
+            shown = keep(line)
+            if shown is not None:
+                raw(shown)
+    return follow(server, job_id, show, stop_on_interrupt=stop_on_interrupt, address=address)
 
 
 def follow_command(job_id: str, address: str | None) -> str:
@@ -556,7 +572,9 @@ def clean_line(line: str) -> str:
     """A job's output line as safe to print: control characters (escape sequences that could
     rewrite the terminal, from tar member names or anything a job prints) are dropped; tab
     stays."""
-    return line.translate(_CONTROL)
+    from .console import strip_ansi
+
+    return strip_ansi(line).translate(_CONTROL)
 
 
 class _Lines:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import tarfile
 
 import numpy as np
 import pytest

@@ -132,11 +132,13 @@ def _wait(what, seconds: float = 300):
 @pytest.mark.ffcv
 @pytest.mark.timeout(900)
 def test_a_failed_trial_and_a_stopped_sweep_keep_their_wandb_record(ray_cluster, cli, hard_store, tmp_path):
-    # One trial diverges at once (lr 1e30); the other trains until `jobs stop`.
+    # One trial at a time: the first diverges at once (lr 1e30), the second trains until
+    # `jobs stop` lands after its first epoch.
     r = cli("sweep", "densenet_bc", "--data", hard_store, "--growth-rate", "4", "--depth", "10",
-            "--space", "optim.lr=grid:0.05,1.0e+30", "--scheduler", "fifo", "--recipe", "smoke",
+            "--space", "optim.lr=grid:1.0e+30,0.05", "--scheduler", "fifo", "--recipe", "smoke",
             "--epochs", "12", "--batch-size", "32", "--storage", tmp_path, "--name", "s2",
-            "--wandb", "offline", "--set", "cluster.max_failures=0", "--detach")
+            "--wandb", "offline", "--set", "cluster.max_failures=0", "--set", "sweep.max_concurrent=1",
+            "--detach")
     assert r.exit_code == 0, r.output
     job_id = r.stdout.strip().splitlines()[-1]
     trials = tmp_path / "s2" / "trials"
@@ -168,7 +170,7 @@ def test_a_failed_trial_and_a_stopped_sweep_keep_their_wandb_record(ray_cluster,
     # Resumed: the stopped trial goes on from its checkpoint to the end; the diverging one
     # fails again, so the sweep says so (exit 1).
     r = cli("sweep", "densenet_bc", "--data", hard_store, "--storage", tmp_path, "--resume", "s2",
-            "--wandb", "off", "--set", "cluster.max_failures=0")
+            "--wandb", "off", "--set", "cluster.max_failures=0", "--set", "sweep.max_concurrent=1")
     assert r.exit_code == 1 and "1 trial(s) failed" in r.output, r.output
     resumed = checkpoint.load(trials / stopped.config["cluster"]["run_name"])
     assert [h["epoch"] for h in resumed["history"]] == list(range(1, 13))

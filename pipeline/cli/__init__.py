@@ -41,6 +41,15 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _options(verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Show Ray's, Tune's and W&B's own lines while following a job.")) -> None:
+    if verbose:
+        from ..submit import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
+
+
 def _register() -> None:
     from . import models  # noqa: F401  (each module adds its commands to `app`)
     from . import prepare  # noqa: F401

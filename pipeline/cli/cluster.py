@@ -59,7 +59,7 @@ def token() -> None:
 
     path = user_token_file()
     if path.exists():
-        output.info(f"the token already exists; every cluster made from cluster/ uses it")
+        output.info("the token already exists; every cluster made from cluster/ uses it")
     else:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -29,27 +29,7 @@ def as_json(data: Any) -> None:
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> None:
-    """A plain-text table; `align` is one of 'l'/'r' per column (default: numbers right)."""
-    rows = [["" if c is None else str(c) for c in r] for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-    if align is None:
-        align = "".join(
-            "r" if rows and all(_numeric(r[i]) for r in rows) else "l" for i in range(len(headers))
-        )
+    """A plain-text table (`pipeline.tables.format_table`) on stdout."""
+    from ..tables import format_table
 
-    def fmt(cells: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if a == "r" else c.ljust(w)
-                         for c, w, a in zip(cells, widths, align)).rstrip()
-
-    result(fmt(list(headers)))
-    result("  ".join("-" * w for w in widths))
-    for r in rows:
-        result(fmt(r))
-
-
-def _numeric(cell: str) -> bool:
-    try:
-        float(cell.rstrip("MGK%x"))
-        return True
-    except ValueError:
-        return cell == ""
+    result(format_table(headers, rows, align))

@@ -7,7 +7,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import config as C
 from ..errors import UserError
 from . import app, output
 from .options import Address, Detach, Recipe, Sets, StopOnInterrupt

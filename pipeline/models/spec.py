@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable
+from dataclasses import asdict, dataclass
+from typing import Any
 
 
 class SpecError(ValueError):
@@ -152,10 +152,6 @@ def names() -> list[str]:
     return list(_PRESETS)
 
 
-def family_names() -> list[str]:
-    return list(FAMILIES)
-
-
 def _cifar_blocks(depth: int, bottleneck: bool, num_blocks: int) -> tuple[int, ...]:
     # depth counts every conv and the classifier: stem conv + (num_blocks - 1) transitions +
     # classifier, plus one conv a layer (two with a bottleneck).
@@ -239,10 +235,6 @@ def resolve(
     )
 
 
-def describe(name: str) -> str:
-    return _PRESETS[name].description
-
-
 def family_preset(family: str) -> str:
     """The registered name a sweep starts from for a family (its smallest Table 2 net)."""
     table = {"densenet": "densenet40_k12", "densenet_bc": "densenet_bc100_k12",
@@ -251,9 +243,3 @@ def family_preset(family: str) -> str:
         raise SpecError(f"unknown family {family!r}; known families: {', '.join(table)}")
     return table[family]
 
-
-def with_classes(spec: DenseNetSpec, num_classes: int) -> DenseNetSpec:
-    return replace(spec, num_classes=num_classes)
-
-
-Builder = Callable[[DenseNetSpec], Any]

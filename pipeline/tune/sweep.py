@@ -249,13 +249,13 @@ def plot(rows: list[dict[str, Any]], path: str) -> str:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    header = f"{'trial':<28}{'k':>4}{'L':>5}{'params':>10}{'MACs':>9}{'val err':>9}{'epochs':>8}{'time s':>8}"
-    print(header, flush=True)
-    for r in rows:
-        print(f"{r['trial'][:27]:<28}{r['growth_rate']:>4}{r['depth']:>5}{r['params'] / 1e6:>9.2f}M"
-              f"{r['macs'] / 1e9:>8.3f}G{r['best_val_top1_error']:>9.4f}"
-              f"{str(r['epochs_run']) + ('*' if r['stopped_early'] else ''):>8}{r['time_s']:>8.1f}",
-              flush=True)
+    from ..tables import format_table
+
+    print(format_table(
+        ["trial", "k", "L", "params", "MACs", "val err", "epochs", "time s"],
+        [[r["trial"], r["growth_rate"], r["depth"], f"{r['params'] / 1e6:.2f}M", f"{r['macs'] / 1e9:.3f}G",
+          f"{r['best_val_top1_error']:.4f}", f"{r['epochs_run']}{'*' if r['stopped_early'] else ''}",
+          f"{r['time_s']:.1f}"] for r in rows]), flush=True)
     print("* stopped early by the scheduler", flush=True)
 
 

@@ -1,0 +1,73 @@
+"""What a user reads of a job while following it: our lines, our results and real errors.
+
+    keep = ConsoleFilter()
+    for line in job_lines:
+        shown = keep(line)          # None: Ray's, Tune's or W&B's own chatter
+        if shown is not None:
+            print(shown)
+
+Ray prefixes every actor's output with `(ClassName pid=N, ip=...)` and colours it; Train's
+controller, Tune's status tables and W&B all write to the same stream. Training workers'
+own lines lose the prefix; a worker's traceback shrinks to its last line (the exception);
+everything else of Ray's is dropped. `--verbose` shows the stream as it is, and
+`densenet-pipe jobs logs ID` always does.
+"""
+
+from __future__ import annotations
+
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?")
+_REPEATED = re.compile(r"\s*\[repeated \d+x across cluster\].*$")
+_PREFIX = re.compile(r"^\((?P<who>[A-Za-z_][\w.:-]*|pid=\w+)(?: pid=\w+)?(?:, ip=[\w.:-]+)?\)\s?")
+# The processes whose lines are ours: the training workers.
+_OURS = {"RayTrainWorker"}
+_RAY_LOG = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d+\s+(INFO|DEBUG)\b|\[\d{4}-\d\d-\d\d )")
+_RAY_MESSAGES = re.compile(
+    r"^(Setting up process group|Checkpoint successfully created|Reporting training result|"
+    r"Moving model to device|Wrapping provided model|Running entrypoint for job|"
+    r"Trial status:|Current time:|Logical resource usage:|View detailed results here|"
+    r"To visualize your results|\s*tensorboard --logdir|Trial \S+ (started|completed|finished|"
+    r"errored|terminated)|Training (started|finished)|wandb:|[╭╰│├┌└─]|\(raylet\)|"
+    r"\S+ (dir|storage): )")
+_EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(Error|Exception|Diverged|Interrupt|Exit)\b:?")
+
+
+def strip_ansi(text: str) -> str:
+    """Without terminal escape sequences (colours, titles, cursor moves)."""
+    return _ANSI.sub("", text)
+
+
+class ConsoleFilter:
+    """Callable: a raw job line -> the line to show, or None."""
+
+    def __init__(self) -> None:
+        # Sources inside a traceback: only its exception line is shown.
+        self.in_traceback: set[str] = set()
+        self.last = ""
+
+    def __call__(self, line: str) -> str | None:
+        line = _REPEATED.sub("", strip_ansi(line)).rstrip()
+        match = _PREFIX.match(line)
+        who = match.group("who") if match else ""
+        text = line[match.end():] if match else line
+        if not match and line[:1].isspace() and self.last not in ("", *_OURS):
+            return None  # the rest of a multi-line message from Ray
+        self.last = who
+        if who and who not in _OURS:
+            if text.startswith("[FailurePolicy] RETRY"):
+                return "Ray Train: a worker failed; restarting the worker group from the latest checkpoint"
+            return None
+        if text.startswith(("Traceback (most recent call last)", "Error in training function")):
+            self.in_traceback.add(who)
+            return None
+        if who in self.in_traceback:
+            if _EXCEPTION.match(text):
+                self.in_traceback.discard(who)
+                return f"worker error: {text}" if who else text
+            return None
+        if not text.strip() and who:
+            return None
+        if _RAY_LOG.match(text) or _RAY_MESSAGES.match(text.lstrip()):
+            return None
+        return text

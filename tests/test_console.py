@@ -1,0 +1,60 @@
+"""What a user reads while following a job: our lines and real errors, not Ray's chatter."""
+
+from __future__ import annotations
+
+from pipeline.console import ConsoleFilter
+
+RAW = """\
+2026-12-02 10:22:56,965\tINFO job_manager.py:581 -- Runtime env is setting up.
+Running entrypoint for job train-1: python -m jobs.train --config c.json
+train: started, config 8af9defc4e97
+2026-12-02 10:23:03,622\tINFO worker.py:2029 -- Connected to Ray cluster.
+run r: 2 worker(s) on 2 node(s), global batch 64
+\x1b[36m(TrainController pid=19714)\x1b[0m Requesting resources: {'CPU': 1.0} * 2
+\x1b[36m(RayTrainWorker pid=19802)\x1b[0m Setting up process group for: env:// [rank=0, world_size=2]
+\x1b[36m(RayTrainWorker pid=19802)\x1b[0m epoch 1/3: train loss 1.7616 top-1 err 0.5605
+\x1b[36m(RayTrainWorker pid=19802)\x1b[0m Reporting training result 1: TrainingReport(checkpoint=None)
+\x1b[36m(RayTrainWorker pid=19890)\x1b[0m Error in training function:
+\x1b[36m(RayTrainWorker pid=19890)\x1b[0m Traceback (most recent call last):
+\x1b[36m(RayTrainWorker pid=19890)\x1b[0m   File "loop.py", line 275, in train_loop
+\x1b[36m(RayTrainWorker pid=19890)\x1b[0m pipeline.train.loop.TrainingDiverged: the loss is nan at epoch 1 step 2
+\x1b[36m(TrainController pid=19714)\x1b[0m [FailurePolicy] RETRY
+\x1b[36m(TrainController pid=19714)\x1b[0m   Error count: 1 (max allowed: 2)
+\x1b[33m(raylet)\x1b[0m The node with node id: e74 has been marked dead because:
+\t(2) raylet has lagging heartbeats due to slow network or busy workload.
+\x1b[36m(pid=gcs_server)\x1b[0m [2026-12-02 10:24:07,348 E 18906 18906] (gcs_server) failed
+\x1b[36m(RayTrainWorker pid=19802)\x1b[0m epoch 2/3: train loss 1.2 \x1b[32m [repeated 2x across cluster]\x1b[0m
+╭──────────────────────────╮
+│ Trial name    status     │
+╰──────────────────────────╯
+Trial status: 1 RUNNING
+wandb: Generating checksum for up to 10000 files
+done: best val top-1 error 0.0300 at epoch 3
+error: 1 trial(s) failed
+"""
+
+
+def test_only_our_lines_and_the_useful_line_of_an_error_remain():
+    keep = ConsoleFilter()
+    shown = [s for s in (keep(line) for line in RAW.splitlines()) if s is not None]
+    assert shown == [
+        "train: started, config 8af9defc4e97",
+        "run r: 2 worker(s) on 2 node(s), global batch 64",
+        "epoch 1/3: train loss 1.7616 top-1 err 0.5605",
+        "worker error: pipeline.train.loop.TrainingDiverged: the loss is nan at epoch 1 step 2",
+        "Ray Train: a worker failed; restarting the worker group from the latest checkpoint",
+        "epoch 2/3: train loss 1.2",
+        "done: best val top-1 error 0.0300 at epoch 3",
+        "error: 1 trial(s) failed",
+    ]
+
+
+def test_verbose_shows_the_stream_as_it_is(cli, monkeypatch):
+    from pipeline import submit
+
+    import os
+
+    monkeypatch.setenv(submit.VERBOSE_ENV, "0")  # restored (unset) after the test
+    r = cli("--verbose", "models", "--format", "json")
+    assert r.exit_code == 0
+    assert os.environ.get(submit.VERBOSE_ENV) == "1"
