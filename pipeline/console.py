@@ -20,8 +20,8 @@ import re
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?")
 _REPEATED = re.compile(r"\s*\[repeated \d+x across cluster\].*$")
 _PREFIX = re.compile(r"^\((?P<who>[A-Za-z_][\w.:-]*|pid=\w+)(?: pid=\w+)?(?:, ip=[\w.:-]+)?\)\s?")
-# The processes whose lines are ours: the training workers.
-_OURS = {"RayTrainWorker"}
+# The processes whose lines are ours: the training workers and the W&B recorders.
+_OURS = {"RayTrainWorker", "Recorder"}
 _RAY_LOG = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d+\s+(INFO|DEBUG)\b|\[\d{4}-\d\d-\d\d )")
 _RAY_MESSAGES = re.compile(
     r"^(Setting up process group|Checkpoint successfully created|Reporting training result|"
@@ -54,6 +54,8 @@ class ConsoleFilter:
         if not match and line[:1].isspace() and self.last not in ("", *_OURS):
             return None  # the rest of a multi-line message from Ray
         self.last = who
+        if text.startswith(("warning: ", "error: ")):
+            return text
         if who and who not in _OURS:
             if text.startswith("[FailurePolicy] RETRY"):
                 return "Ray Train: a worker failed; restarting the worker group from the latest checkpoint"

@@ -107,3 +107,16 @@ def test_wandb_trouble_warns_and_training_goes_on(no_key, tmp_path, capsys):
     assert not tracker.active
     tracker.log({"loss": 0.5}, step=2)
     tracker.finish()
+
+
+@pytest.mark.timeout(120)
+def test_an_unwritable_wandb_folder_is_one_warning(no_key, tmp_path, capsys):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the run folder should be")
+    tracker = Tracker.start(C.load_recipe("smoke"), run_id="blocked", run_dir=blocker / "run")
+    assert not tracker.active
+    err = capsys.readouterr().err
+    assert err.count("warning: W&B init failed, training goes on") == 1
+    tracker.log({"epoch/epoch": 1}, step=1)
+    tracker.finish(ended="finished")
+    assert blocker.read_text().startswith("a file")
