@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.errors import JobFailed, UserError
-from pipeline.models.spec import SpecError
 
 WORKDIR_ENV = "DENSENET_PIPE_WORKDIR"
 HOME_ENV = "DENSENET_PIPE_HOME"
@@ -85,7 +84,7 @@ def main(run: Callable[[dict[str, Any]], Any], argv: list[str] | None = None) ->
         if folder is not None:
             os.chdir(folder)
         run(cfg)
-    except (UserError, SpecError) as e:
+    except UserError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
     except JobFailed as e:

@@ -121,7 +121,7 @@ def run(cfg: dict[str, Any]) -> None:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from pipeline.config import parse_dataclass
+    from pipeline.parsing import parse_dataclass
 
     conf = parse_dataclass(DoctorConfig, cfg)
     ray.init(logging_level="WARNING", log_to_driver=False)

@@ -16,18 +16,18 @@ def prepare_config(data: dict[str, Any]):
     from pipeline.config import Config, apply_overrides, validate
     from pipeline.data.store import open_store
     from pipeline.errors import UserError
+    from pipeline.runs import check_classes, default_storage
     from pipeline.storage import check
 
     cfg = validate(Config.from_dict(data))
-    storage = check(cfg.cluster.storage or str(Path.home() / "densenet-pipe" / "runs"))
+    # The CLI fills in ./runs for the embedded cluster; a remote cluster's default is its own.
+    storage = check(cfg.cluster.storage or default_storage(local_cluster=False))
     if cfg.train.resume:
         cfg = _resumed(cfg, common.resolve_path(storage))
     if not cfg.data.store:
         raise UserError("no training data: pass --data STORE (a folder made by `densenet-pipe prepare`)")
     manifest = open_store(common.resolve_path(cfg.data.store))
-    if cfg.model.num_classes not in (None, manifest.num_classes):
-        raise UserError(f"model.num_classes is {cfg.model.num_classes} but store {manifest.path} has "
-                        f"{manifest.num_classes} classes: drop model.num_classes or use the matching store")
+    check_classes(cfg.model.num_classes, manifest.num_classes, manifest.path)
     cfg = apply_overrides(cfg, {"data.store": manifest.path, "model.num_classes": manifest.num_classes,
                                 "cluster.storage": common.resolve_path(storage)})
     return cfg, manifest

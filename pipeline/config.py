@@ -16,20 +16,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
 from . import runs
 from .errors import UserError
+from .parsing import BOOL_WORDS, ConfigError, parse_dataclass  # noqa: F401  (re-exported)
 from .models import spec as model_spec
-
-
-class ConfigError(UserError, ValueError):
-    """A config that must not be submitted; the message names the key and the fix."""
 
 
 @dataclass
@@ -215,86 +210,6 @@ class Config:
 
 
 _SECTIONS = {f.name: f.type for f in fields(Config)}
-_BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
-
-
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    if origin is list:
-        return f"list of {_type_name(get_args(tp)[0])}"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(a, value, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if isinstance(value, bool):
-            # YAML 1.1 reads a bare off/on/no/yes as a boolean.
-            value = {False: "off", True: "on"}[value] if {"off", "on"} & set(get_args(tp)) else value
-        if value in get_args(tp) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (inner,) = get_args(tp)
-        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
-            return _BOOL_WORDS[value.lower()]
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-
-
-def parse_dataclass(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build dataclass `cls` from plain data: unknown keys and wrong types raise ConfigError."""
-    where = prefix.rstrip(".") or "config"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown key {prefix}{unknown[0]}: {where} takes {', '.join(sorted(known))}"
-        )
-    kwargs = {}
-    for name in known & set(data):
-        tp = hints[name]
-        key = f"{prefix}{name}"
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = parse_dataclass(tp, data[name], f"{key}.")
-        else:
-            kwargs[name] = _coerce(tp, data[name], key)
-    return cls(**kwargs)
-
-
 def digest(data: dict[str, Any]) -> str:
     """The one config digest: a short hash of a config dict (a Config's, or a job's)."""
     return hashlib.sha256(json.dumps(data, indent=2, sort_keys=True).encode()).hexdigest()[:12]
@@ -310,7 +225,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = key.strip().split(".")
     if len(path) != 2 or not all(path):
         raise ConfigError(f"override key {key!r} must be section.key, e.g. optim.lr")
-    if raw.strip().lower() in _BOOL_WORDS and raw.strip().lower() not in ("true", "false"):
+    if raw.strip().lower() in BOOL_WORDS and raw.strip().lower() not in ("true", "false"):
         # Left as a word: a bool field takes it as a bool, a choice field as its name.
         return path, raw.strip()
     try:

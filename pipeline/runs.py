@@ -28,6 +28,19 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
+def default_storage(local_cluster: bool) -> str:
+    """Where runs go without --storage: ./runs on the embedded local cluster (the user's own
+    folder), ~/densenet-pipe/runs on a cluster's nodes (resolved by the job there)."""
+    return str(Path("runs").resolve()) if local_cluster else str(Path.home() / "densenet-pipe" / "runs")
+
+
+def check_classes(model_classes: int | None, store_classes: int, store: str) -> None:
+    """A net asked for with a class count must match its store's."""
+    if model_classes not in (None, store_classes):
+        raise UserError(f"model.num_classes is {model_classes} but store {store} has {store_classes} "
+                        "classes: drop model.num_classes or use the matching store")
+
+
 def workers_per_node(requested: int | None, use_gpu: bool, gpus: list[int]) -> int:
     """Workers on each node: as asked, else one per GPU of the smallest GPU node, else 1."""
     if requested is not None:

@@ -196,6 +196,13 @@ def _small(out: Path, **kw) -> PrepareConfig:
     return cfg
 
 
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
@@ -282,10 +289,19 @@ def test_a_sigkilled_prepare_leaves_nothing_after_the_next_one(tmp_path):
         while not list(out.parent.glob(".syn.prepare-*/train.beton")):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.1)
+        writers = []
+        while not writers and proc.poll() is None and time.monotonic() < deadline:
+            writers = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert writers, "the prepare started no writer processes"
     finally:
         proc.kill()
         proc.wait()
     assert not out.exists() and list(out.parent.glob(".syn.prepare-*"))
+    # Its writer processes die with it rather than writing on as orphans.
+    deadline = time.monotonic() + 10
+    while any(_running(w) for w in writers):
+        assert time.monotonic() < deadline, f"writer processes {writers} outlived the prepare"
+        time.sleep(0.1)
     cfg["synthetic"]["train_size"] = 40
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)

@@ -15,7 +15,6 @@ import typer  # noqa: E402
 from typer.core import TyperGroup  # noqa: E402
 
 from ..errors import JobFailed, UserError  # noqa: E402
-from ..models.spec import SpecError  # noqa: E402
 from . import output  # noqa: E402
 
 
@@ -25,7 +24,7 @@ class _Group(TyperGroup):
     def invoke(self, ctx):  # type: ignore[override]
         try:
             return super().invoke(ctx)
-        except (UserError, SpecError, JobFailed) as e:
+        except (UserError, JobFailed) as e:
             output.error(str(e))
             raise typer.Exit(code=getattr(e, "exit_code", 2)) from None
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .. import config as C
+from .. import config as C, runs
 from ..errors import UserError
 from ..models import spec
 from . import app, output
@@ -110,12 +110,10 @@ def finalize_paths(cfg: C.Config, address: str | None) -> C.Config:
         from ..data.store import open_store
 
         manifest = open_store(Path(cfg.data.store).expanduser())
-        if cfg.model.num_classes not in (None, manifest.num_classes):
-            raise UserError(f"model.num_classes is {cfg.model.num_classes} but store {manifest.path} has "
-                            f"{manifest.num_classes} classes: drop model.num_classes or use the matching store")
+        runs.check_classes(cfg.model.num_classes, manifest.num_classes, manifest.path)
         updates["data.store"] = manifest.path
     if cfg.cluster.storage is None and address is None:
-        updates["cluster.storage"] = str(Path("runs").resolve())
+        updates["cluster.storage"] = runs.default_storage(local_cluster=True)
     elif cfg.cluster.storage and "://" not in cfg.cluster.storage and address is None:
         updates["cluster.storage"] = str(Path(cfg.cluster.storage).expanduser().resolve())
     elif cfg.cluster.storage:

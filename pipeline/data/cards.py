@@ -16,7 +16,7 @@ from typing import Literal
 
 import yaml
 
-from ..config import ConfigError, parse_dataclass
+from ..parsing import ConfigError, parse_dataclass
 from ..errors import UserError
 
 CARDS_DIR = Path(__file__).resolve().parents[2] / "datasets"

@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..config import ConfigError, parse_dataclass
+from ..parsing import ConfigError, parse_dataclass
 
 DATASETS = ("cifar10", "cifar100", "svhn", "imagenet", "imagefolder", "synthetic")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, parse_dataclass
+from ..parsing import ConfigError, parse_dataclass
 from ..errors import UserError
 from ..runs import NAME
 

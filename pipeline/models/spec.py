@@ -11,12 +11,13 @@ or any job is submitted.
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..errors import UserError
 
-class SpecError(ValueError):
+
+class SpecError(UserError, ValueError):
     """A model name or override that cannot be built; the message names the broken rule."""
 
 
