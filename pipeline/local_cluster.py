@@ -307,7 +307,9 @@ def _ray_command() -> list[str]:
 def _node_env(token: Path, gpu_slice: list[int] | None) -> dict[str, str]:
     env = dict(os.environ)
     # A stale RAY_ADDRESS makes `ray start --head` look for that cluster instead.
-    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
+    # WANDB_SERVICE points at the wandb-core process of whoever ran W&B in this shell
+    # before: every W&B run on the cluster would share (and stall with) that one process.
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "WANDB_SERVICE"):
         env.pop(key, None)
     env.update({
         "RAY_AUTH_MODE": "token",

@@ -689,7 +689,7 @@ def _interrupted(server: JobServer, job_id: str, stop: bool, address: str | None
             stop = False
     if stop:
         server.stop(job_id)
-        info = wait_terminal(server, job_id, timeout=30)
+        info = wait_terminal(server, job_id, timeout=45)
         _note(f"job {job_id} {str(info.get('status')).lower()}")
         return 1
     _note(f"job {job_id} is still running: follow it with `{follow_command(job_id, address)}`, "

@@ -235,6 +235,9 @@ class Recorder:
 
     def __init__(self, cfg: dict[str, Any], run_id: str, run_dir: str, job_type: str,
                  group: str | None) -> None:
+        # Its own wandb-core: a WANDB_SERVICE inherited from whoever started the node would
+        # put every run of the cluster through one other process, which stalls and dies.
+        os.environ.pop("WANDB_SERVICE", None)
         self.tracker = Tracker.start(Config.from_dict(cfg), run_id=run_id, run_dir=run_dir,
                                      job_type=job_type, group=group, announce=False)
         self.attached = 0
@@ -305,7 +308,8 @@ def finish_recorder(name: str | None, ended: str, summary: dict[str, Any] | None
     except Exception as e:  # noqa: BLE001
         _warn("finish", e)
     try:
-        ray.kill(handle)
+        # Gracefully, so wandb's own exit hooks run; `ray.kill` would cut them off.
+        handle.__ray_terminate__.remote()
     except Exception:  # noqa: BLE001 - already gone
         pass
 

@@ -232,6 +232,13 @@ def test_a_whole_node_killed_mid_run_restarts_on_the_nodes_left(ray_cluster, cli
     assert r.exit_code == 0, r.output
     job_id = r.stdout.strip().splitlines()[-1]
     _wait_for(folder / "epoch-0001" / "checkpoint.done", 300)
+    # Killed before Ray Train's controller has recorded epoch 1 (it polls every ~2 s), the run
+    # would restart from scratch; wait until its record names the checkpoint.
+    snapshot = folder / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 120
+    while "epoch-0001" not in (snapshot.read_text() if snapshot.exists() else ""):
+        assert time.monotonic() < deadline, "Ray Train never recorded epoch 1"
+        time.sleep(0.2)
     server = submit.connect(None, start=False)
     cluster = local_cluster.running()
     worker_nodes = {n.pid: n for n in cluster.nodes if n.role != "head"}

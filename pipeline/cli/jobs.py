@@ -120,7 +120,7 @@ def stop(job_id: JobId, address: Address = None) -> None:
         output.info(f"job {job_id} already ended: {before}")
         return
     server.stop(job_id)
-    after = submit.wait_terminal(server, job_id, timeout=30).get("status")
+    after = submit.wait_terminal(server, job_id, timeout=45).get("status")
     if after not in submit.TERMINAL:
         raise UserError(f"job {job_id} is still {after} 30 s after the stop request: "
                         f"check `densenet-pipe jobs status {job_id}`")

@@ -25,6 +25,7 @@ from ..errors import UserError
 from ..models.densenet import build
 from ..models.spec import DenseNetSpec
 from . import amp, checkpoint
+from .metrics import Tally
 
 TTA = ("none", "flip", "10crop")
 
@@ -73,7 +74,7 @@ def evaluate(checkpoint_path: str | Path, store: str | Path, *, tta: str = "none
                             crop_ratio=ratio)
     torch.set_num_threads(threads)
 
-    top1 = top5 = n = 0
+    tally = Tally()
     t0 = time.perf_counter()
     with torch.no_grad(), amp.autocast(device, dtype):
         for images, labels in loader:
@@ -86,15 +87,11 @@ def evaluate(checkpoint_path: str | Path, store: str | Path, *, tta: str = "none
                     images = F.pad(images, (4, 4, 4, 4))
                 views = ten_crops(images, crop)
                 probs = sum(model(v.contiguous()).float().softmax(1) for v in views) / len(views)
-            k = min(5, probs.shape[1])
-            hit = probs.topk(k, 1).indices.eq(labels[:, None])
-            top1 += int(hit[:, 0].sum())
-            top5 += int(hit.any(1).sum())
-            n += labels.shape[0]
+            tally.add(probs, labels)
     return {
         "checkpoint": checkpoint.find(checkpoint_path),
-        "store": str(store), "dataset": manifest.dataset, "tta": tta, "images": n,
+        "store": str(store), "dataset": manifest.dataset, "tta": tta, "images": int(tally.n),
         "epoch": state["epoch"], "model": spec.name,
-        "top1_error": 1 - top1 / n, "top5_error": 1 - top5 / n,
+        "top1_error": tally.top1_error, "top5_error": tally.top5_error,
         "seconds": time.perf_counter() - t0,
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from dataclasses import dataclass
 import math
 import random
 import resource
@@ -33,6 +34,7 @@ from ..config import Config
 from ..models.densenet import build
 from ..tracking import RemoteTracker, Tracker
 from . import amp, checkpoint, optim
+from .metrics import Tally
 
 
 def _say(line: str) -> None:
@@ -58,13 +60,6 @@ def _peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-    k = min(5, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
-    hit = top.eq(labels[:, None])
-    return int(hit[:, 0].sum()), int(hit.any(dim=1).sum())
 
 
 def _progress(epoch: int, epochs: int, step: int, steps: int, loss: float, lr: float,
@@ -116,16 +111,22 @@ class RaySession:
 
 
 class LocalSession:
-    """One process, no Ray: the baseline `benchmarks/ray_overhead.py` holds Ray Train to.
+    """One process, no Ray: the baseline `benchmarks/ray_overhead.py` holds Ray Train to, and
+    the seam tests use to run the loop in-process.
 
-    Checkpoints are copied into the run folder as Ray Train's storage does.
+    Checkpoints are copied into the run folder as Ray Train's storage does. `stop_after`
+    ends the run after that epoch's report, as `jobs stop` would (raises `Stopped`).
     """
 
     rank, world = 0, 1
 
-    def __init__(self, run_dir: Path) -> None:
+    class Stopped(Exception):
+        pass
+
+    def __init__(self, run_dir: Path, stop_after: int | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.device = torch.device("cpu")
+        self.stop_after = stop_after
 
     def node_id(self) -> str:
         return "local"
@@ -137,6 +138,8 @@ class LocalSession:
     def report(self, row: dict[str, Any], folder: Path | None, name: str | None) -> None:
         if folder is not None and name is not None:
             shutil.copytree(folder, self.run_dir / name, dirs_exist_ok=True)
+        if self.stop_after is not None and row["epoch"] >= self.stop_after:
+            raise self.Stopped(f"stopped after epoch {row['epoch']}")
 
 
 class TrainingDiverged(RuntimeError):
@@ -168,6 +171,136 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     train_loop(loop_config, RaySession())
 
 
+@dataclass
+class Parts:
+    """What one rank trains with: the unwrapped model and what steps it."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    dtype: torch.dtype | None
+    steps: int
+
+
+def check_placement(session: RaySession | LocalSession, nodes: int) -> list[str]:
+    """Every rank's node id; the run must span exactly `nodes` nodes."""
+    node_ids = [session.node_id()]
+    if session.world > 1:
+        node_ids = [None] * session.world
+        dist.all_gather_object(node_ids, session.node_id())
+    if len(set(node_ids)) != nodes:
+        raise RuntimeError(f"{session.world} workers landed on {len(set(node_ids))} nodes, not the "
+                           f"{nodes} asked for")
+    return node_ids
+
+
+def build_parts(cfg: Config, spec, device: torch.device, batches: int) -> Parts:
+    _seed(cfg.train.seed, 0, 0)
+    model = build(spec, memory_efficient=cfg.model.memory_efficient).to(device)
+    if cfg.data.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = optim.build_optimizer(model, cfg)
+    steps = min(batches, cfg.data.max_steps_per_epoch) if cfg.data.max_steps_per_epoch else batches
+    dtype = amp.resolve_dtype(cfg.train.amp, device)
+    return Parts(model, optimizer, optim.build_scheduler(optimizer, steps, cfg),
+                 amp.grad_scaler(device, dtype), dtype, steps)
+
+
+def restore(parts: Parts, session: RaySession | LocalSession, cfg: Config, run_dir: str,
+            device: torch.device, say) -> tuple[int, list[dict[str, Any]]]:
+    """Load the checkpoint to continue from (Ray's, else with --resume the run folder's newest
+    whole one) into `parts`; returns (epochs done, history)."""
+    state, folder = None, None
+    with session.restored() as restored:
+        if restored is not None:
+            state, folder = checkpoint.load(restored, map_location=device), restored
+    newest = checkpoint.newest(run_dir, say=say) if state is None and cfg.train.resume else None
+    if newest is not None:
+        # A job stopped right after a checkpoint was written can leave Ray's own record
+        # of it behind; the run folder's newest whole checkpoint is the truth.
+        folder = storage.parent(newest)
+        state = checkpoint.load(newest, map_location=device)
+    if state is None:
+        return 0, []
+    parts.model.load_state_dict(state["model"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    parts.scaler.load_state_dict(state["scaler"])
+    say(f"resumed from epoch {state['epoch']} ({folder})")
+    return state["epoch"], list(state["history"])
+
+
+def train_one_epoch(net: nn.Module, parts: Parts, loader, criterion, epoch: int, epochs: int,
+                    device: torch.device, world: int, log_every: int, say, tracker) -> tuple[Tally, float]:
+    """One pass over this rank's shard; returns its tally (this rank only) and the seconds."""
+    net.train()
+    tally = Tally()
+    t0 = time.perf_counter()
+    steps = parts.steps
+    for step, (images, labels) in enumerate(loader, start=1):
+        if step > steps:
+            break
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with amp.autocast(device, parts.dtype):
+            logits = net(images)
+            loss = criterion(logits.float(), labels)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(f"the loss is {loss_value} at epoch {epoch + 1} step {step}: "
+                                   "training diverged; lower optim.lr or turn on warm-up")
+        parts.optimizer.zero_grad(set_to_none=True)
+        parts.scaler.scale(loss).backward()
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        parts.scheduler.step()
+        tally.add(logits.detach(), labels, loss_value * labels.shape[0])
+        if step % log_every == 0 or step == steps:
+            elapsed = time.perf_counter() - t0
+            lr = parts.optimizer.param_groups[0]["lr"]
+            img_s = tally.n * world / elapsed
+            say(_progress(epoch, epochs, step, steps, tally.loss, lr, img_s, elapsed))
+            tracker.log({"step/loss": loss_value, "step/lr": lr, "step/images_per_s": img_s,
+                         "epoch": epoch + step / steps}, step=epoch * steps + step)
+    return tally, time.perf_counter() - t0
+
+
+def validate(net: nn.Module, loader, mine: int, device: torch.device, dtype) -> Tally:
+    """This rank's own `mine` val samples (FFCV pads the last shard with repeats)."""
+    net.eval()
+    tally, seen = Tally(), 0
+    with torch.no_grad(), amp.autocast(device, dtype):
+        for images, labels in loader:
+            keep = min(labels.shape[0], mine - seen)
+            if keep <= 0:
+                break
+            seen += labels.shape[0]
+            images, labels = images[:keep].to(device), labels[:keep].to(device)
+            logits = net(images).float()
+            tally.add(logits, labels, nn.functional.cross_entropy(logits, labels, reduction="sum").item())
+    return tally
+
+
+def checkpoint_state(parts: Parts, epoch: int, history: list, cfg: Config, spec, manifest,
+                     loop_config: dict[str, Any], node_ids: list[str]) -> dict[str, Any]:
+    """Everything needed to resume or evaluate: the unwrapped model and what steps it."""
+    return {
+        "model": parts.model.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": parts.scaler.state_dict(),
+        "epoch": epoch,
+        "history": history,
+        "config": cfg.to_dict(),
+        "spec": spec.to_dict(),
+        "store": {"path": manifest.path, "dataset": manifest.dataset,
+                  "manifest_sha256": loop_config.get("manifest_sha256", ""),
+                  "classes": list(manifest.classes)},
+        "placement": node_ids,
+        "rng": {"torch": torch.get_rng_state()},
+    }
+
+
 def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) -> None:
     from ..data.loaders import make_loader
 
@@ -175,17 +308,11 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
     run_dir = loop_config["run_dir"]  # a path or a storage URI
     rank, world = session.rank, session.world
     primary = rank == 0
+    say = _say if primary else (lambda _line: None)
     device = session.device
     if device.type == "cpu":
         torch.set_num_threads(max(1, round(cfg.cluster.cpus_per_worker)))
-
-    node_ids = [session.node_id()]
-    if world > 1:
-        node_ids = [None] * world
-        dist.all_gather_object(node_ids, session.node_id())
-    if len(set(node_ids)) != cfg.cluster.nodes:
-        raise RuntimeError(f"{world} workers landed on {len(set(node_ids))} nodes, not the "
-                           f"{cfg.cluster.nodes} asked for")
+    node_ids = check_placement(session, cfg.cluster.nodes)
 
     per_worker = runs.per_worker_batch(cfg.optim.batch_size, cfg.cluster.nodes, world // cfg.cluster.nodes)
     threads_before = torch.get_num_threads()
@@ -200,60 +327,30 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
     val_total = manifest.splits["val"].count
     val_mine = shard_size(val_total, rank, world) if world > 1 else val_total
 
-    spec = cfg.model_spec()
-    spec = dataclasses.replace(spec, num_classes=manifest.num_classes)
-    _seed(cfg.train.seed, 0, 0)
-    model = build(spec, memory_efficient=cfg.model.memory_efficient).to(device)
-    if cfg.data.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = optim.build_optimizer(model, cfg)
-    steps = len(train_loader)
-    if cfg.data.max_steps_per_epoch:
-        steps = min(steps, cfg.data.max_steps_per_epoch)
-    scheduler = optim.build_scheduler(optimizer, steps, cfg)
-    dtype = amp.resolve_dtype(cfg.train.amp, device)
-    scaler = amp.grad_scaler(device, dtype)
-    if primary:
-        precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + grad scaler"}[dtype]
-        if dtype is None and cfg.train.amp == "auto" and device.type == "cpu":
-            precision += " (this CPU has no native bf16 kernels; --amp bf16 forces it)"
-        _say(f"{world} worker(s) on {len(set(node_ids))} node(s) "
-              f"[{', '.join(f'rank {r}: {n[:8]}' for r, n in enumerate(node_ids))}], {device.type}, "
-              f"{precision}, {steps} steps of {per_worker} per worker an epoch")
+    spec = dataclasses.replace(cfg.model_spec(), num_classes=manifest.num_classes)
+    parts = build_parts(cfg, spec, device, len(train_loader))
+    precision = {None: "fp32", torch.bfloat16: "bf16 autocast",
+                 torch.float16: "fp16 autocast + grad scaler"}[parts.dtype]
+    if parts.dtype is None and cfg.train.amp == "auto" and device.type == "cpu":
+        precision += " (this CPU has no native bf16 kernels; --amp bf16 forces it)"
+    say(f"{world} worker(s) on {len(set(node_ids))} node(s) "
+        f"[{', '.join(f'rank {r}: {n[:8]}' for r, n in enumerate(node_ids))}], {device.type}, "
+        f"{precision}, {parts.steps} steps of {per_worker} per worker an epoch")
 
-    start_epoch, history, best = 0, [], math.inf
-    state = None
-    with session.restored() as folder:
-        if folder is not None:
-            state = checkpoint.load(folder, map_location=device)
-    newest = (checkpoint.newest(run_dir, say=_say if primary else (lambda _: None))
-              if state is None and cfg.train.resume else None)
-    if newest is not None:
-        # A job stopped right after a checkpoint was written can leave Ray's own record
-        # of it behind; the run folder's newest checkpoint is the truth.
-        folder = storage.parent(newest)
-        state = checkpoint.load(newest, map_location=device)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, history = state["epoch"], list(state["history"])
-        best = min((h["val_top1_error"] for h in history), default=math.inf)
-        if primary:
-            _say(f"resumed from epoch {start_epoch} ({folder})")
+    start_epoch, history = restore(parts, session, cfg, run_dir, device, say)
+    best = min((h["val_top1_error"] for h in history), default=math.inf)
 
-    net: nn.Module = model
+    net: nn.Module = parts.model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            parts.model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.train.compile:
         net = torch.compile(net)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
 
     tracker = _open_tracker(cfg, loop_config, primary, manifest)
     if primary and tracker.active:
-        tracker.summary({"params": sum(p.numel() for p in model.parameters()),
+        tracker.summary({"params": sum(p.numel() for p in parts.model.parameters()),
                          "macs": spec.complexity()["macs"], "workers": world,
                          "nodes": len(set(node_ids))})
 
@@ -261,66 +358,22 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
     for epoch in range(start_epoch, epochs):
         _seed(cfg.train.seed, epoch, rank)
         train_loader.next_epoch = epoch
-        net.train()
         t0 = time.perf_counter()
-        sums = [0.0, 0.0, 0.0, 0.0]  # loss * n, top-1 hits, top-5 hits, n
-        for step, (images, labels) in enumerate(train_loader, start=1):
-            if step > steps:
-                break
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with amp.autocast(device, dtype):
-                logits = net(images)
-                loss = criterion(logits.float(), labels)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(f"the loss is {loss_value} at epoch {epoch + 1} step {step}: "
-                                       "training diverged; lower optim.lr or turn on warm-up")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            n = labels.shape[0]
-            c1, c5 = _topk_correct(logits.detach(), labels)
-            sums = [sums[0] + loss_value * n, sums[1] + c1, sums[2] + c5, sums[3] + n]
-            if primary and (step % cfg.train.log_every_steps == 0 or step == steps):
-                elapsed = time.perf_counter() - t0
-                lr = optimizer.param_groups[0]["lr"]
-                img_s = sums[3] * world / elapsed
-                _say(_progress(epoch, epochs, step, steps, sums[0] / sums[3], lr, img_s, elapsed))
-                tracker.log({"step/loss": loss_value, "step/lr": lr, "step/images_per_s": img_s,
-                             "epoch": epoch + step / steps}, step=epoch * steps + step)
-        train_time = time.perf_counter() - t0
-        loss_sum, c1, c5, n = _sum(sums, device)
-
-        net.eval()
-        vsums = [0.0, 0.0, 0.0, 0.0]
-        seen = 0
-        with torch.no_grad(), amp.autocast(device, dtype):
-            for images, labels in val_loader:
-                keep = min(labels.shape[0], val_mine - seen)
-                if keep <= 0:
-                    break
-                seen += labels.shape[0]
-                images, labels = images[:keep].to(device), labels[:keep].to(device)
-                logits = net(images).float()
-                vl = nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-                v1, v5 = _topk_correct(logits, labels)
-                vsums = [vsums[0] + vl, vsums[1] + v1, vsums[2] + v5, vsums[3] + keep]
-        vloss, v1, v5, vn = _sum(vsums, device)
-        epoch_time = time.perf_counter() - t0
-
+        mine, train_time = train_one_epoch(net, parts, train_loader, criterion, epoch, epochs, device,
+                                           world, cfg.train.log_every_steps, say, tracker)
+        trained = mine.reduced(device)
+        val = validate(net, val_loader, val_mine, device, parts.dtype).reduced(device)
         row = {
             "epoch": epoch + 1,
-            "train_loss": loss_sum / n,
-            "train_top1_error": 1 - c1 / n,
-            "train_top5_error": 1 - c5 / n,
-            "val_loss": vloss / vn,
-            "val_top1_error": 1 - v1 / vn,
-            "val_top5_error": 1 - v5 / vn,
-            "images_per_s": n / train_time,
-            "epoch_time_s": epoch_time,
-            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": trained.loss,
+            "train_top1_error": trained.top1_error,
+            "train_top5_error": trained.top5_error,
+            "val_loss": val.loss,
+            "val_top1_error": val.top1_error,
+            "val_top5_error": val.top5_error,
+            "images_per_s": trained.n / train_time,
+            "epoch_time_s": time.perf_counter() - t0,
+            "lr": parts.optimizer.param_groups[0]["lr"],
             "peak_memory_mib": max(_sum([_peak_memory_mib(device)], device)[0] / world, 0.0),
             # Wall clock as the row is made: the gaps between rows are whole epochs, the
             # previous report and checkpoint included.
@@ -329,39 +382,23 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
         history.append(row)
         is_best = row["val_top1_error"] < best
         best = min(best, row["val_top1_error"])
-        if primary:
-            _say("epoch {epoch}/{0}: train loss {train_loss:.4f} top-1 err {train_top1_error:.4f}"
-                  " | val loss {val_loss:.4f} top-1 err {val_top1_error:.4f} top-5 err "
-                  "{val_top5_error:.4f} | {images_per_s:,.0f} img/s, {epoch_time_s:.1f} s".format(
-                epochs, **row))
-            tracker.log({f"epoch/{k}": v for k, v in row.items()}, step=(epoch + 1) * steps)
+        say("epoch {epoch}/{0}: train loss {train_loss:.4f} top-1 err {train_top1_error:.4f}"
+            " | val loss {val_loss:.4f} top-1 err {val_top1_error:.4f} top-5 err "
+            "{val_top5_error:.4f} | {images_per_s:,.0f} img/s, {epoch_time_s:.1f} s".format(epochs, **row))
+        tracker.log({f"epoch/{k}": v for k, v in row.items()}, step=(epoch + 1) * parts.steps)
 
         save_now = (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == epochs
+        name = f"epoch-{epoch + 1:04d}"
         with tempfile.TemporaryDirectory(prefix="densenet-ckpt-") as tmp:
             written = None
-            name = f"epoch-{epoch + 1:04d}"
             if save_now and primary:
-                checkpoint.save(Path(tmp), {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "epoch": epoch + 1,
-                    "history": history,
-                    "config": cfg.to_dict(),
-                    "spec": spec.to_dict(),
-                    "store": {"path": manifest.path, "dataset": manifest.dataset,
-                              "manifest_sha256": loop_config.get("manifest_sha256", ""),
-                              "classes": list(manifest.classes)},
-                    "placement": node_ids,
-                    "rng": {"torch": torch.get_rng_state()},
-                })
+                checkpoint.save(Path(tmp), checkpoint_state(parts, epoch + 1, history, cfg, spec,
+                                                            manifest, loop_config, node_ids))
                 written = Path(tmp)
             session.report(row, written, name if save_now else None)
         if primary and save_now and tracker.active:
             aliases = ["latest"] + (["best"] if is_best else [])
             tracker.log_checkpoint(storage.join(run_dir, name), name=f"{loop_config['run_name']}-model",
                                    aliases=aliases, metadata=row)
-    if primary:
-        tracker.finish(summary={"best_val_top1_error": best,
-                                "final_val_top1_error": history[-1]["val_top1_error"] if history else None})
+    tracker.finish(summary={"best_val_top1_error": best,
+                            "final_val_top1_error": history[-1]["val_top1_error"] if history else None})

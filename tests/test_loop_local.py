@@ -1,0 +1,66 @@
+"""The worker loop in one process (`LocalSession`, no Ray): learning, checkpoint contents,
+and a resumed run ending with the same weights as an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fixtures_data import make_synthetic_store
+from pipeline import config as C
+from pipeline.train import checkpoint
+from pipeline.train.loop import LocalSession, train_loop
+
+pytestmark = pytest.mark.ffcv
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_synthetic_store(tmp_path_factory.mktemp("stores") / "syn", 256, 64)
+
+
+@pytest.fixture(autouse=True)
+def no_compile():
+    # FFCV compiles each new Loader's pipeline (seconds each); decoding is the same without.
+    from ffcv.pipeline.compiler import Compiler
+
+    Compiler.set_enabled(False)
+    yield
+    Compiler.set_enabled(True)
+
+
+def _run(store, run_dir, stop_after: int | None = None, resume: bool = False) -> None:
+    cfg = C.validate(C.apply_overrides(C.load_recipe("smoke"), {
+        "data.store": str(store), "data.augment": False, "data.loader_workers": 1,
+        "train.epochs": 3, "train.resume": resume, "optim.batch_size": 32,
+        "tracking.wandb": "off", "cluster.run_name": run_dir.name, "cluster.storage": str(run_dir.parent)}))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    loop_config = {"config": cfg.to_dict(), "run_dir": str(run_dir), "run_name": run_dir.name,
+                   "manifest_sha256": "x" * 64}
+    try:
+        train_loop(loop_config, LocalSession(run_dir, stop_after=stop_after))
+    except LocalSession.Stopped:
+        assert stop_after is not None
+
+
+@pytest.mark.timeout(300)
+def test_local_loop_learns_and_a_resumed_run_ends_with_the_same_weights(store, tmp_path, capsys):
+    _run(store, tmp_path / "straight")
+    straight = checkpoint.load(tmp_path / "straight")
+    assert [h["epoch"] for h in straight["history"]] == [1, 2, 3]
+    assert straight["history"][-1]["val_top1_error"] < 0.5  # chance is 0.9
+    assert len(straight["store"]["classes"]) == 10
+    assert {"model", "optimizer", "scheduler", "scaler", "config", "spec", "placement"} <= set(straight)
+
+    _run(store, tmp_path / "broken", stop_after=1)
+    assert checkpoint.load(tmp_path / "broken")["epoch"] == 1
+    _run(store, tmp_path / "broken", resume=True)
+    assert "resumed from epoch 1" in capsys.readouterr().out
+    resumed = checkpoint.load(tmp_path / "broken")
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    for key, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][key]), key
+    assert json.dumps(resumed["history"][0]) == json.dumps(
+        checkpoint.load(tmp_path / "broken" / "epoch-0001")["history"][0])
