@@ -167,8 +167,8 @@ def test_a_failed_trial_and_a_stopped_sweep_keep_their_wandb_record(ray_cluster,
     r = cli("jobs", "status", job_id)
     assert "STOPPED" in r.output
 
-    # Resumed: the stopped trial goes on from its checkpoint to the end; the diverging one
-    # fails again, so the sweep says so (exit 1).
+    # Resumed: the stopped trial goes on from its checkpoint to the end; the failed one is
+    # kept as failed, so the sweep still says so (exit 1).
     before = checkpoint.load(trials / stopped.config["cluster"]["run_name"])["history"]
     r = cli(*args, "--resume", "s2")
     assert r.exit_code == 1 and "1 trial(s) failed" in r.output, r.output

@@ -138,9 +138,11 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
                                 {"cpu": TRIAL_CPU})
     callbacks = [_trial_recorders(base, trials_dir, cfg.train.epochs, dataset_artifact(manifest))] if tracked else []
     if s.resume:
-        print(f"resuming sweep {s.name}: finished trials are kept", flush=True)
+        print(f"resuming sweep {s.name}: finished and failed trials are kept", flush=True)
+        # A failed trial stays failed (its error is in the results; Tune already retried it
+        # cluster.max_failures times); resuming runs the trials that were cut short.
         tuner = tune.Tuner.restore(folder, trainable=trial, resume_unfinished=True,
-                                   resume_errored=True)
+                                   resume_errored=False)
         # Callbacks are not part of Tune's saved state; they are set again on restore.
         tuner._local_tuner._run_config.callbacks = callbacks or None
     else:
