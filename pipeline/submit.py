@@ -225,8 +225,23 @@ class JobServer:
         Returns the characters received. Ctrl-C propagates as KeyboardInterrupt.
         """
         import asyncio
+        import signal
+        import threading
 
-        return asyncio.run(self._tail(job_id, on_text))
+        if threading.current_thread() is not threading.main_thread():
+            return asyncio.run(self._tail(job_id, on_text))
+
+        # asyncio.run turns Ctrl-C into cancelling its task, and aiohttp ends a cancelled
+        # websocket read as a closed socket: the interrupt was lost and the follow went on.
+        # With a handler of our own, asyncio leaves SIGINT alone and it raises here.
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGINT, interrupt)
+        try:
+            return asyncio.run(self._tail(job_id, on_text))
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     async def _tail(self, job_id: str, on_text: Callable[[str], None]) -> int:
         import aiohttp

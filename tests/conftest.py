@@ -69,7 +69,13 @@ def ray_cluster(cluster_dir: Path, cli: Callable[..., Result]):
     """A running 3-node local cluster (1 CPU per node) shared by the session."""
     from pipeline import local_cluster
 
-    result = cli("cluster", "up", "--nodes", "3", "--cpus-per-node", "1")
+    from pipeline.data.loaders import JIT_ENV
+
+    # The nodes' workers decode without numba's per-process compile (~19 s a worker start
+    # here); in-process loader tests keep it, so both paths are tested.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(JIT_ENV, "0")
+        result = cli("cluster", "up", "--nodes", "3", "--cpus-per-node", "1")
     assert result.exit_code == 0, result.output
     cluster = local_cluster.running(cluster_dir)
     assert cluster is not None and len(cluster.alive()) == 3

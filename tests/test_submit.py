@@ -200,6 +200,9 @@ def test_ctrl_c_leaves_the_job_running_or_stops_it(ray_cluster, cli):
         for line in proc.stdout:
             if line.startswith("doctor: started"):
                 break
+        # Past the first seconds of polling: the interrupt lands while following the
+        # websocket, where it was once lost.
+        time.sleep(12)
         proc.send_signal(signal.SIGINT)
         # A guard against a hang, not a timing: the stopped job gets up to 30 s to end.
         out, err = proc.communicate(timeout=150)

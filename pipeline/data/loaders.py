@@ -77,6 +77,11 @@ def label_pipeline() -> list[Any]:
     return [IntDecoder(), ToTensor(), Squeeze(1)]
 
 
+# "0" decodes without numba-compiling the pipeline: the same images, without the ~10-20 s a
+# new process spends compiling (the test suite's Ray workers use it; training should not).
+JIT_ENV = "DENSENET_PIPE_FFCV_JIT"
+
+
 def make_loader(store_dir: str | os.PathLike, split: Literal["train", "val"], batch_size: int,
                 data_cfg: DataSection, *, distributed: bool = False, seed: int = 0,
                 drop_last: bool | None = None, channels_last: bool | None = None,
@@ -91,6 +96,10 @@ def make_loader(store_dir: str | os.PathLike, split: Literal["train", "val"], ba
     """
     from ffcv.loader import Loader, OrderOption
 
+    if os.environ.get(JIT_ENV) == "0":
+        from ffcv.pipeline.compiler import Compiler
+
+        Compiler.set_enabled(False)
     if split not in ("train", "val"):
         raise UserError(f"split must be train or val, got {split!r}")
     if batch_size < 1:
