@@ -52,9 +52,15 @@ def _trial_fn(base_dict: dict[str, Any], trials_dir: str, manifest_sha256: str, 
 
         from ..train.trainer import build_trainer, finish_run, plan_placement
 
+        from ..train import checkpoint
+
         name = ray.tune.get_context().get_trial_name()
         cfg = trial_config(Config.from_dict(base_dict), params, name, trials_dir)
         folder = storage.join(trials_dir, name)
+        # A trial cut short (the sweep job stopped) goes on from its newest whole checkpoint;
+        # Ray Train would start it again from scratch.
+        if storage.is_dir(folder) and checkpoint.newest(folder, say=lambda _line: None) is not None:
+            cfg = apply_overrides(cfg, {"train.resume": True})
         # A trial that ran before the sweep job died continues from its own checkpoints.
         storage.makedirs(folder)
         cfg.save(storage.join(folder, "config.json"))
