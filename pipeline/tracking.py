@@ -216,7 +216,12 @@ class Tracker:
         if self.run is None:
             return
         self.summary({**(summary or {}), "ended": ended})
+        record = None
+        if self.mode == "offline" and self.active:
+            record = Path(self.run.dir).parent / f"run-{self.run.id}.wandb"
         self._guard("finish", self.run.finish, exit_code=ENDED[ended])
+        if record is not None:
+            _wait_for_exit_record(record)
         self.sync()
         self.run = None
 
@@ -377,6 +382,22 @@ class RemoteTracker:
     def finish(self, summary: dict[str, Any] | None = None, ended: str = "finished") -> None:
         if summary:
             self.summary(summary)
+
+
+def _wait_for_exit_record(path: Path, timeout: float = 60.0) -> None:
+    """`run.finish` can return before wandb-core has written the run's file to its end; the
+    file is whole once its exit record is in it."""
+    from .wandb_records import NotAWandbFile, read_records
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if any(r.WhichOneof("record_type") == "exit" for r in read_records(path)):
+                return
+        except (OSError, NotAWandbFile):
+            pass
+        time.sleep(0.1)
+    _warn("finish", TimeoutError(f"{path} has no exit record after {timeout:g} s"))
 
 
 def _safe_id(text: str) -> str:
