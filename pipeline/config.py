@@ -89,6 +89,8 @@ class TrainSection:
     # config; resume_changes lists the keys the user gave (see runs.resume_config).
     resume: bool = False
     resume_changes: list[str] = field(default_factory=list)
+    # With resume: continue from this epoch's checkpoint; newer ones are set aside, not lost.
+    resume_from_epoch: int | None = None
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
     log_every_steps: int = 50
@@ -299,6 +301,10 @@ def validate(cfg: Config) -> Config:
         (t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}"),
         (s.warmup_epochs <= t.epochs, "schedule.warmup_epochs must not exceed train.epochs"),
         (t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
+        (t.resume_from_epoch is None or t.resume,
+         "--from-epoch continues a run: give it with --resume NAME"),
+        (t.resume_from_epoch is None or 1 <= t.resume_from_epoch < t.epochs,
+         f"--from-epoch must be in [1, {t.epochs}) (the run's train.epochs), got {t.resume_from_epoch}"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (t.log_every_steps >= 1, "train.log_every_steps must be >= 1"),
         (d.loader_workers >= 1, "data.loader_workers must be >= 1"),

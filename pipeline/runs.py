@@ -75,7 +75,7 @@ def check_private_folder(path: Path, what: str) -> None:
 RESUME_MAY_CHANGE = ("train.epochs", "cluster.wait_for_nodes", "tracking.wandb")
 # What names the run and how to reach it, not how it trains.
 _RESUME_IDENTITY = ("cluster.storage", "cluster.run_name", "cluster.address", "train.resume",
-                    "train.resume_changes", "data.store")
+                    "train.resume_changes", "train.resume_from_epoch", "data.store")
 
 
 def _get(d: dict, key: str):

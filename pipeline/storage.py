@@ -179,6 +179,24 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
+@_remote
+def move(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename a file or folder; on object storage a copy of every object, then a delete."""
+    if not is_uri(source):
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+        return
+    import pyarrow.fs
+
+    fs, src = _fs(str(source))
+    _, dst = _fs(str(target))
+    if fs.get_file_info(src).type == pyarrow.fs.FileType.Directory:
+        pyarrow.fs.copy_files(src, dst, source_filesystem=fs, destination_filesystem=fs)
+        fs.delete_dir(src)
+    else:
+        fs.move(src, dst)
+
+
 def write_text(location: str | os.PathLike, text: str) -> None:
     write_bytes(location, text.encode())
 

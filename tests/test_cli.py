@@ -56,6 +56,9 @@ def test_models_table_and_overrides():
     (["train", "resnet50", "--dry-run"], "unknown model 'resnet50'"),
     (["train", "densenet121", "--epochs", "3", "--dry-run"], "milestones [30.0, 60.0] must be epochs in (0, 3]"),
     (["prepare", "synthetic", "--noise", "-1", "--dry-run"], "synthetic noise must be >= 0"),
+    (["train", "densenet_bc100_k12", "--from-epoch", "2", "--dry-run"], "give it with --resume NAME"),
+    (["train", "densenet_bc100_k12", "--set", "train.resume=true", "--set", "train.resume_from_epoch=0",
+      "--dry-run"], "--from-epoch must be in [1, 300)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle):
     r = runner.invoke(app, args)

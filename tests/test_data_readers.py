@@ -238,3 +238,47 @@ def test_a_non_utf8_file_name_is_a_listed_bad_file(tmp_path):
     m = prepare(cfg, log=lines.append)
     assert len(m.skipped) == 1 and "caf" in m.skipped[0]["path"]
     assert any("unreadable image" in line and "caf" in line for line in lines)
+
+
+@pytest.mark.timeout(120)
+def test_archives_claiming_more_than_the_format_allows_are_refused_before_reading(tmp_path):
+    """A .mat whose header claims 10 million images, and a 200 kB CIFAR tar.gz with a member
+    that inflates past the largest the format has: one line, nothing loaded."""
+    import gzip
+    import struct
+    import tarfile
+
+    from scipy.io import savemat
+
+    from pipeline.data.readers import MAX_MEMBER_BYTES
+
+    make_svhn(tmp_path, n_train=4, n_test=2)
+    train = tmp_path / "train_32x32.mat"
+    savemat(train, {"X": np.zeros((32, 32, 3, 4), np.uint8), "y": np.ones((4, 1), np.uint8)})
+    data = bytearray(train.read_bytes())
+    # First element, uncompressed: tag (8), array flags (16), dims tag (8), then 4 x int32.
+    assert struct.unpack_from("<4i", data, 128 + 32) == (32, 32, 3, 4)
+    struct.pack_into("<i", data, 128 + 32 + 12, 10_000_000)
+    train.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="X claims 10,000,000 images, more than the official 73,257"):
+        read_source(cfg("svhn", tmp_path))
+
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    big = MAX_MEMBER_BYTES + 1
+    with gzip.open(archive, "wb", compresslevel=1) as gz, tarfile.open(fileobj=gz, mode="w|") as tar:
+        info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        info.size = big
+        tar.addfile(info, io.BytesIO(bytes(big)))
+    assert archive.stat().st_size < 1_000_000
+    with pytest.raises(UserError, match=f"data_batch_1 is {big:,} bytes, more than the format allows"):
+        read_source(cfg("cifar10", archive))
+
+
+def test_an_image_file_over_the_byte_cap_is_refused_unread(tmp_path):
+    from pipeline.data.readers import MAX_IMAGE_BYTES, FileSplit
+
+    huge = tmp_path / "huge.jpg"
+    with open(huge, "wb") as f:
+        f.truncate(MAX_IMAGE_BYTES + 1)  # sparse: nothing is written or read
+    with pytest.raises(ValueError, match="over the 268,435,456-byte cap"):
+        FileSplit([(str(huge), 0)]).image(0)

@@ -64,3 +64,26 @@ def test_local_loop_learns_and_a_resumed_run_ends_with_the_same_weights(store, t
         assert torch.equal(tensor, resumed["model"][key]), key
     assert json.dumps(resumed["history"][0]) == json.dumps(
         checkpoint.load(tmp_path / "broken" / "epoch-0001")["history"][0])
+
+
+@pytest.mark.timeout(300)
+def test_a_run_taken_back_to_an_older_epoch_retrains_from_there(store, tmp_path, capsys):
+    """`train --resume R --from-epoch 1`: newer checkpoints and Ray's record of them are set
+    aside (kept), and the run retrains epochs 2-3 from epoch 1 to the same weights."""
+    run = tmp_path / "run"
+    _run(store, run)
+    first = checkpoint.load(run)
+    (run / checkpoint.RAY_RECORD).write_text("{}")
+    with pytest.raises(Exception, match="no complete checkpoint of epoch 7"):
+        checkpoint.set_aside_after(run, 7)
+    aside = checkpoint.set_aside_after(run, 1)
+    assert sorted(p.name for p in run.glob("epoch-*")) == ["epoch-0001"]
+    assert sorted(p.name for p in (run / aside.rsplit("/", 1)[1]).iterdir()) == [
+        checkpoint.RAY_RECORD, "epoch-0002", "epoch-0003"]
+    assert checkpoint.set_aside_after(run, 1) is None
+    _run(store, run, resume=True)
+    assert "resumed from epoch 1" in capsys.readouterr().out
+    again = checkpoint.load(run)
+    assert [h["epoch"] for h in again["history"]] == [1, 2, 3]
+    for key, tensor in first["model"].items():
+        assert torch.equal(tensor, again["model"][key]), key

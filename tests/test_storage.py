@@ -35,3 +35,30 @@ def test_local_write_is_atomic_and_listdir_sorted(tmp_path):
     storage.write_text(target, "[1, 2]")
     assert target.read_text() == "[1, 2]" and storage.listdir(tmp_path / "a") == ["history.json"]
     assert storage.listdir(tmp_path / "missing") == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["path", "s3"])
+def test_a_run_taken_back_sets_newer_checkpoints_aside(where, tmp_path, request):
+    """`--from-epoch`'s move, on a folder and on object storage (moto's S3 server)."""
+    import hashlib
+    import json
+
+    from pipeline.train import checkpoint
+
+    base = str(tmp_path) if where == "path" else request.getfixturevalue("s3_bucket")
+    run = storage.join(base, f"taken-back-{where}")
+    for epoch in (1, 2, 3):
+        body = f"weights {epoch}".encode()
+        folder = storage.join(run, f"epoch-{epoch:04d}")
+        storage.write_bytes(storage.join(folder, checkpoint.FILE), body)
+        storage.write_text(storage.join(folder, checkpoint.DONE), json.dumps(
+            {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}))
+    storage.write_text(storage.join(run, checkpoint.RAY_RECORD), "{}")
+    said: list[str] = []
+    aside = checkpoint.set_aside_after(run, 1, say=said.append)
+    assert storage.listdir(run) == ["epoch-0001", storage.name(aside)]
+    assert storage.listdir(aside) == [checkpoint.RAY_RECORD, "epoch-0002", "epoch-0003"]
+    assert storage.read_text(storage.join(aside, "epoch-0003", checkpoint.FILE)) == "weights 3"
+    assert "epoch-0002, epoch-0003" in said[0]
+    assert checkpoint.newest(run) == storage.join(run, "epoch-0001", checkpoint.FILE)

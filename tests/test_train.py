@@ -19,7 +19,7 @@ from fixtures_data import make_synthetic_store
 from pipeline import storage, submit
 from pipeline.tracking import ENDED
 from pipeline.train import checkpoint
-from pipeline.wandb_records import RunView
+from pipeline.wandb_records import NotAWandbFile, RunView
 
 pytestmark = [pytest.mark.ray, pytest.mark.ffcv]
 
@@ -122,6 +122,23 @@ def _wait_for(location: str, seconds: float) -> None:
         time.sleep(0.5)
 
 
+def _s3_wandb_view(run: str, scratch: Path) -> RunView | None:
+    """The run's offline W&B record as copied into its S3 folder, or None while there is none."""
+    offline = [n for n in storage.listdir(storage.join(run, "wandb")) if n.startswith("offline-run-")]
+    if not offline:
+        return None
+    (offline,) = offline
+    names = [n for n in storage.listdir(storage.join(run, "wandb", offline)) if n.endswith(".wandb")]
+    if not names:
+        return None
+    local = scratch / names[0]
+    local.write_bytes(storage.read_bytes(storage.join(run, "wandb", offline, names[0])))
+    try:
+        return RunView.read(local)
+    except NotAWandbFile:  # copied before wandb-core wrote its header
+        return None
+
+
 @pytest.mark.timeout(900)
 def test_resumed_run_in_s3_ends_with_the_same_weights(trained, cli, store, s3_bucket, tmp_path):
     """Stopped after epoch 1, resumed: the same weights as the uninterrupted `trained` run.
@@ -138,13 +155,19 @@ def test_resumed_run_in_s3_ends_with_the_same_weights(trained, cli, store, s3_bu
     assert r.exit_code == 0, r.output
     job_id = r.stdout.strip().splitlines()[-1]
     _wait_for(storage.join(run, "epoch-0001", "checkpoint.pt"), 300)
+    # The W&B record reaches S3 at each checkpoint, while the run is still going (no exit
+    # record yet): a run killed hard keeps what it logged.
+    deadline = time.monotonic() + 120
+    while True:
+        during = _s3_wandb_view(run, tmp_path)
+        if during is not None and 1 in during.epochs():
+            assert during.exit_code is None
+            break
+        assert time.monotonic() < deadline, "no W&B record in S3 while the run went on"
+        time.sleep(0.5)
     assert cli("jobs", "stop", job_id).exit_code == 0
     # The stopped run's W&B record is whole and says the user stopped it (copied to S3).
-    (offline,) = [n for n in storage.listdir(storage.join(run, "wandb")) if n.startswith("offline-run-")]
-    (name,) = [n for n in storage.listdir(storage.join(run, "wandb", offline)) if n.endswith(".wandb")]
-    local = tmp_path / name
-    local.write_bytes(storage.read_bytes(storage.join(run, "wandb", offline, name)))
-    stopped = RunView.read(local)
+    stopped = _s3_wandb_view(run, tmp_path)
     assert 1 in stopped.epochs() and stopped.summary["ended"] == "stopped_by_user"
     assert stopped.exit_code == ENDED["stopped_by_user"]
     again = cli("train", *common, "--name", "broken")
@@ -175,6 +198,17 @@ def test_resumed_run_in_s3_ends_with_the_same_weights(trained, cli, store, s3_bu
     assert r.exit_code == 0, r.output
     result = json.loads(storage.read_text(storage.join(run, "epoch-0003", "evaluation-synthetic-none.json")))
     assert result["epoch"] == 3 and result["top1_error"] == pytest.approx(history[-1]["val_top1_error"], abs=1e-9)
+
+    # Taken back to an older epoch: the newer checkpoints are set aside in S3, not lost, and
+    # retraining from there gives the same weights again.
+    (older, *_) = [int(n[6:]) for n in storage.listdir(run) if n.startswith("epoch-") and n != "epoch-0003"]
+    back = cli("train", *common, "--resume", "broken", "--from-epoch", str(older))
+    assert back.exit_code == 0, back.output
+    assert f"resumed from epoch {older}" in back.output and "set aside epoch-0003" in back.output
+    (aside,) = [n for n in storage.listdir(run) if n.startswith("superseded-")]
+    assert "epoch-0003" in storage.listdir(storage.join(run, aside))
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, checkpoint.load(run)["model"][key]), key
 
 
 @pytest.mark.timeout(300)

@@ -55,6 +55,7 @@ def train(
     storage: Annotated[Optional[str], typer.Option(help="Checkpoints and results: folder or URI.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Run name (default: model and start time).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue the run NAME from its latest checkpoint.")] = None,
+    from_epoch: Annotated[Optional[int], typer.Option(help="With --resume: continue from this epoch's checkpoint; newer ones are set aside in the run folder.")] = None,
     wait_for_nodes: Annotated[Optional[float], typer.Option(help="Seconds to wait for an autoscaling cluster to have --nodes.")] = None,
     wandb: Annotated[Optional[str], typer.Option(help="online, offline or off.")] = None,
     wandb_project: Annotated[Optional[str], typer.Option(help="W&B project.")] = None,
@@ -85,7 +86,10 @@ def train(
         changed = sorted({k for k, v in flags.items() if v is not None} | {"model.name"}
                          | {s.split("=", 1)[0].strip() for s in sets or []})
         cfg = C.apply_overrides(cfg, {"cluster.run_name": resume, "train.resume": True,
-                                      "train.resume_changes": changed})
+                                      "train.resume_changes": changed,
+                                      "train.resume_from_epoch": from_epoch})
+    elif from_epoch is not None:
+        raise UserError("--from-epoch continues a run: give it with --resume NAME")
     cfg = finalize_paths(cfg, address)
     if save_config:
         cfg.save(save_config)

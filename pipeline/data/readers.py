@@ -39,6 +39,9 @@ IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "PPM", "TIFF", "GIF")
 # Decompression bombs: a 10 kB PNG can claim 16k x 16k pixels. PIL's own warning level
 # (89.5 Mpx, several times ImageNet's largest image) is our refusal level.
 MAX_PIXELS = 89_478_485
+# No dataset image comes near this many bytes; a bigger "image" is read into memory by
+# every writer process before it can be refused.
+MAX_IMAGE_BYTES = 256 << 20
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -148,8 +151,10 @@ class FileSplit(Split):
 
     def image(self, i: int) -> np.ndarray:
         e = self.entries[i]
-        data = _read_member(e) if isinstance(e, TarMember) else Path(e).read_bytes()
-        return decode_image(data)
+        size = e.size if isinstance(e, TarMember) else Path(e).stat().st_size
+        if size > MAX_IMAGE_BYTES:
+            raise ValueError(f"{size:,} bytes is over the {MAX_IMAGE_BYTES:,}-byte cap for one image")
+        return decode_image(_read_member(e) if isinstance(e, TarMember) else Path(e).read_bytes())
 
 
 class SyntheticSplit(Split):
@@ -265,6 +270,17 @@ def _unpickle(data: bytes, where: str, fix: str) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in out.items()}
 
 
+# The largest file each official archive holds (CIFAR-100's `train`: 50,000 x 3,072 bytes
+# and labels, about 155 MB), with room to spare. A member claiming more is not the format,
+# and reading it would take that much memory (a 1.8 MB tar.gz can inflate to gigabytes).
+MAX_MEMBER_BYTES = 200 << 20
+
+
+def _check_member_size(where: str, size: int, fix: str, cap: int = MAX_MEMBER_BYTES) -> None:
+    if size > cap:
+        raise UserError(f"{where} is {size:,} bytes, more than the format allows ({cap:,}): {fix}")
+
+
 def _cifar_files(path: Path, folder: str, names: list[str], fix: str) -> tuple[dict[str, bytes], list[Path]]:
     """The named batch files from a tarball or an (extracted) folder."""
     if path.is_dir():
@@ -273,6 +289,8 @@ def _cifar_files(path: Path, folder: str, names: list[str], fix: str) -> tuple[d
         if missing:
             raise UserError(f"{base} has no {', '.join(missing)}: point --source at "
                             f"{folder}/ or the tarball ({fix})")
+        for n in names:
+            _check_member_size(str(base / n), (base / n).stat().st_size, fix)
         return {n: (base / n).read_bytes() for n in names}, []
     found: dict[str, bytes] = {}
     seen: list[str] = []
@@ -282,6 +300,7 @@ def _cifar_files(path: Path, folder: str, names: list[str], fix: str) -> tuple[d
                 seen.append(m.name)
                 n = m.name.rsplit("/", 1)[-1]
                 if m.isfile() and n in names and m.name.startswith(folder + "/"):
+                    _check_member_size(f"{path}:{m.name}", m.size, fix)
                     found[n] = tar.extractfile(m).read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise UserError(f"{path} is truncated or not a tar archive ({e}): {fix}") from None
@@ -343,10 +362,55 @@ def read_cifar(path: Path, card: Card, cfg: PrepareConfig) -> Source:
                   files=files, info=info)
 
 
-def _load_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _mat_dims(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> dimensions of each array in a MATLAB 5 file, read from the headers alone: a
+    compressed array is inflated only as far as its header, so a small file that inflates
+    to gigabytes is measured before anything is loaded. ValueError when it is not MATLAB 5."""
+    import struct
+
+    out: dict[str, tuple[int, ...]] = {}
+    with open(path, "rb") as f:
+        head = f.read(128)
+        if len(head) < 128 or head[126:128] not in (b"IM", b"MI"):
+            raise ValueError("not a MATLAB 5 .mat file")
+        e = "<" if head[126:128] == b"IM" else ">"
+
+        def sub(body: bytes, pos: int) -> tuple[bytes, int]:
+            word, nbytes = struct.unpack_from(e + "II", body, pos)
+            if word >> 16:  # small data element: size and type share the first word
+                return body[pos + 4: pos + 4 + (word >> 16)], pos + 8
+            return body[pos + 8: pos + 8 + nbytes], pos + 8 + (nbytes + 7) // 8 * 8
+
+        while len(tag := f.read(8)) == 8:
+            kind, nbytes = struct.unpack(e + "II", tag)
+            start = f.tell()
+            if kind == 15:  # miCOMPRESSED: zlib around one miMATRIX element
+                body = zlib.decompressobj().decompress(f.read(min(nbytes, 4096)), 1024)[8:]
+            else:
+                body = f.read(min(nbytes, 1024))
+            f.seek(start + (nbytes if kind == 15 else (nbytes + 7) // 8 * 8))
+            if kind not in (14, 15):
+                continue
+            _, pos = sub(body, 0)                 # array flags
+            dims, pos = sub(body, pos)
+            name, _ = sub(body, pos)
+            out[name.decode("latin-1")] = struct.unpack(e + f"{len(dims) // 4}i", dims)
+    return out
+
+
+def _load_svhn_mat(path: Path, most: int) -> tuple[np.ndarray, np.ndarray]:
+    """X and y of one SVHN file holding at most `most` images (the official count)."""
     from scipy.io import loadmat
 
     fix = f"pass the cropped-digits (format 2) {path.name} from http://ufldl.stanford.edu/housenumbers/"
+    try:
+        dims = _mat_dims(path)
+    except Exception as e:  # noqa: BLE001  (struct.error, zlib.error, ValueError, OSError)
+        raise UserError(f"{path} is not a readable .mat file ({' '.join(str(e).split())}): {fix}") from None
+    declared = dims.get("X", ())
+    if len(declared) == 4 and declared[3] > most:
+        raise UserError(f"{path}: X claims {declared[3]:,} images, more than the official "
+                        f"{most:,} (a corrupt or crafted file?): {fix}")
     try:
         mat = loadmat(path, variable_names=["X", "y"])
     except Exception as e:  # noqa: BLE001  (scipy raises several types for a bad file)
@@ -372,16 +436,16 @@ def read_svhn(path: Path, card: Card, cfg: PrepareConfig) -> Source:
     if cfg.extra and not extra.is_file():
         raise UserError(f"{extra} is missing: put it beside train_32x32.mat or pass --no-extra")
     use_extra = extra.is_file() if cfg.extra is None else cfg.extra
-    tr_x, tr_y = _load_svhn_mat(train)
+    tr_x, tr_y = _load_svhn_mat(train, card.splits.train or 0)
     files = [train, test]
     info: dict[str, Any] = {"extra": use_extra, "train_sizes": {"train_32x32.mat": len(tr_y)}}
     if use_extra:
-        ex_x, ex_y = _load_svhn_mat(extra)
+        ex_x, ex_y = _load_svhn_mat(extra, card.splits.extra or 0)
         info["train_sizes"]["extra_32x32.mat"] = len(ex_y)
         tr_x, tr_y = np.concatenate([tr_x, ex_x]), np.concatenate([tr_y, ex_y])
         files.append(extra)
         card.splits.train = (card.splits.train or 0) + (card.splits.extra or 0)
-    va_x, va_y = _load_svhn_mat(test)
+    va_x, va_y = _load_svhn_mat(test, card.splits.val or 0)
     return Source("svhn", card, list(card.classes),
                   {"train": ArraySplit(tr_x, tr_y, "train"), "val": ArraySplit(va_x, va_y, str(test))},
                   files=files, info=info)
@@ -487,6 +551,10 @@ class _Window(io.RawIOBase):
 _VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})", re.IGNORECASE)
 
 
+# meta.mat and the ground truth are a few hundred kB each.
+_MAX_DEVKIT_BYTES = 16 << 20
+
+
 def _devkit(path: Path) -> tuple[list[str], dict[str, str]]:
     """(val synsets in image-number order, wnid -> words) from the ILSVRC2012 devkit."""
     from scipy.io import loadmat
@@ -498,6 +566,7 @@ def _devkit(path: Path) -> tuple[list[str], dict[str, str]]:
         for n in names:
             p = path / n
             if p.is_file():
+                _check_member_size(str(p), p.stat().st_size, fix, _MAX_DEVKIT_BYTES)
                 found[n] = p.read_bytes()
     else:
         try:
@@ -505,6 +574,7 @@ def _devkit(path: Path) -> tuple[list[str], dict[str, str]]:
                 for m in t:
                     for n in names:
                         if m.isfile() and m.name.endswith(n):
+                            _check_member_size(f"{path}:{m.name}", m.size, fix, _MAX_DEVKIT_BYTES)
                             found[n] = t.extractfile(m).read()
         except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
             raise UserError(f"{path} is truncated or not a tar archive ({e}): {fix}") from None

@@ -107,6 +107,30 @@ def epoch_folder(run_dir: str | os.PathLike, epoch: int) -> str:
     return where
 
 
+# Ray Train's record of the checkpoints it wrote; a run taken back to an older epoch must
+# not be restored from it.
+RAY_RECORD = "checkpoint_manager_snapshot.json"
+
+
+def set_aside_after(run_dir: str | os.PathLike, epoch: int, say=print) -> str | None:
+    """Take a run back to epoch `epoch`: its newer checkpoints, and Ray's record of them,
+    move into `superseded-<time>/` in the run folder (kept, never deleted), so the run
+    resumes from `epoch`. Returns that folder, or None when nothing was newer."""
+    import time
+
+    run_dir = str(run_dir)
+    epoch_folder(run_dir, epoch)
+    newer = [n for n in storage.listdir(run_dir)
+             if n.startswith("epoch-") and n[6:].isdigit() and int(n[6:]) > epoch]
+    if not newer:
+        return None
+    aside = storage.join(run_dir, f"superseded-{time.strftime('%Y%m%d-%H%M%S')}")
+    for name in newer + [n for n in (RAY_RECORD,) if storage.exists(storage.join(run_dir, n))]:
+        storage.move(storage.join(run_dir, name), storage.join(aside, name))
+    say(f"set aside {', '.join(newer)} in {aside}: the run continues from epoch {epoch}")
+    return aside
+
+
 def _sha256(source: io.BytesIO | Path) -> str:
     h = hashlib.sha256()
     if isinstance(source, Path):

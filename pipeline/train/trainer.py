@@ -148,6 +148,8 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
     if cfg.train.resume:
         from . import checkpoint
 
+        if cfg.train.resume_from_epoch is not None:
+            checkpoint.set_aside_after(folder, cfg.train.resume_from_epoch)
         # A corrupt latest checkpoint would otherwise fail every worker restart in turn.
         state = checkpoint.load(folder)
         trained_on = state.get("store", {}).get("manifest_sha256")
