@@ -41,6 +41,18 @@ def check_classes(model_classes: int | None, store_classes: int, store: str) -> 
                         "classes: drop model.num_classes or use the matching store")
 
 
+def check_checkpoint_classes(predicts: int, trained: list[str] | None, store_classes: list[str],
+                             store: str) -> None:
+    """A checkpoint is evaluated only on a store with its classes, in its order, by name."""
+    if predicts != len(store_classes):
+        raise UserError(f"checkpoint predicts {predicts} classes but store {store} has "
+                        f"{len(store_classes)}: evaluate on the store it was trained for")
+    if trained and list(trained) != list(store_classes):
+        differ = next(i for i, (a, b) in enumerate(zip(trained, store_classes)) if a != b)
+        raise UserError(f"checkpoint's class {differ} is {trained[differ]!r} but store {store} calls it "
+                        f"{store_classes[differ]!r}: evaluate on the store it was trained for")
+
+
 def workers_per_node(requested: int | None, use_gpu: bool, gpus: list[int]) -> int:
     """Workers on each node: as asked, else one per GPU of the smallest GPU node, else 1."""
     if requested is not None:

@@ -93,3 +93,12 @@ def test_resume_trains_with_the_runs_own_config_and_only_the_allowed_changes():
     asked["model"]["name"] = "densenet121"
     with pytest.raises(UserError, match="model.name was 'densenet_simple', now 'densenet121'"):
         runs.resume_config(saved, asked, ["model.name"], "r")
+
+
+def test_a_checkpoint_meets_only_a_store_with_its_classes_by_name_and_order():
+    runs.check_checkpoint_classes(3, ["cat", "dog", "fox"], ["cat", "dog", "fox"], "s")
+    runs.check_checkpoint_classes(3, None, ["a", "b", "c"], "s")  # checkpoints of round one
+    with pytest.raises(UserError, match="predicts 3 classes but store s has 2"):
+        runs.check_checkpoint_classes(3, ["cat", "dog", "fox"], ["cat", "dog"], "s")
+    with pytest.raises(UserError, match="class 1 is 'dog' but store s calls it 'fox'"):
+        runs.check_checkpoint_classes(3, ["cat", "dog", "fox"], ["cat", "fox", "dog"], "s")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .. import runs
 from ..config import Config
 from ..errors import UserError
 from ..models.densenet import build
@@ -49,14 +50,8 @@ def evaluate(checkpoint_path: str | Path, store: str | Path, *, tta: str = "none
     cfg = Config.from_dict(state["config"])
     spec = DenseNetSpec(**{**state["spec"], "block_config": tuple(state["spec"]["block_config"])})
     manifest = open_store(store)
-    if manifest.num_classes != spec.num_classes:
-        raise UserError(f"checkpoint predicts {spec.num_classes} classes but store {store} has "
-                        f"{manifest.num_classes}: evaluate on the store it was trained for")
-    trained = state.get("store", {}).get("classes")
-    if trained and list(trained) != list(manifest.classes):
-        differ = next(i for i, (a, b) in enumerate(zip(trained, manifest.classes)) if a != b)
-        raise UserError(f"checkpoint's class {differ} is {trained[differ]!r} but store {store} calls it "
-                        f"{manifest.classes[differ]!r}: evaluate on the store it was trained for")
+    runs.check_checkpoint_classes(spec.num_classes, state.get("store", {}).get("classes"),
+                                  manifest.classes, str(store))
     model = build(spec)
     model.load_state_dict(state["model"])
     model.eval()
