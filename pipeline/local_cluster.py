@@ -76,6 +76,8 @@ class LocalCluster:
     token_path: str
     temp_dir: str
     nodes: list[Node] = field(default_factory=list)
+    # Started by a job's command, not shaped by `cluster up`: a later job may grow it.
+    auto: bool = False
 
     def headers(self) -> dict[str, str]:
         """HTTP headers the job server wants from clients (its bearer token)."""
@@ -117,23 +119,36 @@ def running(directory: Path | None = None) -> LocalCluster | None:
 
 
 def ensure(directory: Path | None = None, note: Callable[[str], None] | None = None,
-           timeout: float = 180.0) -> LocalCluster:
-    """The running local cluster, or a fresh one-node cluster (all of this machine's CPUs)."""
+           timeout: float = 180.0, nodes: int = 1, cpus_per_node: float | None = None,
+           gpus_per_node: int | None = None) -> LocalCluster:
+    """A local cluster for a job that needs `nodes` nodes: a fresh one of that shape when
+    none is up (default: one node with all of this machine's CPUs); the running one as it
+    is when `cluster up` shaped it; one that an earlier job's command started, grown to
+    `nodes` (CPU jobs only: a GPU slice cannot be added beside a head holding every GPU)."""
     cluster = running(directory)
     if cluster is not None:
-        return cluster
-    cluster, _ = up(nodes=1, directory=directory, note=note, timeout=timeout)
+        if not cluster.auto or len(cluster.alive()) >= nodes or gpus_per_node:
+            return cluster
+        if note is not None:
+            note(f"growing the local cluster (started by an earlier command) to {nodes} nodes")
+    elif note is not None and nodes > 1:
+        note(f"no local cluster is up: starting one of {nodes} nodes"
+             + (f", {_number(cpus_per_node)} CPU(s) each" if cpus_per_node else ""))
+    cluster, _ = up(nodes=nodes, cpus_per_node=cpus_per_node, gpus_per_node=gpus_per_node,
+                    directory=directory, note=note, timeout=timeout, auto=True)
     return cluster
 
 
 def up(nodes: int = 1, cpus_per_node: float | None = None, gpus_per_node: int | None = None,
        *, directory: Path | None = None, object_store_memory: int | None = None,
        note: Callable[[str], None] | None = None,
-       timeout: float = 180.0) -> tuple[LocalCluster, int]:
+       timeout: float = 180.0, auto: bool = False) -> tuple[LocalCluster, int]:
     """Start a cluster of `nodes` nodes, or grow the running one to `nodes`.
 
     Returns the cluster and how many nodes this call started. A running cluster with as many
-    nodes or more is left as it is (shrinking is `down` then `up`). `cpus_per_node` None lets
+    nodes or more is left as it is (shrinking is `down` then `up`). `auto` marks a cluster
+    started on a job's behalf (`ensure`); an `up` that is not auto makes it the user's.
+    `cpus_per_node` None lets
     Ray count this machine's CPUs on every node; `gpus_per_node` None gives the head Ray's
     GPU count and worker nodes none, a number G gives node i the devices i*G..(i+1)*G-1.
     """
@@ -162,6 +177,8 @@ def up(nodes: int = 1, cpus_per_node: float | None = None, gpus_per_node: int | 
         else:
             cluster.nodes = cluster.alive()
             started = 0
+        cluster.auto = auto and (started == 1 or cluster.auto)
+        _save(cluster)
         # One node at a time: nodes that start together in one session folder pick the same
         # socket and log names (raylet.1, ...) and all but one die with "address in use".
         for index in range(len(cluster.nodes), nodes):

@@ -53,6 +53,20 @@ def check_checkpoint_classes(predicts: int, trained: list[str] | None, store_cla
                         f"{store_classes[differ]!r}: evaluate on the store it was trained for")
 
 
+def local_cluster_shape(resources: dict | None, cpus: int, gpus: int) -> tuple[int, float | None, int | None]:
+    """(nodes, CPUs a node, GPUs a node) of an embedded cluster started for a job that needs
+    `resources`: as many nodes as it asks for, this machine's CPUs shared among them (never
+    fewer than the job needs a node), and, for a GPU job, the GPUs sliced per node. None
+    keeps `local_cluster.up`'s default (every CPU; the GPUs on the head)."""
+    nodes = int((resources or {}).get("nodes") or 1)
+    if nodes <= 1:
+        return 1, None, None
+    need_cpus = float(resources.get("cpus_per_node") or 1)
+    per_node = max(need_cpus, float(max(1, cpus // nodes)))
+    gpu_slice = gpus // nodes if resources.get("gpus_per_node") else None
+    return nodes, per_node, gpu_slice
+
+
 def workers_per_node(requested: int | None, use_gpu: bool, gpus: list[int]) -> int:
     """Workers on each node: as asked, else one per GPU of the smallest GPU node, else 1."""
     if requested is not None:

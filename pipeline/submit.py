@@ -330,8 +330,9 @@ def check_token_transport(url: str) -> None:
 
 
 def connect(address: str | None, *, start: bool = True,
-            note: Callable[[str], None] = _note) -> JobServer:
-    """The job server at `address`, or the local cluster's (started when `start`).
+            note: Callable[[str], None] = _note, resources: dict | None = None) -> JobServer:
+    """The job server at `address`, or the local cluster's (started when `start`, shaped for
+    a job needing `resources`: `runs.local_cluster_shape`).
 
     Checks that it answers within a few seconds: an unreachable address is a UserError.
     """
@@ -343,7 +344,14 @@ def connect(address: str | None, *, start: bool = True,
         else:
             server = JobServer(url, _remote_headers(url))
     else:
-        local = local_cluster.ensure(note=note) if start else local_cluster.running()
+        if start:
+            from .runs import local_cluster_shape
+
+            nodes, cpus, gpus = local_cluster_shape(resources, os.cpu_count() or 1,
+                                                    local_cluster.gpu_count() if (resources or {}).get("gpus_per_node") else 0)
+            local = local_cluster.ensure(note=note, nodes=nodes, cpus_per_node=cpus, gpus_per_node=gpus)
+        else:
+            local = local_cluster.running()
         if local is None:
             raise UserError("no local Ray cluster is up: start one with `densenet-pipe cluster "
                             "up` or pass --address (or RAY_ADDRESS)")
@@ -550,7 +558,7 @@ def run_job(job: str, cfg: dict, *, address: str | None, detach: bool = False,
     if job not in available_jobs(root):
         raise UserError(f"unknown job {job!r}: jobs are {', '.join(available_jobs(root))}")
     package = package_working_dir(root, job, cfg)
-    server = connect(address)
+    server = connect(address, resources=resources)
     if resources:
         check_resources(server, resources, wait_for_nodes)
     job_id = _submit_package(server, job, cfg, package)

@@ -34,7 +34,7 @@ app = typer.Typer(
     name="densenet-pipe",
     help="Prepare FFCV stores, train and sweep DenseNets on Ray clusters, tracked in W&B.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -57,6 +57,7 @@ def _register() -> None:
     from . import sweep  # noqa: F401
     from . import jobs  # noqa: F401
     from . import cluster  # noqa: F401
+    from . import settings  # noqa: F401
 
 
 _register()

@@ -13,13 +13,13 @@ import typer
 
 from ..errors import UserError
 from . import app, output
-from .options import Address, Format
+from .options import Address, Format, complete_jobs
 
 jobs_app = typer.Typer(name="jobs", help="List, inspect, follow and stop jobs on the cluster.",
                        no_args_is_help=True)
 app.add_typer(jobs_app)
 
-JobId = Annotated[str, typer.Argument(metavar="JOB_ID", help="Job id, as `submit` printed it or `jobs list` shows.")]
+JobId = Annotated[str, typer.Argument(metavar="JOB_ID", autocompletion=complete_jobs, help="Job id, as `submit` printed it or `jobs list` shows.")]
 
 
 def _when(ms: int | None) -> str:

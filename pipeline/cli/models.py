@@ -9,12 +9,12 @@ import typer
 from ..errors import UserError
 from ..models import spec
 from . import app, output
-from .options import Format
+from .options import Format, complete_models
 
 
 @app.command("models")
 def models(
-    name: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", help="Show one model (with overrides).")] = None,
+    name: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", autocompletion=complete_models, help="Show one model (with overrides).")] = None,
     depth: Annotated[Optional[int], typer.Option(help="Override the depth L.")] = None,
     growth_rate: Annotated[Optional[int], typer.Option(help="Override the growth rate k.")] = None,
     bottleneck: Annotated[Optional[bool], typer.Option("--bottleneck/--no-bottleneck")] = None,

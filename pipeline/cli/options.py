@@ -18,8 +18,42 @@ Sets = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="Override any config key: --set optim.lr=0.05 (repeatable)."),
 ]
+def complete_models(incomplete: str) -> list[str]:
+    from ..models import spec
+
+    return [n for n in spec.names() if n.startswith(incomplete)]
+
+
+def complete_recipes(incomplete: str) -> list[str]:
+    from ..config import recipe_names
+
+    return [n for n in recipe_names() if n.startswith(incomplete)]
+
+
+def complete_datasets(incomplete: str) -> list[str]:
+    from ..data.prepare_config import DATASETS
+
+    return [n for n in DATASETS if n.startswith(incomplete)]
+
+
+def complete_jobs(incomplete: str) -> list[str]:
+    """Job ids of the local cluster (or $RAY_ADDRESS's), newest first; nothing when none is up."""
+    import os
+
+    try:
+        from ..submit import connect
+
+        server = connect(os.environ.get("RAY_ADDRESS"), start=False, note=lambda _m: None)
+        jobs = server.list_jobs()
+    except Exception:  # noqa: BLE001  (completion must never print an error)
+        return []
+    ids = [j.get("submission_id") or j.get("job_id") or "" for j in jobs]
+    return [i for i in ids if i and i.startswith(incomplete)]
+
+
 Recipe = Annotated[
     Optional[str],
-    typer.Option("--recipe", help="Recipe name (cifar, svhn, imagenet, smoke) or a YAML path."),
+    typer.Option("--recipe", autocompletion=complete_recipes,
+                 help="Recipe name (cifar, svhn, imagenet, smoke) or a YAML path."),
 ]
 Format = Annotated[str, typer.Option("--format", help="table or json.")]

@@ -10,9 +10,10 @@ import typer
 
 from ..data.prepare_config import DATASETS, PrepareConfig, validate_prepare
 from ..data.publish import check_out
+from .. import settings
 from ..errors import UserError
 from . import app, output
-from .options import Address, Detach, StopOnInterrupt
+from .options import Address, Detach, StopOnInterrupt, complete_datasets
 
 
 def build_prepare_config(dataset: str, flags: dict[str, Any], synthetic: dict[str, Any],
@@ -26,7 +27,10 @@ def build_prepare_config(dataset: str, flags: dict[str, Any], synthetic: dict[st
         raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
     data: dict[str, Any] = {"dataset": dataset}
     data.update({k: v for k, v in flags.items() if v is not None})
-    data.setdefault("out", str(Path("stores") / dataset))
+    if dataset != "synthetic" and not data.get("source"):
+        data["source"], where = settings.source_for(dataset)
+        output.info(f"source: {data['source']} (sources.{dataset} from {where})")
+    data.setdefault("out", str(settings.store_root() / dataset))
     data["synthetic"] = {k: v for k, v in synthetic.items() if v is not None}
     cfg = validate_prepare(PrepareConfig.from_dict(data))
     if local:
@@ -47,9 +51,9 @@ def build_prepare_config(dataset: str, flags: dict[str, Any], synthetic: dict[st
 
 @app.command("prepare")
 def prepare(
-    dataset: Annotated[str, typer.Argument(metavar="DATASET", help=f"One of: {', '.join(DATASETS)}.")],
-    source: Annotated[Optional[str], typer.Option(help="Official archive/.mat/folder (see datasets/README.md).")] = None,
-    out: Annotated[Optional[str], typer.Option(help="Store directory to write (default: stores/DATASET).")] = None,
+    dataset: Annotated[str, typer.Argument(metavar="DATASET", autocompletion=complete_datasets, help=f"One of: {', '.join(DATASETS)}.")],
+    source: Annotated[Optional[str], typer.Option(help="Official archive/.mat/folder (see datasets/README.md); default: the sources.DATASET setting.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Store directory to write (default: STORE_ROOT/DATASET; see `config show`).")] = None,
     max_resolution: Annotated[Optional[int], typer.Option(help="Longest side in pixels; larger images are downscaled.")] = None,
     write_mode: Annotated[Optional[str], typer.Option(help="raw, jpg, smart or proportion (default: the dataset card's).")] = None,
     jpeg_quality: Annotated[Optional[int], typer.Option(help="JPEG quality 1-100 for jpg/smart/proportion.")] = None,

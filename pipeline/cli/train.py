@@ -12,13 +12,39 @@ from .. import config as C, runs
 from ..errors import UserError
 from ..models import spec
 from . import app, output
-from .options import Address, Detach, Recipe, Sets, StopOnInterrupt
+from .options import Address, Detach, Recipe, Sets, StopOnInterrupt, complete_models
 
 
 def default_recipe(model_name: str) -> str:
     """The paper's recipe for the net's family: imagenet for Table 1 nets, cifar otherwise."""
     family = spec.resolve(model_name).family
     return "imagenet" if family == "densenet_imagenet" else "cifar"
+
+
+# The dataset each named recipe trains on, for the default store (Table 1 nets: imagenet).
+RECIPE_DATASETS = {"cifar": "cifar10", "svhn": "svhn", "imagenet": "imagenet", "smoke": "synthetic"}
+
+
+def default_dataset(model_name: str, recipe: str | None) -> str:
+    if spec.resolve(model_name).family == "densenet_imagenet":
+        return "imagenet"
+    return RECIPE_DATASETS.get(recipe or default_recipe(model_name), "cifar10")
+
+
+def default_store(model_name: str, recipe: str | None, local: bool) -> str:
+    """The store prepared for the model's dataset under the store root, or the error that
+    names both ways to give one."""
+    from .. import settings
+
+    dataset = default_dataset(model_name, recipe)
+    root = settings.store_root()
+    candidate = (root / dataset).absolute()
+    if (candidate / "manifest.json").is_file() or (not local and settings.get("store_root").value):
+        output.info(f"data: {candidate} (the {dataset} store under the store root; --data picks another)")
+        return str(candidate)
+    raise UserError(f"no training data: pass --data STORE, or prepare the {dataset} store into "
+                    f"{candidate} with `densenet-pipe prepare {dataset}` (the store root is "
+                    f"{'the store_root setting' if settings.get('store_root').value else './stores'})")
 
 
 def build_config(recipe: str | None, model_name: str | None, flags: dict[str, Any],
@@ -35,7 +61,8 @@ def build_config(recipe: str | None, model_name: str | None, flags: dict[str, An
 
 @app.command("train")
 def train(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model name; see `densenet-pipe models`.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", autocompletion=complete_models,
+                                         help="Model name; see `densenet-pipe models`.")],
     data: Annotated[Optional[str], typer.Option("--data", help="Store directory (from `prepare`).")] = None,
     recipe: Recipe = None,
     nodes: Annotated[Optional[int], typer.Option(help="Ray nodes the workers span.")] = None,
@@ -78,6 +105,8 @@ def train(
         "tracking.project": wandb_project, "cluster.address": address,
         "cluster.wait_for_nodes": wait_for_nodes,
     }
+    if data is None and not resume and not any(x.split("=", 1)[0].strip() == "data.store" for x in sets or []):
+        flags["data.store"] = default_store(model, recipe, local=address is None)
     cfg = build_config(recipe, model, flags, sets)
     if resume:
         if name and name != resume:

@@ -145,6 +145,18 @@ def _sources(src: Source, log: Log) -> list[dict]:
     return out
 
 
+def _largest_side(beton: Path) -> int:
+    """The longest side of any image in a written .beton (0 when it has none), from FFCV's
+    per-image metadata: nothing is decoded."""
+    from ffcv.reader import Reader
+
+    meta = Reader(str(beton)).metadata
+    if not len(meta):
+        return 0
+    image = meta[meta.dtype.names[0]]
+    return int(max(image["width"].max(), image["height"].max()))
+
+
 def _write_store(tmp: Path, src: Source, settings: WriteSettings, cfg: PrepareConfig,
                  log: Log) -> dict[str, SplitInfo]:
     """Both splits and the manifest into `tmp`, checked as a reader will check them."""
@@ -154,6 +166,14 @@ def _write_store(tmp: Path, src: Source, settings: WriteSettings, cfg: PrepareCo
         splits[name], bad, page = _write_split(name, src, tmp, settings, cfg, log)
         skipped += bad
     card = src.card
+    # Small images stay at their size: an ImageNet-style card's 224 px would have the loader
+    # upsample a folder of 32 px images 49-fold in pixels for no information.
+    resolution = min(card.resolution, _largest_side(tmp / splits["train"].file) or card.resolution)
+    eval_resolution = min(card.eval_resolution, _largest_side(tmp / splits["val"].file) or card.eval_resolution)
+    if (resolution, eval_resolution) != (card.resolution, card.eval_resolution):
+        log(f"note: the images are at most {max(resolution, eval_resolution)} px on a side: the store "
+            f"trains at {resolution} and evaluates at {eval_resolution} px (the card says "
+            f"{card.resolution}/{card.eval_resolution}; --set data.resolution=N overrides)")
     manifest = Manifest(
         format_version=FORMAT_VERSION, dataset=src.dataset, num_classes=len(src.classes),
         classes=list(src.classes), splits=splits,
@@ -163,8 +183,8 @@ def _write_store(tmp: Path, src: Source, settings: WriteSettings, cfg: PrepareCo
                           compress_probability=settings.compress_probability,
                           smart_threshold=settings.smart_threshold,
                           page_size=page),
-        mean=list(card.mean), std=list(card.std), resolution=card.resolution,
-        eval_resolution=card.eval_resolution, family=card.family, augment=card.augment,
+        mean=list(card.mean), std=list(card.std), resolution=resolution,
+        eval_resolution=eval_resolution, family=card.family, augment=card.augment,
         fixed_size=_fixed_size(src, settings), sources=sources, skipped=skipped,
         card_differences=list(src.notes), info=src.info,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
