@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -21,6 +22,23 @@ def test_help_does_not_import_heavy_modules():
             "print(' '.join(m for m in ('torch', 'ffcv', 'ray.train', 'ray', 'wandb', 'numba') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("words,expect", [
+    ("densenet-pipe train densenet16", ["densenet161", "densenet169"]),
+    ("densenet-pipe prepare cif", ["cifar10", "cifar100"]),
+    ("densenet-pipe train densenet121 --recipe sm", ["smoke"]),
+    ("densenet-pipe config set sources.im", ["sources.imagenet", "sources.imagefolder"]),
+])
+def test_shell_completion_of_models_datasets_recipes_and_settings(words, expect, tmp_path):
+    import os
+
+    env = {**os.environ, "_DENSENET_PIPE_COMPLETE": "complete_bash", "COMP_WORDS": words,
+           "COMP_CWORD": str(len(words.split()) - 1)}
+    cli = str(Path(sys.executable).with_name("densenet-pipe"))
+    out = subprocess.run([cli], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert sorted(out.stdout.split()) == sorted(expect), out.stdout + out.stderr
+    assert "--install-completion" in runner.invoke(app, ["--help"]).output
 
 
 def test_models_json_lists_the_whole_zoo():
