@@ -105,9 +105,11 @@ def train(
         "tracking.project": wandb_project, "cluster.address": address,
         "cluster.wait_for_nodes": wait_for_nodes,
     }
-    if data is None and not resume and not any(x.split("=", 1)[0].strip() == "data.store" for x in sets or []):
-        flags["data.store"] = default_store(model, recipe, local=address is None)
+    if from_epoch is not None and not resume:
+        raise UserError("--from-epoch continues a run: give it with --resume NAME")
     cfg = build_config(recipe, model, flags, sets)
+    if not cfg.data.store and not resume:
+        cfg = C.apply_overrides(cfg, {"data.store": default_store(model, recipe, local=address is None)})
     if resume:
         if name and name != resume:
             raise UserError(f"--resume {resume} and --name {name} disagree: give only --resume")
@@ -117,8 +119,6 @@ def train(
         cfg = C.apply_overrides(cfg, {"cluster.run_name": resume, "train.resume": True,
                                       "train.resume_changes": changed,
                                       "train.resume_from_epoch": from_epoch})
-    elif from_epoch is not None:
-        raise UserError("--from-epoch continues a run: give it with --resume NAME")
     cfg = finalize_paths(cfg, address)
     if save_config:
         cfg.save(save_config)
