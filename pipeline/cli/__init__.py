@@ -22,11 +22,18 @@ class _Group(TyperGroup):
     """Turns errors a user can fix into one line and an exit code, never a traceback."""
 
     def invoke(self, ctx):  # type: ignore[override]
+        from typer._click.exceptions import UsageError  # typer's own click, not PyPI's
+
         try:
             return super().invoke(ctx)
         except (UserError, JobFailed) as e:
             output.error(str(e))
             raise typer.Exit(code=getattr(e, "exit_code", 2)) from None
+        except UsageError as e:
+            # click prints usage, a hint and the error on four lines; ours is one.
+            where = e.ctx.command_path if e.ctx is not None else ctx.command_path
+            output.error(f"{e.format_message().rstrip('.')} (see `{where} -h`)")
+            raise typer.Exit(code=2) from None
 
 
 app = typer.Typer(
@@ -54,6 +61,7 @@ def _register() -> None:
     from . import prepare  # noqa: F401
     from . import train  # noqa: F401
     from . import evaluate  # noqa: F401
+    from . import predict  # noqa: F401
     from . import sweep  # noqa: F401
     from . import jobs  # noqa: F401
     from . import cluster  # noqa: F401

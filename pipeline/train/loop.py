@@ -295,7 +295,11 @@ def checkpoint_state(parts: Parts, epoch: int, history: list, cfg: Config, spec,
         "spec": spec.to_dict(),
         "store": {"path": manifest.path, "dataset": manifest.dataset,
                   "manifest_sha256": loop_config.get("manifest_sha256", ""),
-                  "classes": list(manifest.classes)},
+                  "classes": list(manifest.classes),
+                  # What predict and export need to see an image as the net was trained to.
+                  "mean": list(manifest.mean), "std": list(manifest.std),
+                  "resolution": manifest.resolution, "eval_resolution": manifest.eval_resolution,
+                  "family": manifest.family},
         "placement": node_ids,
         "rng": {"torch": torch.get_rng_state()},
     }

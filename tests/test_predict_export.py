@@ -1,0 +1,154 @@
+"""`predict` and `export` on a real checkpoint and a real FFCV store (in-process, no Ray).
+
+The checkpoint is written by `checkpoint.save` with a net of random weights: predicting
+and exporting do not care how well a net learned, only that every path gives the same
+answer for the same image.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fixtures_data import make_imagefolder
+from pipeline import config as C
+from pipeline.cli import app
+from pipeline.data.prepare import prepare
+from pipeline.data.prepare_config import PrepareConfig
+from pipeline.data.readers import decode_image
+from pipeline.infer import eval_transform, image_files, load, predict_paths, predict_store
+from pipeline.models.densenet import build
+from pipeline.models.spec import resolve
+from pipeline.train import checkpoint
+
+pytestmark = pytest.mark.ffcv
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images") / "pets"
+    make_imagefolder(root, classes=("cat", "dog", "fox"), per_class=4)
+    return root
+
+
+@pytest.fixture(scope="module")
+def store(folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("stores") / "pets"
+    # raw: the store holds the decoded pixels, so FFCV's val tensors and ours start equal.
+    prepare(PrepareConfig.from_dict({"dataset": "imagefolder", "source": str(folder), "out": str(out),
+                                     "workers": 1, "write_mode": "raw"}), log=lambda _m: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(store, tmp_path_factory) -> Path:
+    from pipeline.data.store import open_store
+
+    manifest = open_store(store)
+    spec = resolve("densenet_simple", num_classes=3)
+    torch.manual_seed(0)
+    model = build(spec).eval()
+    cfg = C.validate(C.apply_overrides(C.load_recipe("smoke"), {"data.store": str(store)}))
+    folder = tmp_path_factory.mktemp("runs") / "pets-run"
+    checkpoint.save(folder / "epoch-0001", {
+        "model": model.state_dict(), "spec": spec.to_dict(), "config": cfg.to_dict(), "epoch": 1,
+        "history": [], "store": {"path": str(store), "dataset": "imagefolder", "classes": manifest.classes,
+                                 "mean": manifest.mean, "std": manifest.std, "resolution": manifest.resolution,
+                                 "eval_resolution": manifest.eval_resolution, "family": manifest.family}})
+    return folder
+
+
+@pytest.mark.timeout(120)
+def test_the_eval_transform_is_the_ffcv_val_pipelines(folder, store, run):
+    from pipeline.config import DataSection
+    from pipeline.data.loaders import make_loader
+
+    net = load(run)
+    assert net.preprocess.resolution < 64  # the images' size (24-63 px), not the card's 224
+    files = image_files([folder / "val"])
+    ours = np.stack([eval_transform(decode_image(f.read_bytes()), net.preprocess) for f in files])
+    data = DataSection(store=str(store), loader_workers=1, eval_resolution=net.preprocess.resolution)
+    loader, _ = make_loader(store, "val", 64, data, channels_last=False, crop_ratio=net.preprocess.crop_ratio)
+    theirs = np.concatenate([images.numpy() for images, _ in loader])
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+@pytest.mark.timeout(120)
+def test_predict_files_folders_and_a_store_agree_and_a_bad_image_is_a_row(folder, store, run, tmp_path):
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    files = image_files([folder / "val"])
+    r = runner.invoke(app, ["predict", str(run), str(folder / "val"), str(tmp_path / "broken.jpg"),
+                            "--format", "json", "--top-k", "2"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert [row["input"] for row in rows] == [str(f) for f in files] + [str(tmp_path / "broken.jpg")]
+    assert rows[-1]["top"] == [] and "not an image" in rows[-1]["error"]
+    assert "1 of 13 image(s) could not be read" in r.stderr
+    assert all(len(row["top"]) == 2 and row["top"][0]["probability"] >= row["top"][1]["probability"]
+               for row in rows[:-1])
+
+    by_store = predict_store(load(run), store, top_k=1)
+    assert [row["top"][0]["class"] for row in by_store] == [row["top"][0]["class"] for row in rows[:-1]]
+    assert [row["label"] for row in by_store] == [f.parent.name for f in files]
+
+    out = tmp_path / "rows.csv"
+    r = runner.invoke(app, ["predict", str(run / "epoch-0001"), str(files[0]), "--format", "csv", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    (row,) = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert row["input"] == str(files[0]) and row["top1"] == rows[0]["top"][0]["class"] and row["error"] == ""
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fmt", ["safetensors", "torchscript", "onnx"])
+def test_exports_load_with_their_own_readers_and_give_predicts_top1(fmt, folder, run, tmp_path):
+    from pipeline.export import run_exported
+
+    out = tmp_path / f"pets.{fmt}"
+    r = runner.invoke(app, ["export", str(run), "--format", fmt, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "parity on a fixed batch of 4: max abs difference" in r.stderr
+    sidecar = json.loads(out.with_name(out.name + ".json").read_text())
+    assert sidecar["classes"] == ["cat", "dog", "fox"] and sidecar["format"] == fmt
+    assert sidecar["source"]["sha256"] == load(run).sha256 and sidecar["parity"]["max_abs_difference"] <= 1e-4
+    assert sidecar["architecture"]["name"] == "densenet_simple"
+
+    net = load(run)
+    files = image_files([folder / "val"])
+    images = np.stack([eval_transform(decode_image(f.read_bytes()), net.preprocess) for f in files])
+    spec = resolve("densenet_simple", num_classes=3)
+    exported = run_exported(fmt, out, images, spec)
+    expected = [row["top"][0]["index"] for row in predict_paths(net, files, top_k=1)]
+    assert exported.argmax(1).tolist() == expected
+
+    again = runner.invoke(app, ["export", str(run), "--format", fmt, "--out", str(out)])
+    assert again.exit_code == 2 and "exists: pass --force" in again.stderr
+
+
+@pytest.mark.timeout(120)
+def test_bad_input_to_predict_and_export_is_one_line(run, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "foreign.pt").write_bytes(b"PK not ours")
+    cases = [
+        (["predict", str(run), str(tmp_path / "empty")], "holds no images"),
+        (["predict", str(run), str(tmp_path / "missing.jpg")], "does not exist"),
+        (["predict", str(tmp_path / "foreign.pt"), str(tmp_path)], "not a densenet-pipe checkpoint"),
+        (["predict", str(run), str(tmp_path), "--top-k", "0"], "--top-k must be >= 1"),
+        (["export", str(run), "--format", "tflite"], "'tflite' is not one of"),
+        (["export", str(run), "--format", "onnx", "--out", str(tmp_path / "no" / "such" / "m.onnx")],
+         "does not exist: create it"),
+    ]
+    for args, needle in cases:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, (args, r.output)
+        (line,) = r.stderr.strip().splitlines()
+        assert line.startswith("error: ") and needle in line, (args, line)
+    assert not list(tmp_path.rglob("*.onnx*"))
