@@ -30,7 +30,20 @@ def prepare_config(data: dict[str, Any]):
     check_classes(cfg.model.num_classes, manifest.num_classes, manifest.path)
     cfg = apply_overrides(cfg, {"data.store": manifest.path, "model.num_classes": manifest.num_classes,
                                 "cluster.storage": common.resolve_path(storage)})
+    if cfg.model.init_from:
+        cfg = _check_init(cfg)
     return cfg, manifest
+
+
+def _check_init(cfg):
+    """The starting weights fit the net (one line if not), checked here once, not by every worker."""
+    from pipeline.config import apply_overrides
+    from pipeline.models.densenet import build
+    from pipeline.models.init import load_into, resolve
+
+    location = resolve(cfg.model.init_from, cfg.model.name)
+    load_into(build(cfg.model_spec()), location, say=lambda line: print(line, flush=True))
+    return apply_overrides(cfg, {"model.init_from": location})
 
 
 def _resumed(cfg, storage: str):

@@ -38,6 +38,10 @@ class ModelSection:
     # None: taken from the store's manifest when the job starts.
     num_classes: int | None = None
     memory_efficient: bool = False
+    # Fine-tuning: starting weights (`pipeline.models.init`): a state-dict file, a
+    # checkpoint or run folder, or "torchvision". The classifier is replaced when the
+    # class count differs.
+    init_from: str | None = None
 
 
 @dataclass
@@ -67,6 +71,8 @@ class OptimSection:
     # Linear scaling: lr * batch_size / lr_reference_batch when set.
     lr_reference_batch: int | None = None
     label_smoothing: float = 0.0
+    # Fine-tuning: every layer but the classifier learns at lr x this.
+    backbone_lr_mult: float = 1.0
 
 
 @dataclass
@@ -91,6 +97,9 @@ class TrainSection:
     resume_changes: list[str] = field(default_factory=list)
     # With resume: continue from this epoch's checkpoint; newer ones are set aside, not lost.
     resume_from_epoch: int | None = None
+    # Fine-tuning: only the classifier learns for this many epochs (the rest frozen, its
+    # BatchNorm statistics too).
+    freeze_epochs: int = 0
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
     log_every_steps: int = 50
@@ -301,6 +310,9 @@ def validate(cfg: Config) -> Config:
         (t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}"),
         (s.warmup_epochs <= t.epochs, "schedule.warmup_epochs must not exceed train.epochs"),
         (t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
+        (o.backbone_lr_mult >= 0, f"optim.backbone_lr_mult must be >= 0, got {o.backbone_lr_mult}"),
+        (0 <= t.freeze_epochs < t.epochs,
+         f"train.freeze_epochs must be in [0, {t.epochs}) (train.epochs), got {t.freeze_epochs}"),
         (t.resume_from_epoch is None or t.resume,
          "--from-epoch continues a run: give it with --resume NAME"),
         (t.resume_from_epoch is None or 1 <= t.resume_from_epoch < t.epochs,

@@ -308,3 +308,18 @@ def test_a_whole_node_killed_mid_run_restarts_on_the_nodes_left(ray_cluster, cli
     finally:
         assert cli("cluster", "up", "--nodes", "3", "--cpus-per-node", "1").exit_code == 0
     assert len(local_cluster.running().alive()) == 3
+
+
+@pytest.mark.timeout(300)
+def test_init_from_weights_of_another_net_is_one_line_from_the_job(ray_cluster, cli, store, runs, tmp_path):
+    """The job's driver checks `--init-from` against the net before any worker starts."""
+    from pipeline.models.densenet import build
+    from pipeline.models.spec import resolve
+
+    torch.save(build(resolve("densenet121")).state_dict(), tmp_path / "densenet121.pth")
+    r = cli("train", "densenet_simple", "--recipe", "smoke", "--data", store, "--storage", runs,
+            "--nodes", "2", "--wandb", "off", "--init-from", tmp_path / "densenet121.pth")
+    assert r.exit_code == 2, r.output
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "it is a state dict of another architecture" in errors[0], r.output
+    assert "Traceback" not in r.output

@@ -22,10 +22,13 @@ def default_recipe(model_name: str) -> str:
 
 
 # The dataset each named recipe trains on, for the default store (Table 1 nets: imagenet).
-RECIPE_DATASETS = {"cifar": "cifar10", "svhn": "svhn", "imagenet": "imagenet", "smoke": "synthetic"}
+RECIPE_DATASETS = {"cifar": "cifar10", "svhn": "svhn", "imagenet": "imagenet", "smoke": "synthetic",
+                   "finetune": "imagefolder"}
 
 
 def default_dataset(model_name: str, recipe: str | None) -> str:
+    if recipe == "finetune":
+        return "imagefolder"
     if spec.resolve(model_name).family == "densenet_imagenet":
         return "imagenet"
     return RECIPE_DATASETS.get(recipe or default_recipe(model_name), "cifar10")
@@ -82,6 +85,9 @@ def train(
     storage: Annotated[Optional[str], typer.Option(help="Checkpoints and results: folder or URI.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Run name (default: model and start time).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue the run NAME from its latest checkpoint.")] = None,
+    init_from: Annotated[Optional[str], typer.Option(help="Fine-tune from these weights: a state-dict file, a checkpoint or run folder, or `torchvision`.")] = None,
+    backbone_lr_mult: Annotated[Optional[float], typer.Option(help="Fine-tuning: lr multiplier of every layer but the classifier.")] = None,
+    freeze_epochs: Annotated[Optional[int], typer.Option(help="Fine-tuning: epochs in which only the classifier learns.")] = None,
     from_epoch: Annotated[Optional[int], typer.Option(help="With --resume: continue from this epoch's checkpoint; newer ones are set aside in the run folder.")] = None,
     wait_for_nodes: Annotated[Optional[float], typer.Option(help="Seconds to wait for an autoscaling cluster to have --nodes.")] = None,
     wandb: Annotated[Optional[str], typer.Option(help="online, offline or off.")] = None,
@@ -103,13 +109,18 @@ def train(
         "model.memory_efficient": memory_efficient, "train.compile": compile,
         "cluster.storage": storage, "cluster.run_name": name, "tracking.wandb": wandb,
         "tracking.project": wandb_project, "cluster.address": address,
-        "cluster.wait_for_nodes": wait_for_nodes,
+        "cluster.wait_for_nodes": wait_for_nodes, "model.init_from": init_from,
+        "optim.backbone_lr_mult": backbone_lr_mult, "train.freeze_epochs": freeze_epochs,
     }
     if from_epoch is not None and not resume:
         raise UserError("--from-epoch continues a run: give it with --resume NAME")
     cfg = build_config(recipe, model, flags, sets)
     if not cfg.data.store and not resume:
         cfg = C.apply_overrides(cfg, {"data.store": default_store(model, recipe, local=address is None)})
+    if cfg.model.init_from and address is None:
+        from ..models.init import resolve
+
+        cfg = C.apply_overrides(cfg, {"model.init_from": resolve(cfg.model.init_from, cfg.model.name)})
     if resume:
         if name and name != resume:
             raise UserError(f"--resume {resume} and --name {name} disagree: give only --resume")

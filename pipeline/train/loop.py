@@ -181,6 +181,8 @@ class Parts:
     scaler: Any
     dtype: torch.dtype | None
     steps: int
+    # What `model.init_from` loaded (`pipeline.models.init.load_into`), or None.
+    init: dict[str, Any] | None = None
 
 
 def check_placement(session: RaySession | LocalSession, nodes: int) -> list[str]:
@@ -195,16 +197,23 @@ def check_placement(session: RaySession | LocalSession, nodes: int) -> list[str]
     return node_ids
 
 
-def build_parts(cfg: Config, spec, device: torch.device, batches: int) -> Parts:
+def build_parts(cfg: Config, spec, device: torch.device, batches: int, say=lambda _line: None) -> Parts:
     _seed(cfg.train.seed, 0, 0)
-    model = build(spec, memory_efficient=cfg.model.memory_efficient).to(device)
+    model = build(spec, memory_efficient=cfg.model.memory_efficient)
+    init = None
+    if cfg.model.init_from:
+        from ..models.init import load_into
+
+        # A resumed run loads its checkpoint over these in `restore`.
+        init = load_into(model, cfg.model.init_from, say=say)
+    model = model.to(device)
     if cfg.data.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = optim.build_optimizer(model, cfg)
     steps = min(batches, cfg.data.max_steps_per_epoch) if cfg.data.max_steps_per_epoch else batches
     dtype = amp.resolve_dtype(cfg.train.amp, device)
     return Parts(model, optimizer, optim.build_scheduler(optimizer, steps, cfg),
-                 amp.grad_scaler(device, dtype), dtype, steps)
+                 amp.grad_scaler(device, dtype), dtype, steps, init)
 
 
 def restore(parts: Parts, session: RaySession | LocalSession, cfg: Config, run_dir: str,
@@ -232,9 +241,14 @@ def restore(parts: Parts, session: RaySession | LocalSession, cfg: Config, run_d
 
 
 def train_one_epoch(net: nn.Module, parts: Parts, loader, criterion, epoch: int, epochs: int,
-                    device: torch.device, world: int, log_every: int, say, tracker) -> tuple[Tally, float]:
+                    device: torch.device, world: int, log_every: int, say, tracker,
+                    freeze_epochs: int = 0) -> tuple[Tally, float]:
     """One pass over this rank's shard; returns its tally (this rank only) and the seconds."""
     net.train()
+    frozen = optim.backbone_params(parts.model) if epoch < freeze_epochs else []
+    if frozen:
+        # Only the classifier learns: the features keep their weights and BN statistics.
+        parts.model.features.eval()
     tally = Tally()
     t0 = time.perf_counter()
     steps = parts.steps
@@ -251,6 +265,8 @@ def train_one_epoch(net: nn.Module, parts: Parts, loader, criterion, epoch: int,
                                    "training diverged; lower optim.lr or turn on warm-up")
         parts.optimizer.zero_grad(set_to_none=True)
         parts.scaler.scale(loss).backward()
+        for p in frozen:
+            p.grad = None  # the optimizer skips them: no step, no momentum, no decay
         parts.scaler.step(parts.optimizer)
         parts.scaler.update()
         parts.scheduler.step()
@@ -301,6 +317,7 @@ def checkpoint_state(parts: Parts, epoch: int, history: list, cfg: Config, spec,
                   "resolution": manifest.resolution, "eval_resolution": manifest.eval_resolution,
                   "family": manifest.family},
         "placement": node_ids,
+        "init": parts.init,
         "rng": {"torch": torch.get_rng_state()},
     }
 
@@ -332,7 +349,7 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
     val_mine = shard_size(val_total, rank, world) if world > 1 else val_total
 
     spec = dataclasses.replace(cfg.model_spec(), num_classes=manifest.num_classes)
-    parts = build_parts(cfg, spec, device, len(train_loader))
+    parts = build_parts(cfg, spec, device, len(train_loader), say)
     precision = {None: "fp32", torch.bfloat16: "bf16 autocast",
                  torch.float16: "fp16 autocast + grad scaler"}[parts.dtype]
     if parts.dtype is None and cfg.train.amp == "auto" and device.type == "cpu":
@@ -354,6 +371,9 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
 
     tracker = _open_tracker(cfg, loop_config, primary, manifest)
     if primary and tracker.active:
+        if parts.init:
+            tracker.summary({"init_source": parts.init["source"], "init_sha256": parts.init["sha256"],
+                             "init_classifier": parts.init["classifier"]})
         tracker.summary({"params": sum(p.numel() for p in parts.model.parameters()),
                          "macs": spec.complexity()["macs"], "workers": world,
                          "nodes": len(set(node_ids))})
@@ -364,7 +384,8 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
         train_loader.next_epoch = epoch
         t0 = time.perf_counter()
         mine, train_time = train_one_epoch(net, parts, train_loader, criterion, epoch, epochs, device,
-                                           world, cfg.train.log_every_steps, say, tracker)
+                                           world, cfg.train.log_every_steps, say, tracker,
+                                           cfg.train.freeze_epochs)
         trained = mine.reduced(device)
         val = validate(net, val_loader, val_mine, device, parts.dtype).reduced(device)
         row = {

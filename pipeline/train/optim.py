@@ -13,17 +13,29 @@ from ..config import Config
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: conv/linear weights decay; norm parameters and every bias do not."""
-    decay, no_decay, seen = [], [], set()
-    for module in model.modules():
+def param_groups(model: nn.Module, weight_decay: float, lr: float = 0.0,
+                 backbone_lr_mult: float = 1.0) -> list[dict]:
+    """Conv/linear weights decay; norm parameters and every bias do not. With a backbone lr
+    multiplier other than 1, the classifier's parameters get groups of their own at `lr`
+    and the rest learn at lr x multiplier (a group's `backbone` key says which it is)."""
+    groups: dict[tuple[bool, bool], list] = {}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        head = backbone_lr_mult != 1.0 and module_name.split(".", 1)[0] == "classifier"
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            (no_decay if isinstance(module, _NORMS) or name == "bias" else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+            no_decay = isinstance(module, _NORMS) or name == "bias"
+            groups.setdefault((head, no_decay), []).append(p)
+    return [{"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
+             "lr": lr if head else lr * backbone_lr_mult, "backbone": not head}
+            for (head, no_decay), params in sorted(groups.items())]
+
+
+def backbone_params(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter outside the classifier: what `train.freeze_epochs` holds still."""
+    return [p for name, p in model.named_parameters() if name.split(".", 1)[0] != "classifier"]
 
 
 def base_lr(cfg: Config) -> float:
@@ -34,7 +46,7 @@ def base_lr(cfg: Config) -> float:
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     o = cfg.optim
-    groups = param_groups(model, o.weight_decay)
+    groups = param_groups(model, o.weight_decay, base_lr(cfg), o.backbone_lr_mult)
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=base_lr(cfg), momentum=o.momentum, nesterov=o.nesterov)
     return torch.optim.AdamW(groups, lr=base_lr(cfg))
