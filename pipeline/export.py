@@ -96,8 +96,12 @@ def default_out(checkpoint_file: str, fmt: str) -> Path:
 
 
 def export(checkpoint_path: str | Path, fmt: str, out: Path | None = None, *, force: bool = False,
-           log=print) -> dict[str, Any]:
-    """Export, check parity, then publish `out` and `out.json`; returns the sidecar."""
+           wandb_mode: str | None = None, registry: str | None = None, log=print) -> dict[str, Any]:
+    """Export, check parity, then publish `out` and `out.json`; returns the sidecar.
+
+    With W&B (`wandb_mode`, default the training run's `tracking.wandb`) the two files are
+    logged as a `model` artifact by a run of job type `export` in the training run's group;
+    online, `registry` links it into that W&B registry collection."""
     import torch
 
     from . import infer
@@ -142,4 +146,39 @@ def export(checkpoint_path: str | Path, fmt: str, out: Path | None = None, *, fo
         os.replace(staged, out)
         os.replace(Path(tmp) / sidecar_path.name, sidecar_path)
     sidecar["path"] = str(out)
+    _track(net, sidecar, out, sidecar_path, wandb_mode, registry, log)
     return sidecar
+
+
+def _track(net, sidecar: dict[str, Any], out: Path, sidecar_path: Path, wandb_mode: str | None,
+           registry: str | None, log) -> None:
+    import time
+
+    from .config import Config, apply_overrides
+    from .tracking import Tracker, resolve_mode
+
+    cfg = Config.from_dict(net.config) if net.config else Config()
+    if wandb_mode:
+        cfg = apply_overrides(cfg, {"tracking.wandb": wandb_mode})
+    mode = resolve_mode(cfg.tracking.wandb)
+    if mode == "disabled":
+        return
+    if registry and mode != "online":
+        log(f"warning: --registry {registry} needs W&B online (an API key); the export is logged "
+            "offline, unlinked: `wandb sync` it, then link it in the W&B app")
+        registry = None
+    from . import storage
+
+    run = cfg.cluster.run_name or storage.name(storage.parent(storage.parent(net.checkpoint)))
+    tracker = Tracker.start(cfg, run_id=f"{run}-export-{sidecar['format']}-{time.strftime('%Y%m%d-%H%M%S')}",
+                            run_dir=out.parent, job_type="export", group=run, announce=False)
+    if not tracker.active:
+        return
+    tracker.log_export([out, sidecar_path], f"{run}-{sidecar['format']}", ["latest"],
+                       {k: v for k, v in sidecar.items() if k != "path"}, registry)
+    tracker.summary({"export_format": sidecar["format"], "parity_max_abs_difference":
+                     sidecar["parity"]["max_abs_difference"], "source_sha256": net.sha256})
+    where = tracker.where
+    tracker.finish()
+    log(f"W&B: logged as a model artifact{' in ' + where if where else ''}"
+        + (f", linked to the registry collection {registry}" if registry else ""))

@@ -47,6 +47,7 @@ class Trained:
     checkpoint: str
     sha256: str
     epoch: int
+    config: dict[str, Any]
 
 
 def _preprocess(state: dict[str, Any]) -> Preprocess:
@@ -81,7 +82,8 @@ def load(checkpoint_path: str | Path) -> Trained:
     model.eval()
     classes = list(state.get("store", {}).get("classes") or [str(i) for i in range(spec.num_classes)])
     return Trained(model, spec, classes, _preprocess(state), file,
-                   hashlib.sha256(read_bytes(file)).hexdigest(), int(state.get("epoch", 0)))
+                   hashlib.sha256(read_bytes(file)).hexdigest(), int(state.get("epoch", 0)),
+                   dict(state.get("config") or {}))
 
 
 def eval_transform(image: np.ndarray, pre: Preprocess) -> np.ndarray:

@@ -204,6 +204,21 @@ class Tracker:
         except Exception as e:  # noqa: BLE001
             _warn(f"copying its files to {self.upload_to}", e)
 
+    def log_export(self, files: list[Path], name: str, aliases: list[str], metadata: dict[str, Any],
+                   registry: str | None = None) -> None:
+        """An exported model (its file and sidecar) as a `model` artifact; online, linked into
+        the W&B model registry collection `registry`."""
+        def log() -> None:
+            import wandb
+
+            art = wandb.Artifact(_safe_id(name), type="model", metadata=metadata)
+            for file in files:
+                art.add_file(str(file), name=file.name)
+            self.run.log_artifact(art, aliases=aliases)
+            if registry:
+                self.run.link_artifact(art, f"wandb-registry-model/{registry}")
+        self._guard("export artifact", log)
+
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
         def log() -> None:
             import wandb

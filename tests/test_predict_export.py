@@ -113,9 +113,21 @@ def test_exports_load_with_their_own_readers_and_give_predicts_top1(fmt, folder,
     from pipeline.export import run_exported
 
     out = tmp_path / f"pets.{fmt}"
-    r = runner.invoke(app, ["export", str(run), "--format", fmt, "--out", str(out)])
+    # One format goes through W&B (offline: no key here): a `model` artifact of an export run.
+    tracked = fmt == "safetensors"
+    r = runner.invoke(app, ["export", str(run), "--format", fmt, "--out", str(out),
+                            "--wandb", "offline" if tracked else "off", "--registry", "pets"])
     assert r.exit_code == 0, r.output
     assert "parity on a fixed batch of 4: max abs difference" in r.stderr
+    if tracked:
+        from pipeline.wandb_records import RunView
+
+        assert "--registry pets needs W&B online" in r.stderr
+        (record,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+        view = RunView.read(record)
+        assert "pets-run-safetensors" in view.artifacts and view.summary["export_format"] == "safetensors"
+    else:
+        assert not (tmp_path / "wandb").exists()
     sidecar = json.loads(out.with_name(out.name + ".json").read_text())
     assert sidecar["classes"] == ["cat", "dog", "fox"] and sidecar["format"] == fmt
     assert sidecar["source"]["sha256"] == load(run).sha256 and sidecar["parity"]["max_abs_difference"] <= 1e-4
@@ -129,7 +141,7 @@ def test_exports_load_with_their_own_readers_and_give_predicts_top1(fmt, folder,
     expected = [row["top"][0]["index"] for row in predict_paths(net, files, top_k=1)]
     assert exported.argmax(1).tolist() == expected
 
-    again = runner.invoke(app, ["export", str(run), "--format", fmt, "--out", str(out)])
+    again = runner.invoke(app, ["export", str(run), "--format", fmt, "--out", str(out), "--wandb", "off"])
     assert again.exit_code == 2 and "exists: pass --force" in again.stderr
 
 

@@ -107,6 +107,8 @@ def export(
     fmt: Annotated[ExportFormat, typer.Option("--format", help="safetensors, torchscript or onnx.")],
     out: Annotated[Optional[Path], typer.Option(help="Model file to write (default: beside the checkpoint).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing export.")] = False,
+    wandb: Annotated[Optional[str], typer.Option(help="online, offline or off (default: the training run's).")] = None,
+    registry: Annotated[Optional[str], typer.Option(help="Online: link the export into this W&B registry collection.")] = None,
 ) -> None:
     """Export a trained net with a JSON sidecar, after a parity check against PyTorch.
 
@@ -116,6 +118,9 @@ def export(
     """
     from ..export import export as run_export
 
-    sidecar = run_export(checkpoint, fmt.value, out, force=force, log=output.info)
+    if wandb not in (None, "online", "offline", "off"):
+        raise UserError(f"unknown --wandb {wandb!r}: use online, offline or off")
+    sidecar = run_export(checkpoint, fmt.value, out, force=force, wandb_mode=wandb, registry=registry,
+                         log=output.info)
     output.info(f"wrote {sidecar['path']} and {sidecar['path']}.json")
     output.result(sidecar["path"])
