@@ -152,8 +152,9 @@ def predict_paths(net: Trained, paths: list[Path], top_k: int = 5, batch_size: i
             except (ValueError, OSError) as e:
                 out[j] = {"input": str(path), "error": " ".join(str(e).split())[:200], "top": []}
         if batch:
+            device = next(net.model.parameters()).device
             with torch.no_grad():
-                logits = net.model(torch.from_numpy(np.stack(batch)))
+                logits = net.model(torch.from_numpy(np.stack(batch)).to(device))
             for j, row in zip(slots, _rows(net, logits, names, top_k)):
                 out[j] = row
         rows += [r for r in out if r is not None]
@@ -161,8 +162,9 @@ def predict_paths(net: Trained, paths: list[Path], top_k: int = 5, batch_size: i
 
 
 def predict_store(net: Trained, store: str | Path, split: str = "val", top_k: int = 5,
-                  batch_size: int = 64) -> list[dict[str, Any]]:
-    """One row per image of a store's split (named `STORE/split#INDEX`), with its label."""
+                  batch_size: int = 64, indices: range | None = None) -> list[dict[str, Any]]:
+    """One row per image of a store's split (named `STORE/split#INDEX`), with its label;
+    `indices` picks a contiguous part of the split."""
     import dataclasses
 
     import torch
@@ -176,14 +178,53 @@ def predict_store(net: Trained, store: str | Path, split: str = "val", top_k: in
     runs.check_checkpoint_classes(net.spec.num_classes, net.classes, manifest.classes, str(store))
     data = dataclasses.replace(DataSection(), store=str(store), loader_workers=1,
                                eval_resolution=net.preprocess.resolution)
+    if split not in ("train", "val"):
+        raise UserError(f"--split must be train or val, got {split!r}")
+    indices = indices if indices is not None else range(manifest.splits[split].count)
     loader, _ = make_loader(store, split, batch_size, data, channels_last=False,
-                            crop_ratio=net.preprocess.crop_ratio)
+                            crop_ratio=net.preprocess.crop_ratio, indices=np.asarray(indices),
+                            verify=False)
+    device = next(net.model.parameters()).device
     rows: list[dict[str, Any]] = []
     with torch.no_grad():
         for images, labels in loader:
-            names = [f"{store}/{split}#{len(rows) + i}" for i in range(len(labels))]
-            batch = _rows(net, net.model(images), names, top_k)
+            names = [f"{store}/{split}#{indices[len(rows) + i]}" for i in range(len(labels))]
+            batch = _rows(net, net.model(images.to(device)), names, top_k)
             for row, label in zip(batch, labels.tolist()):
                 row["label"] = manifest.classes[int(label)]
             rows += batch
     return rows
+
+
+ROW_FORMATS = ("table", "json", "csv")
+
+
+def render(rows: list[dict[str, Any]], fmt: str, top_k: int) -> str:
+    """Rows as a plain table, JSON or CSV (input, label when known, top-k classes and
+    probabilities, error)."""
+    import csv
+    import io
+    import json
+
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    headers = ["input", "label"] if any("label" in r for r in rows) else ["input"]
+    for k in range(1, top_k + 1):
+        headers += [f"top{k}", f"p{k}"]
+    headers.append("error")
+    table = []
+    for r in rows:
+        line = [r["input"]] + ([r.get("label", "")] if "label" in headers else [])
+        for k in range(top_k):
+            top = r["top"][k] if k < len(r["top"]) else None
+            line += [top["class"], f"{top['probability']:.4f}"] if top else ["", ""]
+        table.append(line + [r["error"] or ""])
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(headers)
+        writer.writerows(table)
+        return buffer.getvalue().rstrip("\n")
+    from .tables import format_table
+
+    return format_table(headers, table)

@@ -323,3 +323,36 @@ def test_init_from_weights_of_another_net_is_one_line_from_the_job(ray_cluster, 
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "it is a state dict of another architecture" in errors[0], r.output
     assert "Traceback" not in r.output
+
+
+@pytest.mark.timeout(600)
+def test_predict_a_store_and_a_folder_as_ray_data_jobs(trained, cli, store, tmp_path):
+    """Folders and stores are classified by Ray Data actors across the cluster; the rows match
+    the in-process path image for image, and an unreadable image is a row, not a failure."""
+    from PIL import Image
+
+    from pipeline import infer
+    from pipeline.data.readers import synthetic_image
+
+    run, _ = trained
+    out = tmp_path / "store.json"
+    r = cli("predict", run, store, "--format", "json", "--out", out, "--actors", "2")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(out.read_text())
+    here = infer.predict_store(infer.load(run), store, top_k=5)
+    assert len(rows) == len(here) == 128
+    assert [row["input"] for row in rows] == [row["input"] for row in here]
+    assert [row["top"][0]["class"] for row in rows] == [row["top"][0]["class"] for row in here]
+    assert all(row["label"] for row in rows)
+
+    from pipeline.data.prepare_config import SyntheticSpec
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(synthetic_image(SyntheticSpec(), "val", i)).save(images / f"{i}.png")
+    (images / "3.png").write_bytes(b"not a png")
+    r = cli("predict", run, images, "--format", "csv", "--out", tmp_path / "folder.csv", "--actors", "1")
+    assert r.exit_code == 0, r.output
+    lines = (tmp_path / "folder.csv").read_text().splitlines()
+    assert len(lines) == 1 + 4 and lines[-1].startswith(str(images / "3.png")) and "not an image" in lines[-1]

@@ -6,9 +6,6 @@ Both read one checkpoint and a few files; neither needs a cluster, so neither is
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -17,6 +14,7 @@ import typer
 
 from ..errors import UserError
 from . import app, output
+from .options import Address, Detach
 
 CheckpointArg = Annotated[str, typer.Argument(
     metavar="CHECKPOINT", help="A run folder (its newest checkpoint), an epoch-NNNN folder or its checkpoint.pt.")]
@@ -34,61 +32,50 @@ class ExportFormat(str, Enum):
     onnx = "onnx"
 
 
-def _render(rows: list[dict], fmt: RowFormat, top_k: int) -> str:
-    if fmt is RowFormat.json:
-        return json.dumps(rows, indent=2)
-    headers = ["input", "label"] if any("label" in r for r in rows) else ["input"]
-    for k in range(1, top_k + 1):
-        headers += [f"top{k}", f"p{k}"]
-    headers.append("error")
-    table = []
-    for r in rows:
-        line = [r["input"]] + ([r.get("label", "")] if "label" in headers else [])
-        for k in range(top_k):
-            top = r["top"][k] if k < len(r["top"]) else None
-            line += [top["class"], f"{top['probability']:.4f}"] if top else ["", ""]
-        table.append(line + [r["error"] or ""])
-    if fmt is RowFormat.csv:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(headers)
-        writer.writerows(table)
-        return buffer.getvalue().rstrip("\n")
-    from ..tables import format_table
-
-    return format_table(headers, table)
-
-
 @app.command("predict")
 def predict(
     checkpoint: CheckpointArg,
     inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Image files, folders of images, or a store (its --split).")],
     top_k: Annotated[int, typer.Option("--top-k", help="Classes per image, most probable first.")] = 5,
     fmt: Annotated[RowFormat, typer.Option("--format", help="table, json or csv.")] = RowFormat.table,
-    out: Annotated[Optional[Path], typer.Option(help="Write the rows here instead of stdout.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the rows here (a cluster job's default: predictions-TIME.FORMAT).")] = None,
     split: Annotated[str, typer.Option(help="With a store: the split to classify.")] = "val",
+    in_process: Annotated[bool, typer.Option("--in-process", help="Run here even for folders and stores, not as a cluster job.")] = False,
+    actors: Annotated[int, typer.Option(help="Cluster job: Ray Data actors holding the model.")] = 2,
+    gpu: Annotated[bool, typer.Option("--gpu/--cpu", help="Cluster job: one GPU per actor.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    address: Address = None,
+    detach: Detach = False,
 ) -> None:
     """Classify images with a trained net: one row per image, its top-k classes.
 
-    Preprocessing is the net's eval transform (the store's mean/std, resolution and centre
-    crop, recorded in the checkpoint). An image that does not decode is a row with its error.
+    Image files run in this process; folders and stores run as a Ray job of batch inference
+    across the cluster (Ray Data actors holding the model). Preprocessing is the net's eval
+    transform (the store's mean/std, resolution and centre crop, recorded in the checkpoint).
+    An image that does not decode is a row with its error.
     """
     from .. import infer
     from ..data.store import MANIFEST
 
     if top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {top_k}")
+    if actors < 1 or batch_size < 1:
+        raise UserError("--actors and --batch-size must be >= 1")
     if out is not None and out.is_dir():
         raise UserError(f"--out {out} is a folder: name the file to write")
-    net = infer.load(checkpoint)
     stores = [i for i in inputs if (Path(i) / MANIFEST).is_file()]
     if stores and len(inputs) > 1:
         raise UserError("a store is classified on its own: pass one store, or image files and folders")
+    many = bool(stores) or any(Path(i).is_dir() for i in inputs)
+    if many and not in_process:
+        _predict_job(checkpoint, inputs, top_k, fmt, out, split, actors, gpu, batch_size, address, detach)
+        return
+    net = infer.load(checkpoint)
     if stores:
-        rows = infer.predict_store(net, stores[0], split=split, top_k=top_k)
+        rows = infer.predict_store(net, stores[0], split=split, top_k=top_k, batch_size=batch_size)
     else:
-        rows = infer.predict_paths(net, infer.image_files(inputs), top_k=top_k)
-    text = _render(rows, fmt, min(top_k, len(net.classes)))
+        rows = infer.predict_paths(net, infer.image_files(inputs), top_k=top_k, batch_size=batch_size)
+    text = infer.render(rows, fmt.value, min(top_k, len(net.classes)))
     bad = sum(1 for r in rows if r["error"])
     if out is None:
         output.result(text)
@@ -99,6 +86,34 @@ def predict(
         output.info(f"wrote {len(rows)} row(s) to {out}")
     if bad:
         output.warn(f"{bad} of {len(rows)} image(s) could not be read; their rows say why")
+
+
+def _predict_job(checkpoint: str, inputs: list[str], top_k: int, fmt: RowFormat, out: Path | None,
+                 split: str, actors: int, gpu: bool, batch_size: int, address: str | None,
+                 detach: bool) -> None:
+    import time
+
+    from .. import submit
+
+    local = address is None
+    if local:
+        missing = [i for i in [checkpoint, *inputs] if not Path(i).expanduser().exists()]
+        if missing:
+            raise UserError(f"{missing[0]} does not exist: pass a checkpoint, then image files, folders or a store")
+    out = out or Path(f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.{ 'txt' if fmt is RowFormat.table else fmt.value}")
+
+    def where(p: str | Path) -> str:
+        return str(Path(p).expanduser().absolute()) if local else str(p)
+
+    cfg = {"checkpoint": where(checkpoint), "inputs": [where(i) for i in inputs], "top_k": top_k,
+           "batch_size": batch_size, "actors": actors, "gpu": gpu, "split": split,
+           "format": fmt.value, "out": where(out)}
+    resources = {"nodes": 1, "cpus_per_node": 1, "gpus_per_node": 1 if gpu else 0}
+    code = submit.run_job("predict", cfg, address=address, detach=detach, resources=resources)
+    if code:
+        raise typer.Exit(code=code)
+    if not detach:
+        output.result(cfg["out"])
 
 
 @app.command("export")

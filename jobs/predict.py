@@ -1,0 +1,108 @@
+"""`python -m jobs.predict --config cfg.json`: batch inference across the cluster on Ray Data.
+
+Config keys: checkpoint, inputs (folders and image files, or one store), top_k, batch_size,
+actors (model-holding Ray Data actors), gpu, split (for a store), format (table|json|csv),
+out (the file the rows go to, written whole at the end).
+
+Every actor loads the checkpoint once and classifies batches: image paths for files and
+folders (every node must see them, as with stores), index ranges of the split for a store
+(each actor reads its ranges with an FFCV loader). One row per image, in input order; an
+image that does not decode is a row with its error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from jobs import common
+
+KEYS = {"checkpoint", "inputs", "top_k", "batch_size", "actors", "gpu", "split", "format", "out"}
+# A store is read in ranges of this many images: one FFCV loader per range.
+STORE_CHUNK = 1024
+
+
+class _Predictor:
+    """A Ray Data actor: the net, loaded once, on its GPU with --gpu."""
+
+    def __init__(self, checkpoint: str, top_k: int, gpu: bool, store: str | None, split: str,
+                 batch_size: int):
+        import torch
+
+        from pipeline import infer
+
+        self.net = infer.load(checkpoint)
+        if gpu:
+            self.net.model.to(torch.device("cuda"))
+        self.top_k, self.store, self.split, self.batch_size = top_k, store, split, batch_size
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        from pipeline import infer
+
+        if self.store is None:
+            rows = infer.predict_paths(self.net, [Path(p) for p in batch["path"]], self.top_k,
+                                       batch_size=self.batch_size)
+            order = list(batch["order"])
+        else:
+            rows, order = [], []
+            for start, stop in zip(batch["start"], batch["stop"]):
+                part = infer.predict_store(self.net, self.store, self.split, self.top_k,
+                                           self.batch_size, indices=range(int(start), int(stop)))
+                rows += part
+                order += list(range(int(start), int(stop)))
+        return {"order": np.asarray(order, dtype=np.int64),
+                "row": np.asarray([json.dumps(r) for r in rows], dtype=object)}
+
+
+def run(data: dict[str, Any]) -> None:
+    import ray
+
+    from pipeline import infer
+    from pipeline.data.store import MANIFEST, open_store
+    from pipeline.errors import UserError
+
+    unknown = set(data) - KEYS
+    if unknown or not data.get("checkpoint") or not data.get("inputs"):
+        raise UserError(f"predict config needs checkpoint and inputs (unknown keys: {sorted(unknown)})")
+    checkpoint = common.resolve_path(data["checkpoint"])
+    inputs = [common.resolve_path(i) for i in data["inputs"]]
+    top_k, batch_size = int(data.get("top_k", 5)), int(data.get("batch_size", 64))
+    fmt, split, gpu = data.get("format", "table"), data.get("split", "val"), bool(data.get("gpu", False))
+    net = infer.load(checkpoint)  # here first: a checkpoint that is not ours is one line
+    store = inputs[0] if len(inputs) == 1 and (Path(inputs[0]) / MANIFEST).is_file() else None
+    if store is not None:
+        manifest = open_store(store)
+        from pipeline import runs
+
+        runs.check_checkpoint_classes(net.spec.num_classes, net.classes, manifest.classes, store)
+        count = manifest.splits[split].count
+        items = [{"start": s, "stop": min(s + STORE_CHUNK, count)} for s in range(0, count, STORE_CHUNK)]
+        what = f"{count:,} images of {store} ({split})"
+    else:
+        files = infer.image_files(inputs)
+        items = [{"order": i, "path": str(p)} for i, p in enumerate(files)]
+        what = f"{len(files):,} image(s)"
+    actors = max(1, min(int(data.get("actors") or 1), len(items)))
+    print(f"predicting {what} with {actors} actor(s) on Ray Data{' (GPUs)' if gpu else ''}", flush=True)
+    ray.init(log_to_driver=True)
+    dataset = ray.data.from_items(items).map_batches(
+        _Predictor, fn_constructor_kwargs={"checkpoint": checkpoint, "top_k": top_k, "gpu": gpu,
+                                           "store": store, "split": split, "batch_size": batch_size},
+        batch_size=1 if store is not None else batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=1, num_gpus=1 if gpu else 0)
+    rows = [json.loads(r["row"]) for r in sorted(dataset.iter_rows(), key=lambda r: int(r["order"]))]
+    text = infer.render(rows, fmt, min(top_k, len(net.classes)))
+    out = Path(common.resolve_path(data["out"]))
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text + "\n")
+    tmp.replace(out)
+    bad = sum(1 for r in rows if r["error"])
+    print(f"wrote {len(rows):,} row(s) to {out}" + (f"; {bad} image(s) could not be read" if bad else ""),
+          flush=True)
+
+
+if __name__ == "__main__":
+    common.main(run)
