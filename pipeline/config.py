@@ -57,6 +57,11 @@ class DataSection:
     channels_last: bool = True
     # Cap on steps per epoch, for smoke runs; 0 means the whole store.
     max_steps_per_epoch: int = 0
+    # Mixup / CutMix on each training batch (Beta(alpha, alpha); 0 is off). With both on, a
+    # batch is CutMix with probability mix_switch_prob, else Mixup (`pipeline.train.mix`).
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_switch_prob: float = 0.5
 
 
 @dataclass
@@ -73,6 +78,11 @@ class OptimSection:
     label_smoothing: float = 0.0
     # Fine-tuning: every layer but the classifier learns at lr x this.
     backbone_lr_mult: float = 1.0
+    # Forward/backward passes per optimizer step: the global batch (batch_size) is split
+    # across workers and these passes, for a batch larger than the workers hold at once.
+    accumulate: int = 1
+    # Clip the gradients' global L2 norm to this before each step (None: no clipping).
+    clip_grad_norm: float | None = None
 
 
 @dataclass
@@ -311,6 +321,11 @@ def validate(cfg: Config) -> Config:
         (s.warmup_epochs <= t.epochs, "schedule.warmup_epochs must not exceed train.epochs"),
         (t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
         (o.backbone_lr_mult >= 0, f"optim.backbone_lr_mult must be >= 0, got {o.backbone_lr_mult}"),
+        (o.accumulate >= 1, f"optim.accumulate must be >= 1, got {o.accumulate}"),
+        (o.clip_grad_norm is None or o.clip_grad_norm > 0,
+         f"optim.clip_grad_norm must be > 0 (or unset), got {o.clip_grad_norm}"),
+        (cfg.data.mixup >= 0 and cfg.data.cutmix >= 0, "data.mixup and data.cutmix must be >= 0"),
+        (0 <= cfg.data.mix_switch_prob <= 1, "data.mix_switch_prob must be in [0, 1]"),
         (0 <= t.freeze_epochs < t.epochs,
          f"train.freeze_epochs must be in [0, {t.epochs}) (train.epochs), got {t.freeze_epochs}"),
         (t.resume_from_epoch is None or t.resume,
@@ -342,7 +357,7 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(message)
     try:
         # The final split is checked again in the job, once it knows the GPUs per node.
-        runs.per_worker_batch(o.batch_size, c.nodes, c.workers_per_node or 1)
+        runs.per_worker_batch(o.batch_size, c.nodes, c.workers_per_node or 1, o.accumulate)
         if c.run_name is not None:
             runs.check_name("run", c.run_name)
         if cfg.sweep.name is not None:

@@ -75,15 +75,18 @@ def workers_per_node(requested: int | None, use_gpu: bool, gpus: list[int]) -> i
     return min(have) if use_gpu and have else 1
 
 
-def per_worker_batch(global_batch: int, nodes: int, per_node: int = 1) -> int:
-    """The per-worker share of the global batch, which must divide evenly: a silent floor
-    would train on fewer images a step than the recipe says."""
+def per_worker_batch(global_batch: int, nodes: int, per_node: int = 1, accumulate: int = 1) -> int:
+    """The images one worker puts through one forward pass: the global batch split across
+    the workers and the `accumulate` passes of each optimizer step. It must divide evenly:
+    a silent floor would train on fewer images a step than the recipe says."""
     workers = nodes * per_node
-    if workers < 1 or global_batch % workers:
-        raise UserError(f"global batch {global_batch} does not divide across {workers} workers "
-                        f"({nodes} nodes x {per_node}): pick a multiple of {workers} (--batch-size) "
+    parts = workers * max(1, accumulate)
+    if workers < 1 or global_batch % parts:
+        split = f"{workers} workers" + (f" x {accumulate} accumulated passes" if accumulate > 1 else "")
+        raise UserError(f"global batch {global_batch} does not divide across {split} "
+                        f"({nodes} nodes x {per_node}): pick a multiple of {parts} (--batch-size) "
                         "or set --workers-per-node")
-    return global_batch // workers
+    return global_batch // parts
 
 
 def check_private_folder(path: Path, what: str) -> None:

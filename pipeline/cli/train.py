@@ -85,6 +85,11 @@ def train(
     storage: Annotated[Optional[str], typer.Option(help="Checkpoints and results: folder or URI.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Run name (default: model and start time).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue the run NAME from its latest checkpoint.")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing in [0, 1).")] = None,
+    mixup: Annotated[Optional[float], typer.Option(help="Mixup alpha (0: off).")] = None,
+    cutmix: Annotated[Optional[float], typer.Option(help="CutMix alpha (0: off); with --mixup, half the batches each.")] = None,
+    accumulate: Annotated[Optional[int], typer.Option(help="Passes per optimizer step (gradient accumulation).")] = None,
+    clip_grad_norm: Annotated[Optional[float], typer.Option(help="Clip the gradients' L2 norm to this.")] = None,
     init_from: Annotated[Optional[str], typer.Option(help="Fine-tune from these weights: a state-dict file, a checkpoint or run folder, or `torchvision`.")] = None,
     backbone_lr_mult: Annotated[Optional[float], typer.Option(help="Fine-tuning: lr multiplier of every layer but the classifier.")] = None,
     freeze_epochs: Annotated[Optional[int], typer.Option(help="Fine-tuning: epochs in which only the classifier learns.")] = None,
@@ -111,6 +116,8 @@ def train(
         "tracking.project": wandb_project, "cluster.address": address,
         "cluster.wait_for_nodes": wait_for_nodes, "model.init_from": init_from,
         "optim.backbone_lr_mult": backbone_lr_mult, "train.freeze_epochs": freeze_epochs,
+        "optim.label_smoothing": label_smoothing, "data.mixup": mixup, "data.cutmix": cutmix,
+        "optim.accumulate": accumulate, "optim.clip_grad_norm": clip_grad_norm,
     }
     if from_epoch is not None and not resume:
         raise UserError("--from-epoch continues a run: give it with --resume NAME")

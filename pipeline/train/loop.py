@@ -33,7 +33,7 @@ from .. import runs, storage
 from ..config import Config
 from ..models.densenet import build
 from ..tracking import RemoteTracker, Tracker
-from . import amp, checkpoint, optim
+from . import amp, checkpoint, mix, optim
 from .metrics import Tally
 
 
@@ -210,7 +210,9 @@ def build_parts(cfg: Config, spec, device: torch.device, batches: int, say=lambd
     if cfg.data.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = optim.build_optimizer(model, cfg)
-    steps = min(batches, cfg.data.max_steps_per_epoch) if cfg.data.max_steps_per_epoch else batches
+    # Optimizer steps an epoch: `optim.accumulate` loader batches make one.
+    steps = batches // cfg.optim.accumulate
+    steps = min(steps, cfg.data.max_steps_per_epoch) if cfg.data.max_steps_per_epoch else steps
     dtype = amp.resolve_dtype(cfg.train.amp, device)
     return Parts(model, optimizer, optim.build_scheduler(optimizer, steps, cfg),
                  amp.grad_scaler(device, dtype), dtype, steps, init)
@@ -240,37 +242,55 @@ def restore(parts: Parts, session: RaySession | LocalSession, cfg: Config, run_d
     return state["epoch"], list(state["history"])
 
 
-def train_one_epoch(net: nn.Module, parts: Parts, loader, criterion, epoch: int, epochs: int,
-                    device: torch.device, world: int, log_every: int, say, tracker,
-                    freeze_epochs: int = 0) -> tuple[Tally, float]:
-    """One pass over this rank's shard; returns its tally (this rank only) and the seconds."""
+def train_one_epoch(net: nn.Module, parts: Parts, loader, cfg: Config, epoch: int, device: torch.device,
+                    world: int, say, tracker) -> tuple[Tally, float]:
+    """One pass over this rank's shard; returns its tally (this rank only) and the seconds.
+
+    Each optimizer step takes `optim.accumulate` loader batches (gradients summed, DDP
+    reducing on the last); targets are soft (label smoothing, Mixup/CutMix), and the train
+    error counts the argmax of the mixed target."""
+    epochs, log_every = cfg.train.epochs, cfg.train.log_every_steps
     net.train()
-    frozen = optim.backbone_params(parts.model) if epoch < freeze_epochs else []
+    frozen = optim.backbone_params(parts.model) if epoch < cfg.train.freeze_epochs else []
     if frozen:
         # Only the classifier learns: the features keep their weights and BN statistics.
         parts.model.features.eval()
     tally = Tally()
     t0 = time.perf_counter()
-    steps = parts.steps
-    for step, (images, labels) in enumerate(loader, start=1):
+    steps, accumulate = parts.steps, cfg.optim.accumulate
+    criterion = nn.CrossEntropyLoss()  # targets come soft: smoothing and mixing are in them
+    num_classes = parts.model.classifier.out_features
+    for micro, (images, labels) in enumerate(loader):
+        step, last = micro // accumulate + 1, (micro + 1) % accumulate == 0
         if step > steps:
             break
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, targets = mix.mix(images, labels, num_classes, cfg.data, cfg.optim.label_smoothing)
         with amp.autocast(device, parts.dtype):
             logits = net(images)
-            loss = criterion(logits.float(), labels)
+            loss = criterion(logits.float(), targets)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise TrainingDiverged(f"the loss is {loss_value} at epoch {epoch + 1} step {step}: "
                                    "training diverged; lower optim.lr or turn on warm-up")
-        parts.optimizer.zero_grad(set_to_none=True)
-        parts.scaler.scale(loss).backward()
+        if micro % accumulate == 0:
+            parts.optimizer.zero_grad(set_to_none=True)
+        # DDP reduces gradients on the last pass of a step only.
+        sync = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
+        with sync:
+            parts.scaler.scale(loss / accumulate).backward()
+        tally.add(logits.detach(), targets.argmax(1) if mix.active(cfg.data) else labels,
+                  loss_value * labels.shape[0])
+        if not last:
+            continue
         for p in frozen:
             p.grad = None  # the optimizer skips them: no step, no momentum, no decay
+        if cfg.optim.clip_grad_norm:
+            parts.scaler.unscale_(parts.optimizer)
+            nn.utils.clip_grad_norm_(parts.model.parameters(), cfg.optim.clip_grad_norm)
         parts.scaler.step(parts.optimizer)
         parts.scaler.update()
         parts.scheduler.step()
-        tally.add(logits.detach(), labels, loss_value * labels.shape[0])
         if step % log_every == 0 or step == steps:
             elapsed = time.perf_counter() - t0
             lr = parts.optimizer.param_groups[0]["lr"]
@@ -335,7 +355,8 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
         torch.set_num_threads(max(1, round(cfg.cluster.cpus_per_worker)))
     node_ids = check_placement(session, cfg.cluster.nodes)
 
-    per_worker = runs.per_worker_batch(cfg.optim.batch_size, cfg.cluster.nodes, world // cfg.cluster.nodes)
+    per_worker = runs.per_worker_batch(cfg.optim.batch_size, cfg.cluster.nodes, world // cfg.cluster.nodes,
+                                       cfg.optim.accumulate)
     threads_before = torch.get_num_threads()
     train_loader, manifest = make_loader(
         cfg.data.store, "train", per_worker, cfg.data, distributed=world > 1,
@@ -367,7 +388,6 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
             parts.model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.train.compile:
         net = torch.compile(net)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
 
     tracker = _open_tracker(cfg, loop_config, primary, manifest)
     if primary and tracker.active:
@@ -383,9 +403,7 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
         _seed(cfg.train.seed, epoch, rank)
         train_loader.next_epoch = epoch
         t0 = time.perf_counter()
-        mine, train_time = train_one_epoch(net, parts, train_loader, criterion, epoch, epochs, device,
-                                           world, cfg.train.log_every_steps, say, tracker,
-                                           cfg.train.freeze_epochs)
+        mine, train_time = train_one_epoch(net, parts, train_loader, cfg, epoch, device, world, say, tracker)
         trained = mine.reduced(device)
         val = validate(net, val_loader, val_mine, device, parts.dtype).reduced(device)
         row = {

@@ -53,7 +53,7 @@ def plan_placement(cfg: Config) -> Placement:
     while True:
         nodes = _alive_nodes()
         wpn = runs.workers_per_node(c.workers_per_node, c.use_gpu, [int(n.get("GPU", 0)) for n in nodes])
-        runs.per_worker_batch(cfg.optim.batch_size, c.nodes, wpn)
+        runs.per_worker_batch(cfg.optim.batch_size, c.nodes, wpn, cfg.optim.accumulate)
         fits = [n for n in nodes
                 if n.get("CPU", 0) >= wpn * c.cpus_per_worker and (not c.use_gpu or n.get("GPU", 0) >= wpn)]
         if len(fits) >= c.nodes:

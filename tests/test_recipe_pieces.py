@@ -1,0 +1,79 @@
+"""Recipe pieces of the training step (in-process, no Ray): Mixup/CutMix targets, label
+smoothing, gradient accumulation and clipping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline import config as C
+from pipeline.tracking import Tracker
+from pipeline.train import mix
+from pipeline.train.loop import build_parts, train_one_epoch
+
+
+def _data(**kw):
+    return C.DataSection(**kw)
+
+
+def test_mixup_targets_are_soft_and_follow_the_images():
+    torch.manual_seed(0)
+    images = torch.stack([torch.full((3, 8, 8), float(i)) for i in range(6)])
+    labels = torch.arange(6) % 3
+    mixed, targets = mix.mix(images.clone(), labels, 3, _data(mixup=1.0))
+    assert torch.allclose(targets.sum(1), torch.ones(6))
+    assert (targets.max(1).values < 1).any()
+    # Each mixed image is lam * itself + (1 - lam) * its partner, and so is its target.
+    own = mixed[:, 0, 0, 0]
+    assert not torch.equal(own, images[:, 0, 0, 0])
+
+
+def test_cutmix_keeps_the_area_share_it_reports_and_smoothing_is_in_the_targets():
+    torch.manual_seed(3)
+    images = torch.stack([torch.full((3, 16, 16), float(i)) for i in range(4)])
+    labels = torch.tensor([0, 1, 2, 3])
+    mixed, targets = mix.mix(images.clone(), labels, 4, _data(cutmix=1.0), smoothing=0.1)
+    for i in range(4):
+        kept = (mixed[i, 0] == float(i)).float().mean().item()
+        own = targets[i, i].item()
+        # target share of its own class = kept x (1 - 0.1) + 0.1 / 4 (+ the partner's smoothing)
+        assert own == pytest.approx(kept * 0.9 + 0.025, abs=1e-6) or kept == 1.0
+    assert torch.allclose(targets.sum(1), torch.ones(4))
+    plain = mix.soft_targets(labels, 4, 0.1)
+    assert torch.allclose(plain[0], torch.tensor([0.925, 0.025, 0.025, 0.025]))
+
+
+def _one_epoch(accumulate: int, batches, **optim):
+    cfg = C.validate(C.apply_overrides(C.load_recipe("smoke"), {
+        "optim.momentum": 0.0, "optim.nesterov": False, "optim.weight_decay": 0.0, "optim.lr": 0.1,
+        "schedule.kind": "constant", "optim.batch_size": 64, "optim.accumulate": accumulate,
+        "train.epochs": 1, "data.channels_last": False, "train.amp": "off", **optim}))
+    spec = cfg.model_spec()
+    assert not spec.drop_rate  # no dropout: the two runs see the same function
+    parts = build_parts(cfg, spec, torch.device("cpu"), batches=len(batches))
+    before = {k: v.detach().clone() for k, v in parts.model.named_parameters()}
+    train_one_epoch(parts.model, parts, batches, cfg, 0, torch.device("cpu"), 1, lambda _l: None, Tracker())
+    return {k: v.detach() - before[k] for k, v in parts.model.named_parameters()}
+
+
+@pytest.mark.timeout(120)
+def test_accumulating_2_x_32_steps_like_one_batch_of_64():
+    torch.manual_seed(0)
+    half = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    # The batch of 64 is the 32 twice, so BatchNorm sees the same statistics in both runs:
+    # any difference left is the accumulation's.
+    whole = [(torch.cat([half[0], half[0]]), torch.cat([half[1], half[1]]))]
+    one = _one_epoch(1, whole)
+    two = _one_epoch(2, [half, half])
+    assert max(d.abs().max().item() for d in one.values()) > 0
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.timeout(120)
+def test_clipping_bounds_the_step():
+    torch.manual_seed(0)
+    batch = [(torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,)))]
+    step = _one_epoch(1, batch, **{"optim.clip_grad_norm": 1e-3})
+    norm = torch.sqrt(sum((d ** 2).sum() for d in step.values())).item()
+    assert norm == pytest.approx(0.1 * 1e-3, rel=1e-3)  # lr x the clipped norm
