@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: the whole pipeline end to end on the embedded default.
 # A 2-node local Ray cluster, a synthetic dataset made on the fly, W&B offline, then:
-# prepare -> train (DDP across both nodes) -> evaluate -> a small growth-rate/depth sweep.
+# prepare -> train (DDP across both nodes) -> evaluate -> predict -> export -> a small
+# growth-rate/depth sweep.
 # Everything it writes lives under demo/ (cluster state in demo/cluster); the cluster is
 # stopped at the end, even on failure.
 set -euo pipefail
@@ -34,6 +35,11 @@ step "train: DenseNet (two-block) with DDP across both nodes, W&B offline (a Ray
 
 step "evaluate the final checkpoint, with flip test-time augmentation (a Ray job)"
 "$DP" evaluate "$OUT/runs/$RUN" --data "$STORE" --tta flip
+
+step "predict: the store's val split on Ray Data (2 actors), then export to ONNX with a parity check"
+"$DP" predict "$OUT/runs/$RUN" "$STORE" --actors 2 --top-k 3 --format csv --out "$OUT/predictions-$STAMP.csv"
+head -4 "$OUT/predictions-$STAMP.csv"
+"$DP" export "$OUT/runs/$RUN" --format onnx --out "$OUT/$RUN.onnx" --wandb off
 
 step "sweep: growth rate x depth of DenseNet-BC with ASHA (a Ray Tune job)"
 "$DP" sweep densenet_bc --data "$STORE" --growth-rate 4,8 --depth 10,16 --recipe smoke \
