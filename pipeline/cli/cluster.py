@@ -14,7 +14,7 @@ import typer
 
 from ..errors import UserError
 from . import app, output
-from .options import Address, Detach, Format, StopOnInterrupt
+from .options import Address, Detach, Format, TableFormat, StopOnInterrupt
 
 cluster_app = typer.Typer(name="cluster", no_args_is_help=True,
                           help="The embedded local Ray cluster: up, status, down.")
@@ -86,12 +86,10 @@ def _gib(value: float | None) -> str:
 
 
 @cluster_app.command("status")
-def status(address: Address = None, fmt: Format = "table") -> None:
+def status(address: Address = None, fmt: Format = TableFormat.table) -> None:
     """Nodes with their CPUs, GPUs and memory, and the jobs that are running."""
     from ..submit import TERMINAL, connect
 
-    if fmt not in ("table", "json"):
-        raise UserError(f"unknown --format {fmt!r}: use table or json")
     server = connect(address, start=False)
     nodes = server.nodes()
     alive = [n for n in nodes if n.get("state") == "ALIVE"]

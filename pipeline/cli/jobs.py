@@ -13,7 +13,7 @@ import typer
 
 from ..errors import UserError
 from . import app, output
-from .options import Address, Format, complete_jobs
+from .options import Address, Format, TableFormat, complete_jobs
 
 jobs_app = typer.Typer(name="jobs", help="List, inspect, follow and stop jobs on the cluster.",
                        no_args_is_help=True)
@@ -34,17 +34,11 @@ def _took(job: dict[str, Any]) -> str:
     return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.1f}m"
 
 
-def _check_format(fmt: str) -> None:
-    if fmt not in ("table", "json"):
-        raise UserError(f"unknown --format {fmt!r}: use table or json")
-
-
 @jobs_app.command("list")
-def list_jobs(address: Address = None, fmt: Format = "table") -> None:
+def list_jobs(address: Address = None, fmt: Format = TableFormat.table) -> None:
     """Every submitted job, newest first."""
     from ..submit import connect
 
-    _check_format(fmt)
     jobs = connect(address, start=False).list_jobs()
     if fmt == "json":
         output.as_json(jobs)
@@ -62,11 +56,10 @@ def list_jobs(address: Address = None, fmt: Format = "table") -> None:
 
 
 @jobs_app.command("status")
-def status(job_id: JobId, address: Address = None, fmt: Format = "table") -> None:
+def status(job_id: JobId, address: Address = None, fmt: Format = TableFormat.table) -> None:
     """One job's status, timing, entrypoint and the end of its message."""
     from ..submit import connect
 
-    _check_format(fmt)
     job = connect(address, start=False).job(job_id)
     if fmt == "json":
         output.as_json(job)

@@ -9,7 +9,7 @@ import typer
 from ..errors import UserError
 from ..models import spec
 from . import app, output
-from .options import Format, complete_models
+from .options import Format, TableFormat, complete_models
 
 
 @app.command("models")
@@ -20,15 +20,13 @@ def models(
     bottleneck: Annotated[Optional[bool], typer.Option("--bottleneck/--no-bottleneck")] = None,
     compression: Annotated[Optional[float], typer.Option(help="Transition compression theta.")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Classifier outputs.")] = None,
-    fmt: Format = "table",
+    fmt: Format = TableFormat.table,
 ) -> None:
     """List the DenseNet zoo: params and multiply-accumulates (MACs) at each net's input size.
 
     MACs count conv and linear multiply-adds for one image; BN, ReLU and pooling are not
     counted.
     """
-    if fmt not in ("table", "json"):
-        raise UserError(f"unknown --format {fmt!r}: use table or json")
     overrides = dict(depth=depth, growth_rate=growth_rate, bottleneck=bottleneck,
                      compression=compression, num_classes=num_classes)
     if name is None and any(v is not None for v in overrides.values()):

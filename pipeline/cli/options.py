@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
@@ -56,4 +57,11 @@ Recipe = Annotated[
     typer.Option("--recipe", autocompletion=complete_recipes,
                  help="Recipe name (cifar, svhn, imagenet, smoke) or a YAML path."),
 ]
-Format = Annotated[str, typer.Option("--format", help="table or json.")]
+class TableFormat(str, Enum):
+    """What a listing prints: a plain table for people, JSON for scripts."""
+
+    table = "table"
+    json = "json"
+
+
+Format = Annotated[TableFormat, typer.Option("--format", help="table or json.")]

@@ -8,7 +8,7 @@ import typer
 
 from .. import settings
 from . import app, output
-from .options import Format
+from .options import Format, TableFormat
 
 config_app = typer.Typer(name="config", no_args_is_help=True,
                          help="Your settings: where datasets' files live, where stores go.")
@@ -20,12 +20,8 @@ def _keys(incomplete: str) -> list[str]:
 
 
 @config_app.command("show")
-def show(fmt: Format = "table") -> None:
+def show(fmt: Format = TableFormat.table) -> None:
     """Every setting, its value and where it came from (an environment variable or the file)."""
-    if fmt not in ("table", "json"):
-        from ..errors import UserError
-
-        raise UserError(f"unknown --format {fmt!r}: use table or json")
     rows = settings.show()
     if fmt == "json":
         output.as_json({"file": str(settings.path()),
