@@ -113,3 +113,14 @@ def test_two_ranks_see_every_sample_once_per_epoch(store, tmp_path):
         assert len(a) == len(b) == N_TRAIN // 2
         assert not set(a) & set(b) and len(set(a) | set(b)) == N_TRAIN
     assert ranks[0]["epochs"][0] != ranks[0]["epochs"][1]
+
+
+def test_more_loader_workers_than_cores_run_as_many_as_there_are(store):
+    """The imagenet recipe asks for 8 loader workers; numba refuses more threads than cores."""
+    import numba
+
+    from pipeline.data.loaders import make_loader
+
+    cores = numba.config.NUMBA_NUM_THREADS
+    loader, _ = make_loader(store, "val", 4, DataSection(augment=False, loader_workers=cores + 6))
+    assert sum(len(labels) for _, labels in loader) > 0

@@ -82,6 +82,14 @@ def label_pipeline() -> list[Any]:
 JIT_ENV = "DENSENET_PIPE_FFCV_JIT"
 
 
+def decode_threads(asked: int) -> int:
+    """FFCV decodes on numba threads, and numba refuses more than this machine's cores
+    (`NUMBA_NUM_THREADS`): a recipe's 8 loader workers run as 2 on a 2-core node."""
+    import numba
+
+    return max(1, min(asked, numba.config.NUMBA_NUM_THREADS))
+
+
 def make_loader(store_dir: str | os.PathLike, split: Literal["train", "val"], batch_size: int,
                 data_cfg: DataSection, *, distributed: bool = False, seed: int = 0,
                 drop_last: bool | None = None, channels_last: bool | None = None,
@@ -114,7 +122,7 @@ def make_loader(store_dir: str | os.PathLike, split: Literal["train", "val"], ba
     loader = Loader(
         str(manifest.beton(split)),
         batch_size=batch_size,
-        num_workers=max(1, data_cfg.loader_workers),
+        num_workers=decode_threads(data_cfg.loader_workers),
         os_cache=data_cfg.os_cache,
         order={"random": OrderOption.RANDOM, "sequential": OrderOption.SEQUENTIAL,
                "quasi_random": OrderOption.QUASI_RANDOM}[order],
