@@ -140,7 +140,7 @@ def _devkit_tar(path: Path, val_wnids: list[str], wnids: list[str]) -> None:
 
 def make_ilsvrc(root: Path, *, per_class: int = 3, val_per_class: int = 2, train: str = "folders",
                 val: str = "devkit", messy: bool = True, seed: int = 0,
-                wnids: list[str] | None = None) -> dict:
+                wnids: list[str] | None = None, sides: tuple[int, int] = (24, 64)) -> dict:
     """An ILSVRC2012-style tree with real JPEGs of varied sizes.
 
     train: "folders" (train/<wnid>/*.JPEG) or "tar" (ILSVRC2012_img_train.tar of per-class
@@ -157,7 +157,7 @@ def make_ilsvrc(root: Path, *, per_class: int = 3, val_per_class: int = 2, train
     for ci, w in enumerate(wnids):
         items = []
         for j in range(per_class):
-            h, wd = (int(v) for v in rng.integers(24, 64, 2))
+            h, wd = (int(v) for v in rng.integers(*sides, 2))
             name = f"{w}_{j + 1}.JPEG"
             data = jpeg_bytes(rng, h, wd)
             if messy and ci == 0 and j == 0:
@@ -190,7 +190,7 @@ def make_ilsvrc(root: Path, *, per_class: int = 3, val_per_class: int = 2, train
     val_names = [f"ILSVRC2012_val_{i + 1:08d}.JPEG" for i in range(len(val_labels))]
     (root / "val").mkdir()
     for name, w in zip(val_names, val_labels):
-        h, wd = (int(v) for v in rng.integers(24, 64, 2))
+        h, wd = (int(v) for v in rng.integers(*sides, 2))
         target = root / "val" / w / name if val == "sorted" else root / "val" / name
         target.parent.mkdir(exist_ok=True)
         target.write_bytes(jpeg_bytes(rng, h, wd))

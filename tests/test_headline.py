@@ -44,8 +44,9 @@ def _wait_for_line(log: Path, pattern: str, proc: subprocess.Popen, timeout: flo
 
 @pytest.mark.timeout(900)
 def test_the_headline_commands_work_as_written(tmp_path):
-    # 3 classes x 90 images of 24-63 px: more than one global batch of the imagenet recipe (256).
-    make_ilsvrc(tmp_path / "ilsvrc", per_class=90, messy=False)
+    # 3 classes x 90 images of 32-39 px: more than one global batch of the imagenet recipe
+    # (256), and as small as DenseNet-169's four 2x poolings after a stride-4 stem allow.
+    make_ilsvrc(tmp_path / "ilsvrc", per_class=90, messy=False, sides=(32, 40))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "DENSENET_PIPE_SOURCES"))}
     env.pop("DENSENET_PIPE_STORE_ROOT", None)
     env.update({"XDG_CONFIG_HOME": str(tmp_path / "config"),
