@@ -156,12 +156,13 @@ def test_resumed_run_in_s3_ends_with_the_same_weights(trained, cli, store, s3_bu
     job_id = r.stdout.strip().splitlines()[-1]
     _wait_for(storage.join(run, "epoch-0001", "checkpoint.pt"), 300)
     # The W&B record reaches S3 at each checkpoint, while the run is still going (no exit
-    # record yet): a run killed hard keeps what it logged.
+    # record yet): a run killed hard keeps what it logged. (Which rows it holds depends on
+    # how far wandb-core had written when it was copied, so only the run itself is asserted.)
     deadline = time.monotonic() + 120
     while True:
         during = _s3_wandb_view(run, tmp_path)
-        if during is not None and 1 in during.epochs():
-            assert during.exit_code is None
+        if during is not None and during.config.get("model", {}).get("name") == "densenet_simple":
+            assert during.exit_code is None, "the first copy in S3 came only when the run ended"
             break
         assert time.monotonic() < deadline, "no W&B record in S3 while the run went on"
         time.sleep(0.5)
