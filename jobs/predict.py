@@ -27,7 +27,7 @@ class _Predictor:
     """A Ray Data actor: the net, loaded once, on its GPU with --gpu."""
 
     def __init__(self, checkpoint: str, top_k: int, gpu: bool, store: str | None, split: str,
-                 batch_size: int):
+                 batch_size: int, digest: str = ""):
         import torch
 
         from pipeline import infer
@@ -36,6 +36,7 @@ class _Predictor:
         if gpu:
             self.net.model.to(torch.device("cuda"))
         self.top_k, self.store, self.split, self.batch_size = top_k, store, split, batch_size
+        self.digest = digest
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -50,7 +51,8 @@ class _Predictor:
             rows, order = [], []
             for start, stop in zip(batch["start"], batch["stop"]):
                 part = infer.predict_store(self.net, self.store, self.split, self.top_k,
-                                           self.batch_size, indices=range(int(start), int(stop)))
+                                           self.batch_size, indices=range(int(start), int(stop)),
+                                           digest=self.digest)
                 rows += part
                 order += list(range(int(start), int(stop)))
         return {"order": np.asarray(order, dtype=np.int64),
@@ -61,7 +63,9 @@ def run(data: dict[str, Any]) -> None:
     import ray
 
     from pipeline import infer
-    from pipeline.data.store import MANIFEST, open_store
+    from pipeline import storage
+    from pipeline.data.staging import display, locate, prestage
+    from pipeline.data.store import MANIFEST
     from pipeline.errors import UserError
 
     unknown = set(data) - KEYS
@@ -72,15 +76,17 @@ def run(data: dict[str, Any]) -> None:
     top_k, batch_size = int(data.get("top_k", 5)), int(data.get("batch_size", 64))
     fmt, split, gpu = data.get("format", "table"), data.get("split", "val"), bool(data.get("gpu", False))
     net = infer.load(checkpoint)  # here first: a checkpoint that is not ours is one line
-    store = inputs[0] if len(inputs) == 1 and (Path(inputs[0]) / MANIFEST).is_file() else None
+    one = inputs[0] if len(inputs) == 1 else ""
+    store = one if one and (storage.is_uri(one) or (Path(one) / MANIFEST).is_file()) else None
+    digest = ""
     if store is not None:
-        manifest = open_store(store)
+        manifest, digest = locate(store)
         from pipeline import runs
 
-        runs.check_checkpoint_classes(net.spec.num_classes, net.classes, manifest.classes, store)
+        runs.check_checkpoint_classes(net.spec.num_classes, net.classes, manifest.classes, display(store))
         count = manifest.splits[split].count
         items = [{"start": s, "stop": min(s + STORE_CHUNK, count)} for s in range(0, count, STORE_CHUNK)]
-        what = f"{count:,} images of {store} ({split})"
+        what = f"{count:,} images of {display(store)} ({split})"
     else:
         files = infer.image_files(inputs)
         items = [{"order": i, "path": str(p)} for i, p in enumerate(files)]
@@ -88,9 +94,14 @@ def run(data: dict[str, Any]) -> None:
     actors = max(1, min(int(data.get("actors") or 1), len(items)))
     print(f"predicting {what} with {actors} actor(s) on Ray Data{' (GPUs)' if gpu else ''}", flush=True)
     ray.init(log_to_driver=True)
+    if store is not None:
+        from pipeline.config import DataSection
+
+        prestage(store, digest, DataSection(store=store), say=lambda line: print(line, flush=True))
     dataset = ray.data.from_items(items).map_batches(
         _Predictor, fn_constructor_kwargs={"checkpoint": checkpoint, "top_k": top_k, "gpu": gpu,
-                                           "store": store, "split": split, "batch_size": batch_size},
+                                           "store": store, "split": split, "batch_size": batch_size,
+                                           "digest": digest},
         batch_size=1 if store is not None else batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1, num_gpus=1 if gpu else 0)
     rows = [json.loads(r["row"]) for r in sorted(dataset.iter_rows(), key=lambda r: int(r["order"]))]

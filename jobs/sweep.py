@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from jobs import common
@@ -10,11 +9,10 @@ from jobs.train import prepare_config
 
 
 def run(data: dict[str, Any]) -> None:
-    from pipeline.data.store import sha256_file
     from pipeline.tune import sweep
 
-    cfg, manifest = prepare_config(data)
-    sweep.run(cfg, manifest, manifest_sha256=sha256_file(Path(manifest.path) / "manifest.json"))
+    cfg, manifest, digest = prepare_config(data)
+    sweep.run(cfg, manifest, manifest_sha256=digest)
 
 
 if __name__ == "__main__":

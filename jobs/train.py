@@ -5,7 +5,6 @@ Checks the store and the model against it, then trains; see `pipeline.train.trai
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from jobs import common
@@ -14,7 +13,7 @@ from jobs import common
 def prepare_config(data: dict[str, Any]):
     """The validated config with absolute paths and the store's class count, and the manifest."""
     from pipeline.config import Config, apply_overrides, validate
-    from pipeline.data.store import open_store
+    from pipeline.data.staging import locate
     from pipeline.errors import UserError
     from pipeline.runs import check_classes, default_storage
     from pipeline.storage import check
@@ -26,13 +25,13 @@ def prepare_config(data: dict[str, Any]):
         cfg = _resumed(cfg, common.resolve_path(storage))
     if not cfg.data.store:
         raise UserError("no training data: pass --data STORE (a folder made by `densenet-pipe prepare`)")
-    manifest = open_store(common.resolve_path(cfg.data.store))
+    manifest, digest = locate(common.resolve_path(cfg.data.store))
     check_classes(cfg.model.num_classes, manifest.num_classes, manifest.path)
     cfg = apply_overrides(cfg, {"data.store": manifest.path, "model.num_classes": manifest.num_classes,
                                 "cluster.storage": common.resolve_path(storage)})
     if cfg.model.init_from:
         cfg = _check_init(cfg)
-    return cfg, manifest
+    return cfg, manifest, digest
 
 
 def _check_init(cfg):
@@ -68,11 +67,10 @@ def _resumed(cfg, storage: str):
 
 
 def run(data: dict[str, Any]) -> None:
-    from pipeline.data.store import sha256_file
     from pipeline.train import trainer
 
-    cfg, manifest = prepare_config(data)
-    trainer.run(cfg, manifest, manifest_sha256=sha256_file(Path(manifest.path) / "manifest.json"))
+    cfg, manifest, digest = prepare_config(data)
+    trainer.run(cfg, manifest, manifest_sha256=digest)
 
 
 if __name__ == "__main__":

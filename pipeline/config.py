@@ -62,6 +62,14 @@ class DataSection:
     mixup: float = 0.0
     cutmix: float = 0.0
     mix_switch_prob: float = 0.5
+    # Copy the store to node-local disk before the first step (`pipeline.data.staging`):
+    # "auto" stages a store in object storage or on a network filesystem and reads a local
+    # one in place; "always" stages every store; "never" reads a path in place.
+    stage: Literal["auto", "always", "never"] = "auto"
+    # Where each node keeps staged stores ("" = the node's temp folder; /dev/shm works).
+    cache_dir: str = ""
+    # Least-recently-used stores are removed from the cache above this size.
+    cache_max_gb: float = 200.0
 
 
 @dataclass
@@ -337,6 +345,10 @@ def validate(cfg: Config) -> Config:
         (d.loader_workers >= 1, "data.loader_workers must be >= 1"),
         (d.max_steps_per_epoch >= 0, "data.max_steps_per_epoch must be >= 0"),
         (d.resolution is None or d.resolution >= 8, "data.resolution must be >= 8 pixels"),
+        (d.cache_max_gb > 0, f"data.cache_max_gb must be > 0, got {d.cache_max_gb}"),
+        (not (d.stage == "never" and "://" in d.store),
+         f"--stage never reads a store in place, and {d.store.split('?')[0]} is in object storage: "
+         "use --stage auto"),
         (c.nodes >= 1, f"cluster.nodes must be >= 1, got {c.nodes}"),
         (c.workers_per_node is None or c.workers_per_node >= 1, "cluster.workers_per_node must be >= 1"),
         (c.cpus_per_worker > 0, "cluster.cpus_per_worker must be > 0"),

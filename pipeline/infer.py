@@ -162,26 +162,34 @@ def predict_paths(net: Trained, paths: list[Path], top_k: int = 5, batch_size: i
 
 
 def predict_store(net: Trained, store: str | Path, split: str = "val", top_k: int = 5,
-                  batch_size: int = 64, indices: range | None = None) -> list[dict[str, Any]]:
+                  batch_size: int = 64, indices: range | None = None, digest: str = "",
+                  say=lambda _line: None) -> list[dict[str, Any]]:
     """One row per image of a store's split (named `STORE/split#INDEX`), with its label;
-    `indices` picks a contiguous part of the split."""
+    `indices` picks a contiguous part of the split. A store in object storage (or with
+    --stage always) is read from this node's staged copy; `digest` is its manifest's sha256
+    when the caller checked it already."""
     import dataclasses
 
     import torch
 
     from .config import DataSection
     from .data.loaders import make_loader
+    from .data.staging import display, local_copy, locate
     from .data.store import open_store
     from . import runs
 
-    manifest = open_store(store)
-    runs.check_checkpoint_classes(net.spec.num_classes, net.classes, manifest.classes, str(store))
+    if not digest:
+        _, digest = locate(str(store))
     data = dataclasses.replace(DataSection(), store=str(store), loader_workers=1,
                                eval_resolution=net.preprocess.resolution)
+    readable = local_copy(str(store), digest, data, say)
+    manifest = open_store(readable, verify=False)
+    runs.check_checkpoint_classes(net.spec.num_classes, net.classes, manifest.classes, display(store))
     if split not in ("train", "val"):
         raise UserError(f"--split must be train or val, got {split!r}")
     indices = indices if indices is not None else range(manifest.splits[split].count)
-    loader, _ = make_loader(store, split, batch_size, data, channels_last=False,
+    store = display(store)
+    loader, _ = make_loader(readable, split, batch_size, data, channels_last=False,
                             crop_ratio=net.preprocess.crop_ratio, indices=np.asarray(indices),
                             verify=False)
     device = next(net.model.parameters()).device

@@ -197,6 +197,63 @@ def move(source: str | os.PathLike, target: str | os.PathLike) -> None:
         fs.move(src, dst)
 
 
+@_remote
+def delete(location: str | os.PathLike) -> None:
+    """Remove a file; nothing when it is not there."""
+    if not is_uri(location):
+        Path(location).unlink(missing_ok=True)
+        return
+    fs, path = _fs(str(location))
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def check_writable(location: str) -> None:
+    """Write and remove a small object under `location`: a UserError naming the location and
+    where credentials come from when this process cannot (run on each node before training)."""
+    import uuid
+
+    probe = join(location, f".write-check-{uuid.uuid4().hex[:12]}")
+    try:
+        write_bytes(probe, b"densenet-pipe write check\n")
+        delete(probe)
+    except UserError as e:
+        where = _split(location)[0]
+        raise UserError(f"storage {where} cannot be written from here ({str(e).split(': ', 1)[-1]}): "
+                        "give every node credentials in its environment (AWS_ACCESS_KEY_ID/"
+                        "AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS) or an instance role"
+                        ) from None
+    except OSError as e:
+        raise UserError(f"storage {location} cannot be written from here ({e.strerror or e}): "
+                        "choose a folder every node can write") from None
+
+
+@_remote
+def upload_file(local: Path, location: str, progress=None) -> int:
+    """Stream a local file to `location` (a path or URI); returns its size. Object stores
+    make the object visible only when the upload completes."""
+    import shutil
+
+    if not is_uri(location):
+        target = Path(location)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(local, tmp)
+        tmp.replace(target)
+        return target.stat().st_size
+    fs, path = _fs(str(location))
+    done = 0
+    with open(local, "rb") as src, fs.open_output_stream(path) as dst:
+        while block := src.read(8 << 20):
+            dst.write(block)
+            done += len(block)
+            if progress is not None:
+                progress(len(block))
+    return done
+
+
 def write_text(location: str | os.PathLike, text: str) -> None:
     write_bytes(location, text.encode())
 

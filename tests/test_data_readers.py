@@ -163,6 +163,24 @@ def test_imagefolder(tmp_path):
         read_source(cfg("imagefolder", tmp_path))
 
 
+def test_an_image_folder_trains_as_its_images_call_for(tmp_path):
+    """32 px images (digits, icons) keep their size and CIFAR's augmentation; photos get
+    ImageNet's; --family and --resolution override either."""
+    make_imagefolder(tmp_path / "small", size=(32, 32))
+    small = read_source(cfg("imagefolder", tmp_path / "small"))
+    assert (small.card.family, small.card.augment, small.card.resolution) == ("small", "translate_flip", 32)
+    assert small.card.write.write_mode == "raw"
+    assert any("median image is 32 px" in n and "small family" in n for n in small.notes)
+    make_imagefolder(tmp_path / "photos", size=(96, 128), per_class=2)
+    photos = read_source(cfg("imagefolder", tmp_path / "photos"))
+    assert (photos.card.family, photos.card.augment) == ("imagenet", "rrc_flip")
+    assert any("median image is 128 px" in n and "imagenet family" in n for n in photos.notes)
+    forced = read_source(cfg("imagefolder", tmp_path / "small", family="imagenet", resolution=48))
+    assert (forced.card.family, forced.card.resolution, forced.card.eval_resolution) == ("imagenet", 48, 48)
+    # The official sets keep their cards unless told.
+    assert read_source(cfg("cifar10", make_cifar(tmp_path / "c")[0])).card.family == "small"
+
+
 @pytest.mark.parametrize("mode,fmt", [("CMYK", "JPEG"), ("L", "JPEG"), ("RGB", "PNG"), ("P", "PNG")])
 def test_decode_image_is_rgb(mode, fmt):
     data = jpeg_bytes(np.random.default_rng(0), 20, 30, mode=mode, fmt=fmt)

@@ -168,3 +168,22 @@ def test_bad_input_to_predict_and_export_is_one_line(run, tmp_path):
         (line,) = r.stderr.strip().splitlines()
         assert line.startswith("error: ") and needle in line, (args, line)
     assert not list(tmp_path.rglob("*.onnx*"))
+
+
+@pytest.mark.timeout(180)
+def test_predict_reads_a_store_in_object_storage_from_a_staged_copy(store, run, s3_bucket, tmp_path, monkeypatch):
+    from pipeline import storage
+
+    uri = storage.join(s3_bucket, "stores", "pets")
+    storage.upload_dir(store, uri)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the node's cache folder lives under it
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    lines: list[str] = []
+    remote = predict_store(load(run), uri, top_k=1, say=lines.append)
+    local = predict_store(load(run), store, top_k=1)
+    assert [r["top"] for r in remote] == [r["top"] for r in local]
+    assert [r["input"].split("#")[1] for r in remote] == [r["input"].split("#")[1] for r in local]
+    assert remote[0]["input"].startswith("s3://runs/densenet-pipe/stores/pets/val#")  # no query
+    assert len(lines) == 1 and ": staged at" in lines[0] and str(tmp_path) in lines[0]

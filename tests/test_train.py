@@ -149,8 +149,14 @@ def test_resumed_run_in_s3_ends_with_the_same_weights(trained, cli, store, s3_bu
     """
     straight, _ = trained
     run = storage.join(s3_bucket, "broken")
-    common = ["densenet_simple", "--data", store, "--storage", s3_bucket, "--epochs", "3",
-              "--set", "data.augment=false", *TRAIN]
+    # The store too is in S3, published by a prepare job: the same images as `store`.
+    s3_store = storage.join(s3_bucket, "stores", "synthetic")
+    p = cli("prepare", "synthetic", "--out", s3_store, "--size", "512", "--val-size", "128", "--workers", "1")
+    assert p.exit_code == 0, p.output
+    assert storage.listdir(s3_store) == ["manifest.json", "train.beton", "val.beton"]
+    cache = tmp_path / "node-cache"
+    common = ["densenet_simple", "--data", s3_store, "--storage", s3_bucket, "--epochs", "3",
+              "--set", "data.augment=false", "--set", f"data.cache_dir={cache}", *TRAIN]
     r = cli("train", *common, "--name", "broken", "--detach")
     assert r.exit_code == 0, r.output
     job_id = r.stdout.strip().splitlines()[-1]
@@ -166,6 +172,10 @@ def test_resumed_run_in_s3_ends_with_the_same_weights(trained, cli, store, s3_bu
             break
         assert time.monotonic() < deadline, "no W&B record in S3 while the run went on"
         time.sleep(0.5)
+    # Each node staged the store before training: the two local nodes share one disk, so one
+    # downloaded it and the other found it there.
+    log = cli("jobs", "logs", job_id).output
+    assert log.count(": staged at") == 1 and log.count("already staged") == 1, log
     assert cli("jobs", "stop", job_id).exit_code == 0
     # The stopped run's W&B record is whole and says the user stopped it (copied to S3).
     stopped = _s3_wandb_view(run, tmp_path)
@@ -182,6 +192,8 @@ def test_resumed_run_in_s3_ends_with_the_same_weights(trained, cli, store, s3_bu
     resumed = cli("train", *common, "--resume", "broken")
     assert resumed.exit_code == 0, resumed.output
     assert "resumed from epoch" in resumed.output
+    # A later run downloads nothing: every node reads the copy already on its disk.
+    assert ": staged at" not in resumed.output and "already staged" in resumed.output
 
     a = checkpoint.load(straight)
     b = checkpoint.load(run)
@@ -195,8 +207,9 @@ def test_resumed_run_in_s3_ends_with_the_same_weights(trained, cli, store, s3_bu
     assert any(n.startswith("offline-run-") for n in storage.listdir(storage.join(run, "wandb")))
     assert not (tmp_path / "runs").exists() and not (Path.cwd() / "runs" / "broken").exists()
 
-    r = cli("evaluate", run, "--data", store)
+    r = cli("evaluate", run, "--data", s3_store)
     assert r.exit_code == 0, r.output
+    assert "already staged" in r.output
     result = json.loads(storage.read_text(storage.join(run, "epoch-0003", "evaluation-synthetic-none.json")))
     assert result["epoch"] == 3 and result["top1_error"] == pytest.approx(history[-1]["val_top1_error"], abs=1e-9)
 

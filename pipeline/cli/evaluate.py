@@ -9,7 +9,7 @@ import typer
 
 from ..errors import UserError
 from . import app
-from .options import Address, Detach, StopOnInterrupt
+from .options import Address, Detach, Stage, StageMode, StopOnInterrupt
 
 TTA = ("none", "flip", "10crop")
 
@@ -17,11 +17,12 @@ TTA = ("none", "flip", "10crop")
 @app.command("evaluate")
 def evaluate(
     checkpoint: Annotated[str, typer.Argument(metavar="CHECKPOINT", help="A checkpoint folder (epoch-NNNN), its checkpoint.pt, or a run folder (its newest).")],
-    data: Annotated[str, typer.Option("--data", help="Store directory with the val split.")],
+    data: Annotated[str, typer.Option("--data", help="Store with the val split: a folder or a URI (s3://..., gs://...).")],
     tta: Annotated[str, typer.Option(help="none, flip or 10crop (the paper's ImageNet protocol).")] = "none",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,
     out: Annotated[Optional[str], typer.Option(help="Result JSON (default: beside the checkpoint).")] = None,
     epoch: Annotated[Optional[int], typer.Option(help="With a run folder: that epoch's checkpoint, not the newest.")] = None,
+    stage: Stage = None,
     address: Address = None,
     detach: Detach = False,
     stop_on_interrupt: StopOnInterrupt = False,
@@ -35,18 +36,22 @@ def evaluate(
         from ..train.checkpoint import epoch_folder
 
         checkpoint = epoch_folder(checkpoint, epoch)
-    cfg = {"checkpoint": checkpoint, "store": data, "tta": tta, "batch_size": batch_size}
+    cfg = {"checkpoint": checkpoint, "store": data, "tta": tta, "batch_size": batch_size,
+           "stage": (stage or StageMode.auto).value}
     if out:
         cfg["out"] = out
     if address is None:
         from ..data.store import open_store
-        from ..storage import is_uri
+        from ..storage import check, is_uri
         from ..train.checkpoint import find, load
 
         found = find(checkpoint if is_uri(checkpoint) else Path(checkpoint).expanduser())
         cfg["checkpoint"] = found if is_uri(found) else str(Path(found).resolve())
         load(cfg["checkpoint"])  # torch, but a corrupt file fails here, not in the job
-        cfg["store"] = open_store(Path(data)).path
+        if is_uri(data):
+            check(data)
+        else:
+            cfg["store"] = open_store(Path(data)).path
         if out and not is_uri(out):
             cfg["out"] = str(Path(out).resolve())
     from .. import submit

@@ -65,3 +65,18 @@ class TableFormat(str, Enum):
 
 
 Format = Annotated[TableFormat, typer.Option("--format", help="table or json.")]
+
+
+class StageMode(str, Enum):
+    """`data.stage`: when a node copies the store to its own disk (`pipeline.data.staging`)."""
+
+    auto = "auto"
+    always = "always"
+    never = "never"
+
+
+Stage = Annotated[
+    Optional[StageMode],
+    typer.Option("--stage", help="Copy the store to each node's disk first: auto (object storage "
+                 "and network filesystems; the default), always, or never (read a path in place)."),
+]

@@ -56,6 +56,7 @@ def predict(
     """
     from .. import infer
     from ..data.store import MANIFEST
+    from ..storage import is_uri
 
     if top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {top_k}")
@@ -63,7 +64,7 @@ def predict(
         raise UserError("--actors and --batch-size must be >= 1")
     if out is not None and out.is_dir():
         raise UserError(f"--out {out} is a folder: name the file to write")
-    stores = [i for i in inputs if (Path(i) / MANIFEST).is_file()]
+    stores = [i for i in inputs if is_uri(i) or (Path(i) / MANIFEST).is_file()]
     if stores and len(inputs) > 1:
         raise UserError("a store is classified on its own: pass one store, or image files and folders")
     many = bool(stores) or any(Path(i).is_dir() for i in inputs)
@@ -97,13 +98,13 @@ def _predict_job(checkpoint: str, inputs: list[str], top_k: int, fmt: RowFormat,
 
     local = address is None
     if local:
-        missing = [i for i in [checkpoint, *inputs] if not Path(i).expanduser().exists()]
+        missing = [i for i in [checkpoint, *inputs] if "://" not in i and not Path(i).expanduser().exists()]
         if missing:
             raise UserError(f"{missing[0]} does not exist: pass a checkpoint, then image files, folders or a store")
     out = out or Path(f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.{ 'txt' if fmt is RowFormat.table else fmt.value}")
 
     def where(p: str | Path) -> str:
-        return str(Path(p).expanduser().absolute()) if local else str(p)
+        return str(Path(p).expanduser().absolute()) if local and "://" not in str(p) else str(p)
 
     cfg = {"checkpoint": where(checkpoint), "inputs": [where(i) for i in inputs], "top_k": top_k,
            "batch_size": batch_size, "actors": actors, "gpu": gpu, "split": split,

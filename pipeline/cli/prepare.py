@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from ..data.prepare_config import DATASETS, PrepareConfig, validate_prepare
-from ..data.publish import check_out
+from ..data.publish import check_out, check_remote_out
+from ..storage import is_uri
 from .. import settings
 from ..errors import UserError
 from . import app, output
@@ -33,27 +35,35 @@ def build_prepare_config(dataset: str, flags: dict[str, Any], synthetic: dict[st
     data.setdefault("out", str(settings.store_root() / dataset))
     data["synthetic"] = {k: v for k, v in synthetic.items() if v is not None}
     cfg = validate_prepare(PrepareConfig.from_dict(data))
+    if is_uri(cfg.out):
+        check_remote_out(cfg.out, cfg.force)
     if local:
-        out = Path(cfg.out).expanduser().absolute()
-        cfg.out = str(out)
         if cfg.source:
             source = Path(cfg.source).expanduser().absolute()
             if not source.exists():
                 raise UserError(f"source {source} does not exist: pass --source with the path "
                                 f"to the official {dataset} files (see datasets/README.md)")
             cfg.source = str(source)
-        check_out(out, cfg.force)
-        parent = next((p for p in out.parents if p.exists()), None)
-        if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
-            raise UserError(f"cannot write to {parent} (permission denied): choose an --out you can write to")
+        if not is_uri(cfg.out):
+            out = Path(cfg.out).expanduser().absolute()
+            cfg.out = str(out)
+            check_out(out, cfg.force)
+            parent = next((p for p in out.parents if p.exists()), None)
+            if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+                raise UserError(f"cannot write to {parent} (permission denied): choose an --out you can write to")
     return cfg
+
+
+class Family(str, Enum):
+    small = "small"
+    imagenet = "imagenet"
 
 
 @app.command("prepare")
 def prepare(
     dataset: Annotated[str, typer.Argument(metavar="DATASET", autocompletion=complete_datasets, help=f"One of: {', '.join(DATASETS)}.")],
     source: Annotated[Optional[str], typer.Option(help="Official archive/.mat/folder (see datasets/README.md); default: the sources.DATASET setting.")] = None,
-    out: Annotated[Optional[str], typer.Option(help="Store directory to write (default: STORE_ROOT/DATASET; see `config show`).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Store to write: a folder or a URI such as s3://bucket/stores/NAME (default: STORE_ROOT/DATASET; see `config show`).")] = None,
     max_resolution: Annotated[Optional[int], typer.Option(help="Longest side in pixels; larger images are downscaled.")] = None,
     write_mode: Annotated[Optional[str], typer.Option(help="raw, jpg, smart or proportion (default: the dataset card's).")] = None,
     jpeg_quality: Annotated[Optional[int], typer.Option(help="JPEG quality 1-100 for jpg/smart/proportion.")] = None,
@@ -65,7 +75,8 @@ def prepare(
     size: Annotated[Optional[int], typer.Option(help="synthetic: train images.")] = None,
     val_size: Annotated[Optional[int], typer.Option(help="synthetic: val images.")] = None,
     classes: Annotated[Optional[int], typer.Option(help="synthetic: number of classes.")] = None,
-    resolution: Annotated[Optional[int], typer.Option(help="synthetic: image side (the largest, with --min-size).")] = None,
+    resolution: Annotated[Optional[int], typer.Option(help="Train/eval resolution of the store (default: the card's, capped at the largest image); synthetic: the image side.")] = None,
+    family: Annotated[Optional[Family], typer.Option(help="Loader family: small (native size, translate+flip) or imagenet (RandomResizedCrop); default: the card's, or for imagefolder from the images' median size.")] = None,
     min_size: Annotated[Optional[int], typer.Option(help="synthetic: varied sizes from this up to --resolution.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="synthetic: seed.")] = None,
     noise: Annotated[Optional[float], typer.Option(help="synthetic: pixel noise (std); more is harder to learn.")] = None,
@@ -79,8 +90,11 @@ def prepare(
         "source": source, "out": out, "max_resolution": max_resolution, "write_mode": write_mode,
         "jpeg_quality": jpeg_quality, "compress_probability": compress_probability,
         "workers": workers, "skip_bad": skip_bad, "force": force, "extra": extra,
+        "family": family.value if family else None,
+        "resolution": resolution if dataset != "synthetic" else None,
     }, {"train_size": size, "val_size": val_size, "num_classes": classes,
-        "resolution": resolution, "min_size": min_size, "seed": seed, "noise": noise},
+        "resolution": resolution if dataset == "synthetic" else None, "min_size": min_size,
+        "seed": seed, "noise": noise},
         local=address is None)
     if dry_run:
         output.as_json(cfg.to_dict())

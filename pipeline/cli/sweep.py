@@ -9,7 +9,7 @@ import typer
 
 from ..errors import UserError
 from . import app, output
-from .options import Address, Detach, Recipe, Sets, StopOnInterrupt
+from .options import Address, Detach, Recipe, Sets, Stage, StopOnInterrupt
 from .train import finalize_paths, submit_job
 
 
@@ -25,7 +25,8 @@ def _ints(text: str | None, flag: str) -> list[int] | None:
 @app.command("sweep")
 def sweep(
     family: Annotated[str, typer.Argument(metavar="FAMILY", help="densenet (no bottleneck) or densenet_bc.")],
-    data: Annotated[Optional[str], typer.Option("--data", help="Store directory (from `prepare`).")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Store from `prepare`: a folder or a URI (s3://..., gs://...).")] = None,
+    stage: Stage = None,
     growth_rate: Annotated[Optional[str], typer.Option(help="Growth rates to try, e.g. 12,24,40.")] = None,
     depth: Annotated[Optional[str], typer.Option(help="Depths to try, e.g. 40,100,190 (those the family forbids are dropped).")] = None,
     space: Annotated[Optional[list[str]], typer.Option("--space", help="KEY=KIND:ARGS, e.g. optim.lr=loguniform:0.01:0.3 (repeatable).")] = None,
@@ -62,7 +63,7 @@ def sweep(
         raise UserError(f"--resume {resume} and --name {name} disagree: give only --resume")
     sweep_name = resume or name or f"sweep-{family}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = build_config(recipe or "cifar", None, {
-        "data.store": data, "sweep.family": family, "sweep.growth_rates": _ints(growth_rate, "--growth-rate"),
+        "data.store": data, "data.stage": stage.value if stage else None, "sweep.family": family, "sweep.growth_rates": _ints(growth_rate, "--growth-rate"),
         "sweep.depths": _ints(depth, "--depth"), "sweep.space": space, "sweep.search": search,
         "sweep.samples": samples, "sweep.scheduler": scheduler, "sweep.grace_period": grace_period,
         "sweep.reduction_factor": reduction_factor, "sweep.max_concurrent": max_concurrent,

@@ -12,7 +12,7 @@ from .. import config as C, runs
 from ..errors import UserError
 from ..models import spec
 from . import app, output
-from .options import Address, Detach, Recipe, Sets, StopOnInterrupt, complete_models
+from .options import Address, Detach, Recipe, Sets, Stage, StopOnInterrupt, complete_models
 
 
 def default_recipe(model_name: str) -> str:
@@ -66,7 +66,8 @@ def build_config(recipe: str | None, model_name: str | None, flags: dict[str, An
 def train(
     model: Annotated[str, typer.Argument(metavar="MODEL", autocompletion=complete_models,
                                          help="Model name; see `densenet-pipe models`.")],
-    data: Annotated[Optional[str], typer.Option("--data", help="Store directory (from `prepare`).")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Store from `prepare`: a folder or a URI (s3://..., gs://...).")] = None,
+    stage: Stage = None,
     recipe: Recipe = None,
     nodes: Annotated[Optional[int], typer.Option(help="Ray nodes the workers span.")] = None,
     workers_per_node: Annotated[Optional[int], typer.Option(help="Workers per node (default: GPUs per node, else 1).")] = None,
@@ -106,7 +107,7 @@ def train(
 ) -> None:
     """Train a DenseNet with Ray Train (DDP, mixed precision) as a Ray job."""
     flags = {
-        "data.store": data, "cluster.nodes": nodes, "cluster.workers_per_node": workers_per_node,
+        "data.store": data, "data.stage": stage.value if stage else None, "cluster.nodes": nodes, "cluster.workers_per_node": workers_per_node,
         "cluster.use_gpu": gpus, "train.epochs": epochs, "optim.batch_size": batch_size,
         "optim.lr": lr, "model.depth": depth, "model.growth_rate": growth_rate,
         "model.bottleneck": bottleneck, "model.compression": compression,
@@ -157,10 +158,12 @@ def finalize_paths(cfg: C.Config, address: str | None) -> C.Config:
     updates: dict[str, Any] = {}
     if not cfg.data.store and not cfg.train.resume:
         raise UserError("no training data: pass --data STORE (a folder made by `densenet-pipe prepare`)")
-    if address is None and cfg.data.store and "://" not in cfg.data.store:
-        from ..data.store import open_store
+    if address is None and cfg.data.store:
+        from ..data.staging import locate
 
-        manifest = open_store(Path(cfg.data.store).expanduser())
+        # A path is hashed here once (cached); a URI's manifest and sizes are read, no more.
+        store = cfg.data.store if "://" in cfg.data.store else str(Path(cfg.data.store).expanduser())
+        manifest, _ = locate(store)
         runs.check_classes(cfg.model.num_classes, manifest.num_classes, manifest.path)
         updates["data.store"] = manifest.path
     if cfg.cluster.storage is None and address is None:

@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from .. import storage
 from ..errors import UserError
 from .publish import check_out, publish, publishing
 from .prepare_config import PrepareConfig, validate_prepare
@@ -168,8 +169,10 @@ def _write_store(tmp: Path, src: Source, settings: WriteSettings, cfg: PrepareCo
     card = src.card
     # Small images stay at their size: an ImageNet-style card's 224 px would have the loader
     # upsample a folder of 32 px images 49-fold in pixels for no information.
-    resolution = min(card.resolution, _largest_side(tmp / splits["train"].file) or card.resolution)
-    eval_resolution = min(card.eval_resolution, _largest_side(tmp / splits["val"].file) or card.eval_resolution)
+    resolution, eval_resolution = card.resolution, card.eval_resolution
+    if not cfg.resolution:
+        resolution = min(resolution, _largest_side(tmp / splits["train"].file) or resolution)
+        eval_resolution = min(eval_resolution, _largest_side(tmp / splits["val"].file) or eval_resolution)
     if (resolution, eval_resolution) != (card.resolution, card.eval_resolution):
         log(f"note: the images are at most {max(resolution, eval_resolution)} px on a side: the store "
             f"trains at {resolution} and evaluates at {eval_resolution} px (the card says "
@@ -201,6 +204,8 @@ def _write_store(tmp: Path, src: Source, settings: WriteSettings, cfg: PrepareCo
 def prepare(cfg: PrepareConfig, log: Log = print) -> Manifest:
     """Write the store `cfg.out` from `cfg.source`; returns its verified Manifest."""
     validate_prepare(cfg)
+    if storage.is_uri(cfg.out):
+        return _prepare_to_uri(cfg, log)
     out = Path(cfg.out).expanduser().absolute()
     _check_output(out, cfg.force)
     src = read_source(cfg)
@@ -233,3 +238,37 @@ def prepare(cfg: PrepareConfig, log: Log = print) -> Manifest:
     log(f"wrote {out}: train {splits['train'].count:,}, val {splits['val'].count:,} images, "
         f"{(splits['train'].bytes + splits['val'].bytes) / 2**20:,.1f} MiB")
     return open_store(out)
+
+
+def _prepare_to_uri(cfg: PrepareConfig, log: Log) -> Manifest:
+    """Write the store on this node's disk, check it, then publish it to object storage."""
+    import tempfile
+
+    from .publish import check_remote_out, publish_remote
+    from .staging import display, locate
+
+    check_remote_out(cfg.out, cfg.force)
+    src = read_source(cfg)
+    settings = writer_settings(cfg, src)
+    sizes = ", ".join(f"{k} {len(v):,}" for k, v in src.splits.items())
+    log(f"{src.dataset}: {len(src.classes)} classes, {sizes}; writing {settings.write_mode} "
+        f"(max resolution {settings.max_resolution or 'none'}) with {cfg.workers} workers, then "
+        f"uploading to {display(cfg.out)}")
+    scratch = Path(tempfile.gettempdir())
+    need, free = _estimate_bytes(src, settings), shutil.disk_usage(scratch).free
+    if need > free:
+        raise UserError(f"not enough disk space in {scratch} to write the store before uploading it: "
+                        f"about {need / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free; set TMPDIR "
+                        "on the nodes to a larger disk")
+    with tempfile.TemporaryDirectory(prefix="densenet-pipe-prepare-") as tmp:
+        try:
+            splits = _write_store(Path(tmp), src, settings, cfg, log)
+        except WriteFailed as e:
+            if e.disk_full:
+                raise UserError(f"disk full while writing the store in {tmp} ({e.message}): set "
+                                "TMPDIR to a larger disk; nothing was published") from None
+            raise
+        publish_remote(Path(tmp), cfg.out, cfg.force, log)
+    log(f"wrote {display(cfg.out)}: train {splits['train'].count:,}, val {splits['val'].count:,} "
+        f"images, {(splits['train'].bytes + splits['val'].bytes) / 2**20:,.1f} MiB")
+    return locate(cfg.out)[0]

@@ -48,6 +48,10 @@ class PrepareConfig:
     force: bool = False
     # SVHN: None uses extra_32x32.mat when it sits beside train_32x32.mat.
     extra: bool | None = None
+    # The store's loader family and train/eval resolution; None: the card's (an image
+    # folder's family from its images' median size, `readers.choose_family`).
+    family: Literal["small", "imagenet"] | None = None
+    resolution: int | None = None
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
 
     def to_dict(self) -> dict[str, Any]:
@@ -66,6 +70,7 @@ def validate_prepare(cfg: PrepareConfig) -> PrepareConfig:
          f"{cfg.dataset} needs --source: the official files or folder (see datasets/README.md)"),
         (bool(cfg.out), "out is empty: pass --out DIR"),
         (cfg.max_resolution is None or cfg.max_resolution >= 8, "max_resolution must be >= 8 pixels"),
+        (cfg.resolution is None or cfg.resolution >= 8, "--resolution must be >= 8 pixels"),
         (cfg.jpeg_quality is None or 1 <= cfg.jpeg_quality <= 100, "jpeg_quality must be in 1..100"),
         (cfg.compress_probability is None or 0 <= cfg.compress_probability <= 1,
          "compress_probability must be in [0, 1]"),

@@ -74,6 +74,58 @@ def check_out(out: str | os.PathLike, force: bool) -> Path:
     return out
 
 
+def check_remote_out(out: str, force: bool) -> str:
+    """`--out` in object storage: the same rules as a folder (`check_out`), read remotely."""
+    from .. import storage
+
+    storage.check(out)
+    where = out.split("?", 1)[0]
+    entries = storage.listdir(out)
+    if not entries:
+        return out
+    ours = set()
+    if MANIFEST in entries:
+        try:
+            data = json.loads(storage.read_text(storage.join(out, MANIFEST)))
+            ours = {s["file"] for s in data["splits"].values()} | {MANIFEST}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            ours = set()
+    foreign = [e for e in entries if e not in ours]
+    if not force:
+        what = "a store" if not foreign else "not empty"
+        raise UserError(f"{where} is already {what}: pass --force to replace it, or choose another --out")
+    if foreign:
+        raise UserError(f"--force replaces only a store or an empty prefix, and {where} holds "
+                        f"{foreign[0]!r}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}"
+                        ": choose another --out; nothing was touched")
+    return out
+
+
+def publish_remote(local: Path, out: str, force: bool, log: Callable[[str], None] = print) -> None:
+    """Upload the store in `local` to `out`: the .beton files first, `manifest.json` last, so
+    a reader sees a store only when it is whole. A store being replaced loses its manifest
+    first: readers then see no store, never a mix of old and new files."""
+    from .. import storage
+
+    check_remote_out(out, force)  # it may have appeared while we wrote
+    where = out.split("?", 1)[0]
+    old = storage.listdir(out)
+    if MANIFEST in old:
+        storage.delete(storage.join(out, MANIFEST))
+    files = [f for f in sorted(local.iterdir()) if f.is_file() and f.name != MANIFEST]
+    total = sum(f.stat().st_size for f in files)
+    start, done = time.monotonic(), 0
+    for f in files:
+        done += storage.upload_file(f, storage.join(out, f.name))
+        seconds = max(time.monotonic() - start, 1e-6)
+        log(f"uploaded {f.name} to {where}: {done / 1e6:.1f}/{total / 1e6:.1f} MB, "
+            f"{done / 1e6 / seconds:.1f} MB/s")
+    for name in old:
+        if name != MANIFEST and not (local / name).exists():
+            storage.delete(storage.join(out, name))
+    storage.upload_file(local / MANIFEST, storage.join(out, MANIFEST))
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -20,6 +20,7 @@ import pickle
 import re
 import tarfile
 import zlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import UserError
-from .cards import Card, load_card
+from .cards import Card, WriteDefaults, load_card
 from .prepare_config import PrepareConfig, SyntheticSpec
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
@@ -232,7 +233,60 @@ def read_source(cfg: PrepareConfig) -> Source:
         classes=src.classes if card.classes else None,
         splits={k: len(v) for k, v in src.splits.items()},
     ) + src.notes
+    src.card = choose_family(src, cfg)
     return src
+
+
+# An image folder whose median image is at most this many pixels on its longer side trains as
+# the small-image family (CIFAR-like: native size, translation + flip): RandomResizedCrop's
+# 8%-area crops of a 32 px image, upsampled to 224, keep almost nothing of it.
+SMALL_MAX_SIDE = 64
+
+
+def median_side(split: Split, sample: int = 256) -> int:
+    """The median longer side of up to `sample` evenly spaced images, from their headers."""
+    from PIL import Image
+
+    count = len(split)
+    picks = sorted({round(i * (count - 1) / max(sample - 1, 1)) for i in range(min(sample, count))})
+    sides = []
+    for i in picks:
+        try:
+            if isinstance(split, FileSplit) and not isinstance(split.entries[i], TarMember):
+                with Image.open(split.entries[i]) as im:
+                    sides.append(max(im.size))
+            else:
+                sides.append(max(split.image(i).shape[:2]))
+        except Exception:  # noqa: BLE001 - an unreadable image is the writer's to report
+            continue
+    return int(np.median(sides)) if sides else 0
+
+
+def choose_family(src: Source, cfg: PrepareConfig) -> Card:
+    """The card the store is written with: `--family` and `--resolution` where given, and for an
+    image folder the family its images call for."""
+    card, family, side = src.card, cfg.family, 0
+    if src.dataset == "imagefolder" and (family is None or (family == "small" and not cfg.resolution)):
+        side = median_side(src.splits["train"])
+    if family is None and src.dataset == "imagefolder":
+        family = "small" if 0 < side <= SMALL_MAX_SIDE else "imagenet"
+        how = ("at their own size with 4-pixel translation + flip" if family == "small"
+               else "with RandomResizedCrop + flip, evaluated on a centre crop")
+        src.notes.append(f"the median image is {side} px on its longer side: the {family} family, "
+                         f"trained {how} (--family overrides)")
+    if family == "small" and card.family != "small":
+        res = cfg.resolution or side or 32
+        # Raw pixels (JPEG artefacts are a large part of a 32 px image), capped at 4x the
+        # largest small side: the writer's pages are sized to the cap.
+        card = dataclasses.replace(card, family="small", augment="translate_flip", resolution=res,
+                                   eval_resolution=res,
+                                   write=WriteDefaults(write_mode="raw", max_resolution=max(4 * SMALL_MAX_SIDE, res)))
+    elif family == "imagenet" and card.family != "imagenet":
+        card = dataclasses.replace(card, family="imagenet", augment="rrc_flip", resolution=224,
+                                   eval_resolution=224)
+    if cfg.resolution:
+        card = dataclasses.replace(card, resolution=cfg.resolution, eval_resolution=cfg.resolution)
+    return card
 
 
 def read_synthetic(spec: SyntheticSpec, card: Card) -> Source:

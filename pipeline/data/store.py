@@ -164,6 +164,21 @@ def parse_manifest(data: Any, where: str) -> Manifest:
     return m
 
 
+def check_manifest(m: Manifest, where: str) -> Manifest:
+    """The rules every manifest meets wherever the store lives; returns it."""
+    if m.format_version != FORMAT_VERSION:
+        raise UserError(f"{where} has format {m.format_version}, this version reads "
+                        f"{FORMAT_VERSION}: prepare the store again")
+    missing = [s for s in SPLITS if s not in m.splits]
+    if missing:
+        raise UserError(f"{where} lists no {missing[0]} split: prepare the store again")
+    for name, s in m.splits.items():
+        if not NAME.fullmatch(s.file) or s.file in (".", ".."):
+            raise UserError(f"{where} names {s.file!r} for its {name} split, which is not a file "
+                            "inside the store: prepare the store again")
+    return m
+
+
 def open_store(path: str | os.PathLike, *, verify: bool = True) -> Manifest:
     """The store's Manifest after checking it and (with `verify`) each .beton's sha256."""
     root = Path(path).expanduser()
@@ -177,19 +192,10 @@ def open_store(path: str | os.PathLike, *, verify: bool = True) -> Manifest:
                         "`densenet-pipe prepare`; an interrupted prepare leaves none") from None
     except (OSError, ValueError) as e:
         raise UserError(f"{where} is unreadable ({e}): prepare the store again") from None
-    m = parse_manifest(data, str(where))
-    if m.format_version != FORMAT_VERSION:
-        raise UserError(f"{where} has format {m.format_version}, this version reads "
-                        f"{FORMAT_VERSION}: prepare the store again")
-    missing = [s for s in SPLITS if s not in m.splits]
-    if missing:
-        raise UserError(f"{where} lists no {missing[0]} split: prepare the store again")
+    m = check_manifest(parse_manifest(data, str(where)), str(where))
     m.path = str(root.resolve())
     cache = _read_cache() if verify else {}
-    for name, s in m.splits.items():
-        if not NAME.fullmatch(s.file) or s.file in (".", ".."):
-            raise UserError(f"{where} names {s.file!r} for its {name} split, which is not a file "
-                            "inside the store: prepare the store again")
+    for s in m.splits.values():
         beton = root / s.file
         if not beton.is_file():
             raise UserError(f"store {root} lacks {s.file}: prepare the store again")

@@ -40,16 +40,17 @@ def ten_crops(images: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 
 def evaluate(checkpoint_path: str | Path, store: str | Path, *, tta: str = "none",
-             batch_size: int = 128, loader_workers: int = 2, amp_mode: str = "auto") -> dict[str, Any]:
+             batch_size: int = 128, loader_workers: int = 2, amp_mode: str = "auto",
+             stage: str = "auto", say=print) -> dict[str, Any]:
     from ..data.loaders import EVAL_CROP_RATIO, make_loader
-    from ..data.store import open_store
+    from ..data.staging import local_copy, locate
 
     if tta not in TTA:
         raise UserError(f"unknown --tta {tta!r}: use one of {', '.join(TTA)}")
     state = checkpoint.load(checkpoint_path)
     cfg = Config.from_dict(state["config"])
     spec = DenseNetSpec(**{**state["spec"], "block_config": tuple(state["spec"]["block_config"])})
-    manifest = open_store(store)
+    manifest, digest = locate(str(store))
     runs.check_checkpoint_classes(spec.num_classes, state.get("store", {}).get("classes"),
                                   manifest.classes, str(store))
     model = build(spec)
@@ -58,15 +59,16 @@ def evaluate(checkpoint_path: str | Path, store: str | Path, *, tta: str = "none
     device = torch.device("cpu")
     dtype = amp.resolve_dtype(amp_mode, device)
 
-    data = dataclasses.replace(cfg.data, loader_workers=loader_workers, store=str(store))
+    data = dataclasses.replace(cfg.data, loader_workers=loader_workers, store=str(store), stage=stage)
+    readable = local_copy(str(store), digest, data, say)
     crop = data.eval_resolution or data.resolution or manifest.eval_resolution
     ratio = None
     if tta == "10crop" and manifest.family != "small":
         data = dataclasses.replace(data, eval_resolution=round(crop / EVAL_CROP_RATIO))
         ratio = 1.0
     threads = torch.get_num_threads()
-    loader, _ = make_loader(store, "val", batch_size, data, distributed=False, channels_last=False,
-                            crop_ratio=ratio)
+    loader, _ = make_loader(readable, "val", batch_size, data, distributed=False, channels_last=False,
+                            crop_ratio=ratio, verify=False)
     torch.set_num_threads(threads)
 
     tally = Tally()

@@ -161,7 +161,7 @@ def _open_tracker(cfg: Config, loop_config: dict[str, Any], primary: bool, manif
 
 def dataset_artifact(manifest) -> tuple[str, str, dict[str, Any]]:
     """(manifest text, artifact name, metadata) of a store, for `Tracker.use_dataset`."""
-    return ((Path(manifest.path) / "manifest.json").read_text(), f"{manifest.dataset}-store",
+    return (storage.read_text(storage.join(manifest.path, "manifest.json")), f"{manifest.dataset}-store",
             {"dataset": manifest.dataset, "path": manifest.path,
              "splits": {k: v.count for k, v in manifest.splits.items()}})
 
@@ -329,7 +329,7 @@ def checkpoint_state(parts: Parts, epoch: int, history: list, cfg: Config, spec,
         "history": history,
         "config": cfg.to_dict(),
         "spec": spec.to_dict(),
-        "store": {"path": manifest.path, "dataset": manifest.dataset,
+        "store": {"path": cfg.data.store, "dataset": manifest.dataset,
                   "manifest_sha256": loop_config.get("manifest_sha256", ""),
                   "classes": list(manifest.classes),
                   # What predict and export need to see an image as the net was trained to.
@@ -344,6 +344,7 @@ def checkpoint_state(parts: Parts, epoch: int, history: list, cfg: Config, spec,
 
 def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) -> None:
     from ..data.loaders import make_loader
+    from ..data.staging import local_copy
 
     cfg = Config.from_dict(loop_config["config"])
     run_dir = loop_config["run_dir"]  # a path or a storage URI
@@ -358,12 +359,14 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
     per_worker = runs.per_worker_batch(cfg.optim.batch_size, cfg.cluster.nodes, world // cfg.cluster.nodes,
                                        cfg.optim.accumulate)
     threads_before = torch.get_num_threads()
+    # The driver checked the store (or each node its staged copy): no rank hashes it again.
+    store = local_copy(cfg.data.store, loop_config.get("manifest_sha256", ""), cfg.data, say)
     train_loader, manifest = make_loader(
-        cfg.data.store, "train", per_worker, cfg.data, distributed=world > 1,
-        seed=cfg.train.seed, channels_last=cfg.data.channels_last)
+        store, "train", per_worker, cfg.data, distributed=world > 1,
+        seed=cfg.train.seed, channels_last=cfg.data.channels_last, verify=False)
     val_loader, _ = make_loader(
-        cfg.data.store, "val", per_worker, cfg.data, distributed=world > 1,
-        seed=cfg.train.seed, channels_last=cfg.data.channels_last)
+        store, "val", per_worker, cfg.data, distributed=world > 1,
+        seed=cfg.train.seed, channels_last=cfg.data.channels_last, verify=False)
     # Building an FFCV Loader sets torch's thread count to its worker count.
     torch.set_num_threads(threads_before)
     val_total = manifest.splits["val"].count

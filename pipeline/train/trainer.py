@@ -68,6 +68,20 @@ def plan_placement(cfg: Config) -> Placement:
         time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
 
 
+def check_nodes(cfg: Config, manifest_sha256: str, min_cpus: float) -> None:
+    """Before any worker starts, on every node that can hold workers: the run's storage can be
+    written (object storage: with the nodes' own credentials), and the store is staged to local
+    disk where it needs to be. Either fails the job with one line."""
+    from ..data.staging import prestage
+    from ..node_tasks import on_each_node
+
+    connect()
+    if storage.is_uri(cfg.cluster.storage):
+        on_each_node(storage.check_writable, cfg.cluster.storage, min_cpus=min_cpus)
+    prestage(cfg.data.store, manifest_sha256, cfg.data, say=lambda line: print(line, flush=True),
+             min_cpus=min_cpus)
+
+
 def run_dir(cfg: Config) -> str:
     """storage/run_name: a path or a storage URI (`pipeline.storage`)."""
     return storage.join(cfg.cluster.storage, cfg.cluster.run_name)
@@ -159,6 +173,7 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
                             "pass the run's own store with --data (or none), or start a new run")
         print(f"resuming {cfg.cluster.run_name} after epoch {state['epoch']}", flush=True)
     placement = plan_placement(cfg)
+    check_nodes(cfg, manifest_sha256, placement.workers_per_node * placement.cpus_per_worker)
     storage.makedirs(folder)
     cfg.save(storage.join(folder, "config.json"))
     print(f"run {cfg.cluster.run_name}: {placement.num_workers} worker(s) on {placement.nodes} node(s), "

@@ -138,6 +138,9 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
         raise UserError(f"sweep {s.name!r} already exists in {cfg.cluster.storage}: "
                         "pass --resume NAME to continue it, or --name for a new sweep")
     base = base_config(cfg)
+    from ..train.trainer import check_nodes
+
+    check_nodes(cfg, manifest_sha256, 0.0)
     trials_dir = storage.join(folder, "trials")
     tracked = resolve_mode(cfg.tracking.wandb) != "disabled"
     trial = tune.with_resources(_trial_fn(base.to_dict(), trials_dir, manifest_sha256, tracked),

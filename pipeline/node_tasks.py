@@ -1,0 +1,43 @@
+"""Run a small function once on each alive node of the cluster, from a job's driver.
+
+    for node, result in on_each_node(fn, arg, min_cpus=2): ...
+
+Each call is a Ray task pinned to its node (no CPU asked, so it runs beside whatever holds the
+node's CPUs), in the job's runtime environment: it sees what the job's workers will see
+(their environment, credentials and local disk). A UserError raised on a node comes back as
+that UserError, one line; anything else as Ray raised it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .errors import UserError
+
+
+def worker_nodes(min_cpus: float = 0.0) -> list[str]:
+    """Ids of the alive nodes with at least `min_cpus` CPUs (and some): where workers can go."""
+    import ray
+
+    return [n["NodeID"] for n in ray.nodes()
+            if n.get("Alive") and n["Resources"].get("CPU", 0) >= max(min_cpus, 1e-9)]
+
+
+def on_each_node(fn: Callable[..., Any], *args: Any, min_cpus: float = 0.0) -> list[tuple[str, Any]]:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = worker_nodes(min_cpus)
+    task = ray.remote(num_cpus=0, max_retries=0)(fn)
+    refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(*args)
+            for node in nodes]
+    results = []
+    for node, ref in zip(nodes, refs):
+        try:
+            results.append((node, ray.get(ref)))
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, UserError):
+                raise UserError(f"node {node[:8]}: {cause}") from None
+            raise
+    return results
