@@ -18,7 +18,7 @@ from typing import Any
 
 from jobs import common
 
-KEYS = {"checkpoint", "inputs", "top_k", "batch_size", "actors", "gpu", "split", "format", "out"}
+KEYS = {"checkpoint", "inputs", "top_k", "batch_size", "actors", "gpu", "split", "format", "out", "weights"}
 # A store is read in ranges of this many images: one FFCV loader per range.
 STORE_CHUNK = 1024
 
@@ -27,12 +27,12 @@ class _Predictor:
     """A Ray Data actor: the net, loaded once, on its GPU with --gpu."""
 
     def __init__(self, checkpoint: str, top_k: int, gpu: bool, store: str | None, split: str,
-                 batch_size: int, digest: str = ""):
+                 batch_size: int, digest: str = "", weights: str = "auto"):
         import torch
 
         from pipeline import infer
 
-        self.net = infer.load(checkpoint)
+        self.net = infer.load(checkpoint, weights)
         if gpu:
             self.net.model.to(torch.device("cuda"))
         self.top_k, self.store, self.split, self.batch_size = top_k, store, split, batch_size
@@ -75,7 +75,8 @@ def run(data: dict[str, Any]) -> None:
     inputs = [common.resolve_path(i) for i in data["inputs"]]
     top_k, batch_size = int(data.get("top_k", 5)), int(data.get("batch_size", 64))
     fmt, split, gpu = data.get("format", "table"), data.get("split", "val"), bool(data.get("gpu", False))
-    net = infer.load(checkpoint)  # here first: a checkpoint that is not ours is one line
+    weights = data.get("weights", "auto")
+    net = infer.load(checkpoint, weights)  # here first: a checkpoint that is not ours is one line
     one = inputs[0] if len(inputs) == 1 else ""
     store = one if one and (storage.is_uri(one) or (Path(one) / MANIFEST).is_file()) else None
     digest = ""
@@ -101,7 +102,7 @@ def run(data: dict[str, Any]) -> None:
     dataset = ray.data.from_items(items).map_batches(
         _Predictor, fn_constructor_kwargs={"checkpoint": checkpoint, "top_k": top_k, "gpu": gpu,
                                            "store": store, "split": split, "batch_size": batch_size,
-                                           "digest": digest},
+                                           "digest": digest, "weights": weights},
         batch_size=1 if store is not None else batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1, num_gpus=1 if gpu else 0)
     rows = [json.loads(r["row"]) for r in sorted(dataset.iter_rows(), key=lambda r: int(r["order"]))]

@@ -118,6 +118,11 @@ class TrainSection:
     # Fine-tuning: only the classifier learns for this many epochs (the rest frozen, its
     # BatchNorm statistics too).
     freeze_epochs: int = 0
+    # Decay of an exponential moving average of the weights (0: none). With it, every epoch
+    # is validated with both, checkpoints hold both, and evaluate/predict/export read the
+    # average unless told `--weights raw` (`pipeline.train.ema`).
+    ema: float = 0.0
+    ema_warmup: bool = True
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
     log_every_steps: int = 50
@@ -341,6 +346,7 @@ def validate(cfg: Config) -> Config:
         (t.resume_from_epoch is None or 1 <= t.resume_from_epoch < t.epochs,
          f"--from-epoch must be in [1, {t.epochs}) (the run's train.epochs), got {t.resume_from_epoch}"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (0 <= t.ema < 1, f"train.ema is a decay in [0, 1) (e.g. 0.9998; 0 is off), got {t.ema}"),
         (t.log_every_steps >= 1, "train.log_every_steps must be >= 1"),
         (d.loader_workers >= 1, "data.loader_workers must be >= 1"),
         (d.max_steps_per_epoch >= 0, "data.max_steps_per_epoch must be >= 0"),

@@ -96,7 +96,8 @@ def default_out(checkpoint_file: str, fmt: str) -> Path:
 
 
 def export(checkpoint_path: str | Path, fmt: str, out: Path | None = None, *, force: bool = False,
-           wandb_mode: str | None = None, registry: str | None = None, log=print) -> dict[str, Any]:
+           wandb_mode: str | None = None, registry: str | None = None, weights: str = "auto",
+           log=print) -> dict[str, Any]:
     """Export, check parity, then publish `out` and `out.json`; returns the sidecar.
 
     With W&B (`wandb_mode`, default the training run's `tracking.wandb`) the two files are
@@ -108,7 +109,7 @@ def export(checkpoint_path: str | Path, fmt: str, out: Path | None = None, *, fo
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
-    net = infer.load(checkpoint_path)
+    net = infer.load(checkpoint_path, weights)
     out = Path(out or default_out(net.checkpoint, fmt)).expanduser().absolute()
     sidecar_path = out.with_name(out.name + ".json")
     for path in (out, sidecar_path):
@@ -136,7 +137,8 @@ def export(checkpoint_path: str | Path, fmt: str, out: Path | None = None, *, fo
         sidecar = {
             "format": fmt, "file": out.name, "architecture": net.spec.to_dict(),
             "classes": net.classes, "preprocess": net.preprocess.to_dict(),
-            "source": {"checkpoint": net.checkpoint, "sha256": net.sha256, "epoch": net.epoch},
+            "source": {"checkpoint": net.checkpoint, "sha256": net.sha256, "epoch": net.epoch,
+                       "weights": net.weights},
             "parity": {"batch": PARITY_BATCH, "max_abs_difference": diff, "tolerance": TOLERANCE},
             "inputs": {"name": "image", "shape": ["batch", 3, res, res]},
             "outputs": {"name": "logits", "shape": ["batch", len(net.classes)]},

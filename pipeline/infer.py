@@ -48,6 +48,24 @@ class Trained:
     sha256: str
     epoch: int
     config: dict[str, Any]
+    # "ema" (the moving average of the weights) or "raw".
+    weights: str = "raw"
+
+
+WEIGHTS = ("auto", "ema", "raw")
+
+
+def pick_weights(state: dict[str, Any], weights: str = "auto") -> tuple[dict[str, Any], str]:
+    """(state dict, "ema"|"raw") of a checkpoint: its weights' moving average when it has one
+    and `weights` is auto or ema; the raw weights otherwise."""
+    if weights not in WEIGHTS:
+        raise UserError(f"unknown --weights {weights!r}: use one of {', '.join(WEIGHTS)}")
+    if weights != "raw" and "model_ema" in state:
+        return state["model_ema"]["weights"], "ema"
+    if weights == "ema":
+        raise UserError("--weights ema: this checkpoint has no moving average of its weights (it was "
+                        "trained without --ema): use --weights raw")
+    return state["model"], "raw"
 
 
 def _preprocess(state: dict[str, Any]) -> Preprocess:
@@ -67,8 +85,8 @@ def _preprocess(state: dict[str, Any]) -> Preprocess:
     return Preprocess(list(mean), list(std), int(res), 1.0 if family == "small" else EVAL_CROP_RATIO)
 
 
-def load(checkpoint_path: str | Path) -> Trained:
-    """The net of a densenet-pipe checkpoint, in eval mode on the CPU."""
+def load(checkpoint_path: str | Path, weights: str = "auto") -> Trained:
+    """The net of a densenet-pipe checkpoint, in eval mode on the CPU (`pick_weights`)."""
     from .models.densenet import build
     from .models.spec import DenseNetSpec
     from .storage import read_bytes
@@ -78,12 +96,13 @@ def load(checkpoint_path: str | Path) -> Trained:
     state = checkpoint.load(file)
     spec = DenseNetSpec(**{**state["spec"], "block_config": tuple(state["spec"]["block_config"])})
     model = build(spec)
-    model.load_state_dict(state["model"])
+    chosen, kind = pick_weights(state, weights)
+    model.load_state_dict(chosen)
     model.eval()
     classes = list(state.get("store", {}).get("classes") or [str(i) for i in range(spec.num_classes)])
     return Trained(model, spec, classes, _preprocess(state), file,
                    hashlib.sha256(read_bytes(file)).hexdigest(), int(state.get("epoch", 0)),
-                   dict(state.get("config") or {}))
+                   dict(state.get("config") or {}), kind)
 
 
 def eval_transform(image: np.ndarray, pre: Preprocess) -> np.ndarray:

@@ -212,11 +212,15 @@ class JobServer:
         return f"gcs://{name}"
 
     def submit(self, entrypoint: str, runtime_env: dict[str, Any], metadata: dict[str, str],
-               submission_id: str) -> str:
-        reply = self._json("POST", "/api/jobs/", {
-            "entrypoint": entrypoint, "runtime_env": runtime_env, "metadata": metadata,
-            "submission_id": submission_id,
-        })
+               submission_id: str, driver: dict[str, float] | None = None) -> str:
+        """`driver`: what the entrypoint itself needs (num_cpus, num_gpus, memory in bytes);
+        Ray then starts it on a node that has them, not wherever the job server is."""
+        body = {"entrypoint": entrypoint, "runtime_env": runtime_env, "metadata": metadata,
+                "submission_id": submission_id}
+        for key, value in (driver or {}).items():
+            if value:
+                body[f"entrypoint_{key}"] = value
+        reply = self._json("POST", "/api/jobs/", body)
         return reply["submission_id"]
 
     def tail(self, job_id: str, on_text: Callable[[str], None]) -> int:
@@ -528,14 +532,25 @@ def submit_job(server: JobServer, job: str, cfg: dict[str, Any], *,
     return _submit_package(server, job, cfg, package)
 
 
-def _submit_package(server: JobServer, job: str, cfg: dict[str, Any], package: Package) -> str:
+def driver_fit(server: JobServer, driver: dict[str, float] | None) -> dict[str, float] | None:
+    """`driver` with its CPUs capped at the largest node's, so that it fits somewhere: a
+    prepare asking for 8 writers on 4-CPU nodes runs with 4 CPUs held, not never."""
+    if not driver or not driver.get("num_cpus"):
+        return driver
+    largest = max(((n.get("resources_total") or {}).get("CPU", 0)
+                   for n in server.nodes() if n.get("state") == "ALIVE"), default=0)
+    return {**driver, "num_cpus": min(driver["num_cpus"], largest) if largest else 0}
+
+
+def _submit_package(server: JobServer, job: str, cfg: dict[str, Any], package: Package,
+                    driver: dict[str, float] | None = None) -> str:
     uri = server.upload(package.data)
     job_id = f"{job}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     entrypoint = f"{server.python} -m jobs.{job} --config {package.config_path}"
     metadata = {"densenet_pipe_job": job, "config_digest": config_digest(cfg),
                 "command": f"densenet-pipe {job}"}
     return server.submit(entrypoint, {"working_dir": uri, "env_vars": job_env(cfg, server)},
-                         metadata, job_id)
+                         metadata, job_id, driver_fit(server, driver))
 
 
 # Set by `densenet-pipe --verbose`: follow jobs with Ray's, Tune's and W&B's own lines.
@@ -544,13 +559,14 @@ VERBOSE_ENV = "DENSENET_PIPE_VERBOSE"
 
 def run_job(job: str, cfg: dict, *, address: str | None, detach: bool = False,
             stop_on_interrupt: bool = False, resources: dict | None = None,
-            wait_for_nodes: float = 0.0,
+            wait_for_nodes: float = 0.0, driver: dict[str, float] | None = None,
             on_line: Callable[[str], None] | None = None) -> int:
     """Submit `python -m jobs.<job>` with `cfg` and follow it; returns the exit code.
 
     Lines go through `console.ConsoleFilter` unless VERBOSE_ENV is "1".
     0: the job succeeded (or was submitted, with `detach`); 1: it failed or was stopped;
-    2: it failed on bad input (the job exited 2); 130: Ctrl-C left it running. Bad input
+    2: it failed on bad input (the job exited 2); 130: Ctrl-C left it running. `driver`: the
+    resources the job's entrypoint holds (`JobServer.submit`). Bad input
     here (unknown job, unreachable address, missing resources, oversized working dir)
     raises UserError before anything is submitted.
     """
@@ -561,7 +577,7 @@ def run_job(job: str, cfg: dict, *, address: str | None, detach: bool = False,
     server = connect(address, resources=resources)
     if resources:
         check_resources(server, resources, wait_for_nodes)
-    job_id = _submit_package(server, job, cfg, package)
+    job_id = _submit_package(server, job, cfg, package, driver)
     if detach:
         _print_line(job_id)
         _note(f"submitted job {job_id} to {server.address}; follow it with: "

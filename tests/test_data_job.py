@@ -28,6 +28,16 @@ def test_prepare_official_formats_as_ray_jobs(ray_cluster, tmp_path):
     r = run("cifar10", "--source", str(cifar), "--out", str(tmp_path / "s" / "cifar10"))
     assert r.exit_code == 0, r.output
     assert "prepared" in r.output
+    # The driver writes with its own processes, so it holds CPUs for them (the 2 writers asked
+    # for, capped at the 1 CPU a node here has): Ray started it on a node that has them.
+    from pipeline import submit
+
+    server = submit.connect(None, start=False, note=lambda _m: None)
+    (job,) = [j for j in server.list_jobs()
+              if (j.get("metadata") or {}).get("densenet_pipe_job") == "prepare"][:1]
+    assert job["entrypoint_num_cpus"] == 1
+    nodes = {n["node_id"]: n for n in server.nodes()}
+    assert nodes[job["driver_node_id"]]["resources_total"]["CPU"] >= 1
     Compiler.set_enabled(False)
     try:
         loader, m = make_loader(tmp_path / "s" / "cifar10", "val", 6,

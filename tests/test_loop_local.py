@@ -31,11 +31,12 @@ def no_compile():
     Compiler.set_enabled(True)
 
 
-def _run(store, run_dir, stop_after: int | None = None, resume: bool = False) -> None:
+def _run(store, run_dir, stop_after: int | None = None, resume: bool = False, **extra) -> None:
     cfg = C.validate(C.apply_overrides(C.load_recipe("smoke"), {
         "data.store": str(store), "data.augment": False, "data.loader_workers": 1,
         "train.epochs": 3, "train.resume": resume, "optim.batch_size": 32,
-        "tracking.wandb": "off", "cluster.run_name": run_dir.name, "cluster.storage": str(run_dir.parent)}))
+        "tracking.wandb": "off", "cluster.run_name": run_dir.name, "cluster.storage": str(run_dir.parent),
+        **extra}))
     run_dir.mkdir(parents=True, exist_ok=True)
     loop_config = {"config": cfg.to_dict(), "run_dir": str(run_dir), "run_name": run_dir.name,
                    "manifest_sha256": "x" * 64}
@@ -87,3 +88,28 @@ def test_a_run_taken_back_to_an_older_epoch_retrains_from_there(store, tmp_path,
     assert [h["epoch"] for h in again["history"]] == [1, 2, 3]
     for key, tensor in first["model"].items():
         assert torch.equal(tensor, again["model"][key]), key
+
+
+@pytest.mark.timeout(300)
+def test_ema_weights_are_validated_checkpointed_and_what_evaluate_reads(store, tmp_path, capsys):
+    from pipeline.infer import load
+    from pipeline.train.evaluate import evaluate
+
+    _run(store, tmp_path / "ema", **{"train.ema": 0.9})
+    state = checkpoint.load(tmp_path / "ema")
+    history = state["history"]
+    assert all({"val_top1_error", "val_ema_top1_error", "val_ema_loss"} <= set(h) for h in history)
+    ema = state["model_ema"]
+    assert ema["updates"] == 3 * (256 // 32) and ema["decay"] == 0.9
+    conv = "features.conv0.weight"
+    assert not torch.equal(ema["weights"][conv], state["model"][conv])
+    assert "(EMA " in capsys.readouterr().out
+    # evaluate and predict read the average unless told otherwise; each matches its own
+    # column of the last epoch's validation (the same val set, in one process).
+    by_default = evaluate(tmp_path / "ema", store, loader_workers=1, say=lambda _l: None)
+    raw = evaluate(tmp_path / "ema", store, loader_workers=1, weights="raw", say=lambda _l: None)
+    assert by_default["weights"] == "ema" and raw["weights"] == "raw"
+    assert by_default["top1_error"] == pytest.approx(history[-1]["val_ema_top1_error"], abs=1e-9)
+    assert raw["top1_error"] == pytest.approx(history[-1]["val_top1_error"], abs=1e-9)
+    assert torch.equal(load(tmp_path / "ema").model.state_dict()[conv], ema["weights"][conv])
+    assert load(tmp_path / "ema", "raw").weights == "raw"

@@ -77,3 +77,34 @@ def test_clipping_bounds_the_step():
     step = _one_epoch(1, batch, **{"optim.clip_grad_norm": 1e-3})
     norm = torch.sqrt(sum((d ** 2).sum() for d in step.values())).item()
     assert norm == pytest.approx(0.1 * 1e-3, rel=1e-3)  # lr x the clipped norm
+
+
+def test_ema_warms_up_then_averages_and_copies_integer_buffers():
+    from pipeline.train.ema import WeightEMA
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 1, bias=False), torch.nn.BatchNorm1d(1))
+    with torch.no_grad():
+        model[0].weight.fill_(0.0)
+    ema = WeightEMA(model, decay=0.99)
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    model[1].num_batches_tracked += 5
+    ema.update(model)  # step 0 of the warm-up: decay min(0.99, 1/10)
+    assert torch.allclose(ema.module[0].weight, torch.full((1, 2), 0.9))
+    assert int(ema.module[1].num_batches_tracked) == 5
+    for _ in range(2000):
+        ema.update(model)
+    assert ema.current_decay() == 0.99 and torch.allclose(ema.module[0].weight, torch.ones(1, 2))
+    assert not ema.module[0].weight.requires_grad
+
+
+def test_weights_ema_on_a_checkpoint_without_an_average_is_one_line():
+    from pipeline.errors import UserError
+    from pipeline.infer import pick_weights
+
+    state = {"model": {"w": 1}}
+    assert pick_weights(state) == ({"w": 1}, "raw")
+    with pytest.raises(UserError, match="trained without --ema"):
+        pick_weights(state, "ema")
+    with_ema = {"model": {"w": 1}, "model_ema": {"weights": {"w": 2}}}
+    assert pick_weights(with_ema) == ({"w": 2}, "ema") and pick_weights(with_ema, "raw")[1] == "raw"

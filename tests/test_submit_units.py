@@ -40,3 +40,23 @@ def test_a_loc_synset_mapping_in_another_encoding_is_one_line(tmp_path):
     (tmp_path / "src" / "LOC_synset_mapping.txt").write_bytes("n01440764 tanche, poisson\n".encode("utf-16"))
     with pytest.raises(UserError, match="LOC_synset_mapping.txt is not UTF-8 text"):
         read_source(PrepareConfig(dataset="imagenet", source=str(tmp_path / "src"), out=str(tmp_path / "o")))
+
+
+class _Nodes:
+    """A stand-in for the job server's node list."""
+
+    def __init__(self, *shapes):
+        self.shapes = shapes
+
+    def nodes(self):
+        return [{"state": state, "resources_total": {"CPU": cpus}} for state, cpus in self.shapes]
+
+
+def test_a_drivers_cpus_are_capped_at_the_largest_alive_node():
+    from pipeline.submit import driver_fit
+
+    cluster = _Nodes(("ALIVE", 0), ("ALIVE", 4), ("DEAD", 16))
+    assert driver_fit(cluster, {"num_cpus": 8}) == {"num_cpus": 4}
+    assert driver_fit(cluster, {"num_cpus": 2}) == {"num_cpus": 2}
+    assert driver_fit(cluster, None) is None
+    assert driver_fit(_Nodes(("ALIVE", 0)), {"num_cpus": 2}) == {"num_cpus": 0}

@@ -9,7 +9,7 @@ import typer
 
 from ..errors import UserError
 from . import app
-from .options import Address, Detach, Stage, StageMode, StopOnInterrupt
+from .options import Address, Detach, Stage, StageMode, StopOnInterrupt, Weights, WeightsChoice
 
 TTA = ("none", "flip", "10crop")
 
@@ -23,6 +23,8 @@ def evaluate(
     out: Annotated[Optional[str], typer.Option(help="Result JSON (default: beside the checkpoint).")] = None,
     epoch: Annotated[Optional[int], typer.Option(help="With a run folder: that epoch's checkpoint, not the newest.")] = None,
     stage: Stage = None,
+    weights: Weights = WeightsChoice.auto,
+    gpu: Annotated[bool, typer.Option("--gpu", help="Evaluate on a GPU: the job starts on a node with one.")] = False,
     address: Address = None,
     detach: Detach = False,
     stop_on_interrupt: StopOnInterrupt = False,
@@ -37,7 +39,7 @@ def evaluate(
 
         checkpoint = epoch_folder(checkpoint, epoch)
     cfg = {"checkpoint": checkpoint, "store": data, "tta": tta, "batch_size": batch_size,
-           "stage": (stage or StageMode.auto).value}
+           "stage": (stage or StageMode.auto).value, "gpu": gpu, "weights": weights.value}
     if out:
         cfg["out"] = out
     if address is None:
@@ -57,4 +59,6 @@ def evaluate(
     from .. import submit
 
     raise typer.Exit(submit.run_job("evaluate", cfg, address=address, detach=detach,
-                                    stop_on_interrupt=stop_on_interrupt))
+                                    stop_on_interrupt=stop_on_interrupt,
+                                    resources={"nodes": 1, "gpus_per_node": 1} if gpu else None,
+                                    driver={"num_gpus": 1} if gpu else None))

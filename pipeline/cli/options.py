@@ -80,3 +80,18 @@ Stage = Annotated[
     typer.Option("--stage", help="Copy the store to each node's disk first: auto (object storage "
                  "and network filesystems; the default), always, or never (read a path in place)."),
 ]
+
+
+class WeightsChoice(str, Enum):
+    """Which weights of a checkpoint a command uses (`pipeline.infer.pick_weights`)."""
+
+    auto = "auto"
+    ema = "ema"
+    raw = "raw"
+
+
+Weights = Annotated[
+    WeightsChoice,
+    typer.Option("--weights", help="auto (the moving average when the run kept one with --ema, "
+                 "else the raw weights), ema or raw."),
+]

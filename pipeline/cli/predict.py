@@ -14,7 +14,7 @@ import typer
 
 from ..errors import UserError
 from . import app, output
-from .options import Address, Detach
+from .options import Address, Detach, Weights, WeightsChoice
 
 CheckpointArg = Annotated[str, typer.Argument(
     metavar="CHECKPOINT", help="A run folder (its newest checkpoint), an epoch-NNNN folder or its checkpoint.pt.")]
@@ -44,6 +44,7 @@ def predict(
     actors: Annotated[int, typer.Option(help="Cluster job: Ray Data actors holding the model.")] = 2,
     gpu: Annotated[bool, typer.Option("--gpu/--cpu", help="Cluster job: one GPU per actor.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    weights: Weights = WeightsChoice.auto,
     address: Address = None,
     detach: Detach = False,
 ) -> None:
@@ -69,9 +70,10 @@ def predict(
         raise UserError("a store is classified on its own: pass one store, or image files and folders")
     many = bool(stores) or any(Path(i).is_dir() for i in inputs)
     if many and not in_process:
-        _predict_job(checkpoint, inputs, top_k, fmt, out, split, actors, gpu, batch_size, address, detach)
+        _predict_job(checkpoint, inputs, top_k, fmt, out, split, actors, gpu, batch_size, address, detach,
+                     weights.value)
         return
-    net = infer.load(checkpoint)
+    net = infer.load(checkpoint, weights.value)
     if stores:
         rows = infer.predict_store(net, stores[0], split=split, top_k=top_k, batch_size=batch_size)
     else:
@@ -91,7 +93,7 @@ def predict(
 
 def _predict_job(checkpoint: str, inputs: list[str], top_k: int, fmt: RowFormat, out: Path | None,
                  split: str, actors: int, gpu: bool, batch_size: int, address: str | None,
-                 detach: bool) -> None:
+                 detach: bool, weights: str = "auto") -> None:
     import time
 
     from .. import submit
@@ -108,7 +110,7 @@ def _predict_job(checkpoint: str, inputs: list[str], top_k: int, fmt: RowFormat,
 
     cfg = {"checkpoint": where(checkpoint), "inputs": [where(i) for i in inputs], "top_k": top_k,
            "batch_size": batch_size, "actors": actors, "gpu": gpu, "split": split,
-           "format": fmt.value, "out": where(out)}
+           "format": fmt.value, "out": where(out), "weights": weights}
     resources = {"nodes": 1, "cpus_per_node": 1, "gpus_per_node": 1 if gpu else 0}
     code = submit.run_job("predict", cfg, address=address, detach=detach, resources=resources)
     if code:
@@ -125,6 +127,7 @@ def export(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing export.")] = False,
     wandb: Annotated[Optional[str], typer.Option(help="online, offline or off (default: the training run's).")] = None,
     registry: Annotated[Optional[str], typer.Option(help="Online: link the export into this W&B registry collection.")] = None,
+    weights: Weights = WeightsChoice.auto,
 ) -> None:
     """Export a trained net with a JSON sidecar, after a parity check against PyTorch.
 
@@ -137,6 +140,7 @@ def export(
     if wandb not in (None, "online", "offline", "off"):
         raise UserError(f"unknown --wandb {wandb!r}: use online, offline or off")
     sidecar = run_export(checkpoint, fmt.value, out, force=force, wandb_mode=wandb, registry=registry,
+                         weights=weights.value,
                          log=output.info)
     output.info(f"wrote {sidecar['path']} and {sidecar['path']}.json")
     output.result(sidecar["path"])

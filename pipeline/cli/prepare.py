@@ -101,8 +101,10 @@ def prepare(
         return
     from .. import submit
 
+    # The driver writes with its own processes: it holds their CPUs, on a node that has them
+    # (a cluster's head often has none for work).
     code = submit.run_job("prepare", cfg.to_dict(), address=address, detach=detach,
-                          stop_on_interrupt=stop_on_interrupt)
+                          stop_on_interrupt=stop_on_interrupt, driver={"num_cpus": cfg.workers})
     if code:
         raise typer.Exit(code=code)
     if not detach:

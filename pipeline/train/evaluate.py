@@ -41,9 +41,10 @@ def ten_crops(images: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 def evaluate(checkpoint_path: str | Path, store: str | Path, *, tta: str = "none",
              batch_size: int = 128, loader_workers: int = 2, amp_mode: str = "auto",
-             stage: str = "auto", say=print) -> dict[str, Any]:
+             stage: str = "auto", gpu: bool = False, weights: str = "auto",
+             say=print) -> dict[str, Any]:
     from ..data.loaders import EVAL_CROP_RATIO, make_loader
-    from ..data.staging import local_copy, locate
+    from ..data.staging import display, local_copy, locate
 
     if tta not in TTA:
         raise UserError(f"unknown --tta {tta!r}: use one of {', '.join(TTA)}")
@@ -53,10 +54,17 @@ def evaluate(checkpoint_path: str | Path, store: str | Path, *, tta: str = "none
     manifest, digest = locate(str(store))
     runs.check_checkpoint_classes(spec.num_classes, state.get("store", {}).get("classes"),
                                   manifest.classes, str(store))
+    from ..infer import pick_weights
+
     model = build(spec)
-    model.load_state_dict(state["model"])
+    chosen, kind = pick_weights(state, weights)
+    model.load_state_dict(chosen)
     model.eval()
-    device = torch.device("cpu")
+    if gpu and not torch.cuda.is_available():
+        raise UserError("--gpu: this node has no CUDA GPU that torch can use: evaluate on the CPU "
+                        "(no --gpu) or on a cluster with GPUs")
+    device = torch.device("cuda" if gpu else "cpu")
+    model.to(device)
     dtype = amp.resolve_dtype(amp_mode, device)
 
     data = dataclasses.replace(cfg.data, loader_workers=loader_workers, store=str(store), stage=stage)
@@ -75,6 +83,7 @@ def evaluate(checkpoint_path: str | Path, store: str | Path, *, tta: str = "none
     t0 = time.perf_counter()
     with torch.no_grad(), amp.autocast(device, dtype):
         for images, labels in loader:
+            images = images.to(device, non_blocking=True)
             if tta == "none":
                 probs = model(images).float().softmax(1)
             elif tta == "flip":
@@ -84,11 +93,11 @@ def evaluate(checkpoint_path: str | Path, store: str | Path, *, tta: str = "none
                     images = F.pad(images, (4, 4, 4, 4))
                 views = ten_crops(images, crop)
                 probs = sum(model(v.contiguous()).float().softmax(1) for v in views) / len(views)
-            tally.add(probs, labels)
+            tally.add(probs, labels.to(device))
     return {
         "checkpoint": checkpoint.find(checkpoint_path),
-        "store": str(store), "dataset": manifest.dataset, "tta": tta, "images": int(tally.n),
-        "epoch": state["epoch"], "model": spec.name,
+        "store": display(str(store)), "dataset": manifest.dataset, "tta": tta, "images": int(tally.n),
+        "epoch": state["epoch"], "model": spec.name, "weights": kind,
         "top1_error": tally.top1_error, "top5_error": tally.top5_error,
         "seconds": time.perf_counter() - t0,
     }

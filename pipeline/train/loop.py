@@ -34,6 +34,7 @@ from ..config import Config
 from ..models.densenet import build
 from ..tracking import RemoteTracker, Tracker
 from . import amp, checkpoint, mix, optim
+from .ema import WeightEMA
 from .metrics import Tally
 
 
@@ -183,6 +184,8 @@ class Parts:
     steps: int
     # What `model.init_from` loaded (`pipeline.models.init.load_into`), or None.
     init: dict[str, Any] | None = None
+    # The weights' moving average (`train.ema`), or None.
+    ema: WeightEMA | None = None
 
 
 def check_placement(session: RaySession | LocalSession, nodes: int) -> list[str]:
@@ -214,8 +217,9 @@ def build_parts(cfg: Config, spec, device: torch.device, batches: int, say=lambd
     steps = batches // cfg.optim.accumulate
     steps = min(steps, cfg.data.max_steps_per_epoch) if cfg.data.max_steps_per_epoch else steps
     dtype = amp.resolve_dtype(cfg.train.amp, device)
+    ema = WeightEMA(model, cfg.train.ema, cfg.train.ema_warmup) if cfg.train.ema else None
     return Parts(model, optimizer, optim.build_scheduler(optimizer, steps, cfg),
-                 amp.grad_scaler(device, dtype), dtype, steps, init)
+                 amp.grad_scaler(device, dtype), dtype, steps, init, ema)
 
 
 def restore(parts: Parts, session: RaySession | LocalSession, cfg: Config, run_dir: str,
@@ -238,6 +242,11 @@ def restore(parts: Parts, session: RaySession | LocalSession, cfg: Config, run_d
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])
     parts.scaler.load_state_dict(state["scaler"])
+    if parts.ema is not None:
+        if "model_ema" in state:
+            parts.ema.load_state_dict(state["model_ema"])
+        else:  # a run that had none: the average starts from the weights it resumes with
+            parts.ema = WeightEMA(parts.model, cfg.train.ema, cfg.train.ema_warmup)
     say(f"resumed from epoch {state['epoch']} ({folder})")
     return state["epoch"], list(state["history"])
 
@@ -291,6 +300,8 @@ def train_one_epoch(net: nn.Module, parts: Parts, loader, cfg: Config, epoch: in
         parts.scaler.step(parts.optimizer)
         parts.scaler.update()
         parts.scheduler.step()
+        if parts.ema is not None:
+            parts.ema.update(parts.model)
         if step % log_every == 0 or step == steps:
             elapsed = time.perf_counter() - t0
             lr = parts.optimizer.param_groups[0]["lr"]
@@ -325,6 +336,7 @@ def checkpoint_state(parts: Parts, epoch: int, history: list, cfg: Config, spec,
         "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict(),
         "scaler": parts.scaler.state_dict(),
+        **({"model_ema": parts.ema.state_dict()} if parts.ema is not None else {}),
         "epoch": epoch,
         "history": history,
         "config": cfg.to_dict(),
@@ -409,6 +421,11 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
         mine, train_time = train_one_epoch(net, parts, train_loader, cfg, epoch, device, world, say, tracker)
         trained = mine.reduced(device)
         val = validate(net, val_loader, val_mine, device, parts.dtype).reduced(device)
+        averaged = {}
+        if parts.ema is not None:
+            v = validate(parts.ema.module, val_loader, val_mine, device, parts.dtype).reduced(device)
+            averaged = {"val_ema_loss": v.loss, "val_ema_top1_error": v.top1_error,
+                        "val_ema_top5_error": v.top5_error}
         row = {
             "epoch": epoch + 1,
             "train_loss": trained.loss,
@@ -417,6 +434,7 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
             "val_loss": val.loss,
             "val_top1_error": val.top1_error,
             "val_top5_error": val.top5_error,
+            **averaged,
             "images_per_s": trained.n / train_time,
             "epoch_time_s": time.perf_counter() - t0,
             "lr": parts.optimizer.param_groups[0]["lr"],
@@ -430,7 +448,8 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
         best = min(best, row["val_top1_error"])
         say("epoch {epoch}/{0}: train loss {train_loss:.4f} top-1 err {train_top1_error:.4f}"
             " | val loss {val_loss:.4f} top-1 err {val_top1_error:.4f} top-5 err "
-            "{val_top5_error:.4f} | {images_per_s:,.0f} img/s, {epoch_time_s:.1f} s".format(epochs, **row))
+            "{val_top5_error:.4f}{ema} | {images_per_s:,.0f} img/s, {epoch_time_s:.1f} s".format(
+                epochs, **row, ema=f" (EMA {row['val_ema_top1_error']:.4f})" if averaged else ""))
         tracker.log({f"epoch/{k}": v for k, v in row.items()}, step=(epoch + 1) * parts.steps)
 
         save_now = (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == epochs
