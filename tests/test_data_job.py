@@ -32,10 +32,17 @@ def test_prepare_official_formats_as_ray_jobs(ray_cluster, tmp_path):
     # for, capped at the 1 CPU a node here has): Ray started it on a node that has them.
     from pipeline import submit
 
+    import urllib.parse
+
     server = submit.connect(None, start=False, note=lambda _m: None)
     (job,) = [j for j in server.list_jobs()
               if (j.get("metadata") or {}).get("densenet_pipe_job") == "prepare"][:1]
-    assert job["entrypoint_num_cpus"] == 1
+    # Ray runs an entrypoint under a supervisor actor that holds what the job asked for.
+    query = urllib.parse.urlencode([("limit", 10000), ("detail", 1), ("filter_keys", "name"),
+                                    ("filter_predicates", "="),
+                                    ("filter_values", f"_ray_internal_job_actor_{job['submission_id']}")])
+    (supervisor,) = server._json("GET", f"/api/v0/actors?{query}")["data"]["result"]["result"]
+    assert supervisor["required_resources"].get("CPU") == 1, supervisor["required_resources"]
     nodes = {n["node_id"]: n for n in server.nodes()}
     assert nodes[job["driver_node_id"]]["resources_total"]["CPU"] >= 1
     Compiler.set_enabled(False)

@@ -60,3 +60,16 @@ def test_a_drivers_cpus_are_capped_at_the_largest_alive_node():
     assert driver_fit(cluster, {"num_cpus": 2}) == {"num_cpus": 2}
     assert driver_fit(cluster, None) is None
     assert driver_fit(_Nodes(("ALIVE", 0)), {"num_cpus": 2}) == {"num_cpus": 0}
+
+
+def test_a_drivers_resources_go_into_the_submission(monkeypatch):
+    from pipeline.submit import JobServer
+
+    sent = []
+    server = JobServer("http://127.0.0.1:1")
+    monkeypatch.setattr(server, "_json", lambda method, path, body=None, **kw: sent.append(body) or
+                        {"submission_id": body["submission_id"]})
+    assert server.submit("python -m jobs.prepare", {}, {}, "prepare-1", {"num_cpus": 2, "num_gpus": 0}) == "prepare-1"
+    assert sent[0]["entrypoint_num_cpus"] == 2 and "entrypoint_num_gpus" not in sent[0]
+    server.submit("python -m jobs.train", {}, {}, "train-1")
+    assert not any(k.startswith("entrypoint_num") for k in sent[1])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -100,18 +101,18 @@ def test_wandb_offline_run_per_training_run(trained):
 
 
 @pytest.mark.timeout(600)
-def test_evaluate_matches_the_last_epochs_val_error(trained, cli, store, tmp_path):
+def test_evaluate_matches_the_last_epochs_val_error(trained, store):
+    # In this process: the `evaluate` job (CLI -> Ray job -> the same function) is run by the
+    # S3 test below, on a store and a run folder in object storage.
+    from pipeline.train.evaluate import evaluate
+
     folder, _ = trained
-    out = tmp_path / "eval.json"
-    r = cli("evaluate", folder, "--data", store, "--out", out)
-    assert r.exit_code == 0, r.output
-    result = json.loads(out.read_text())
+    result = evaluate(folder, store, loader_workers=1, say=lambda _line: None)
     history = json.loads((folder / "history.json").read_text())
-    assert result["images"] == 128 and result["epoch"] == 3
+    assert result["images"] == 128 and result["epoch"] == 3 and result["weights"] == "raw"
+    # Two workers validated half the set each; one process sees all of it: the same error.
     assert result["top1_error"] == pytest.approx(history[-1]["val_top1_error"], abs=1e-9)
-    r = cli("evaluate", folder / "epoch-0003", "--data", store, "--tta", "10crop", "--out", tmp_path / "tta.json")
-    assert r.exit_code == 0, r.output
-    tta = json.loads((tmp_path / "tta.json").read_text())
+    tta = evaluate(folder / "epoch-0003", store, tta="10crop", loader_workers=1, say=lambda _line: None)
     assert tta["tta"] == "10crop" and tta["top1_error"] < 0.5
 
 
@@ -172,10 +173,12 @@ def test_resumed_run_in_s3_ends_with_the_same_weights(trained, cli, store, s3_bu
             break
         assert time.monotonic() < deadline, "no W&B record in S3 while the run went on"
         time.sleep(0.5)
-    # Each node staged the store before training: the two local nodes share one disk, so one
-    # downloaded it and the other found it there.
+    # Each of the 3 nodes staged the store before training; they share this machine's disk,
+    # so one downloaded it and the others found it there.
     log = cli("jobs", "logs", job_id).output
-    assert log.count(": staged at") == 1 and log.count("already staged") == 1, log
+    staged = re.findall(r"node (\w{8}): store s3://\S+: (staged at|already staged)", log)
+    assert len({node for node, _ in staged}) == 3, log
+    assert [how for _, how in staged].count("staged at") == 1 and log.count(": staged at") == 1, log
     assert cli("jobs", "stop", job_id).exit_code == 0
     # The stopped run's W&B record is whole and says the user stopped it (copied to S3).
     stopped = _s3_wandb_view(run, tmp_path)

@@ -63,15 +63,19 @@ def check_out(out: str | os.PathLike, force: bool) -> Path:
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise UserError(f"--out {out} is a file or a link: choose a folder path for the store")
     if out.is_dir() and any(out.iterdir()):
-        foreign = foreign_entries(out)
-        if not force:
-            what = "a store" if not foreign else "a non-empty folder"
-            raise UserError(f"{out} is already {what}: pass --force to replace it, or choose another --out")
-        if foreign:
-            raise UserError(f"--force replaces only a store or an empty folder, and {out} holds "
-                            f"{foreign[0]!r}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}"
-                            ": choose another --out; nothing was touched")
+        _check_replace(str(out), foreign_entries(out), force, "folder")
     return out
+
+
+def _check_replace(where: str, foreign: list[str], force: bool, kind: str) -> None:
+    """A non-empty `--out` is replaced only with --force, and only when all of it is a store."""
+    if not force:
+        what = "a store" if not foreign else f"a non-empty {kind}"
+        raise UserError(f"{where} is already {what}: pass --force to replace it, or choose another --out")
+    if foreign:
+        raise UserError(f"--force replaces only a store or an empty {kind}, and {where} holds "
+                        f"{foreign[0]!r}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}"
+                        ": choose another --out; nothing was touched")
 
 
 def check_remote_out(out: str, force: bool) -> str:
@@ -90,14 +94,7 @@ def check_remote_out(out: str, force: bool) -> str:
             ours = {s["file"] for s in data["splits"].values()} | {MANIFEST}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             ours = set()
-    foreign = [e for e in entries if e not in ours]
-    if not force:
-        what = "a store" if not foreign else "not empty"
-        raise UserError(f"{where} is already {what}: pass --force to replace it, or choose another --out")
-    if foreign:
-        raise UserError(f"--force replaces only a store or an empty prefix, and {where} holds "
-                        f"{foreign[0]!r}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}"
-                        ": choose another --out; nothing was touched")
+    _check_replace(where, [e for e in entries if e not in ours], force, "prefix")
     return out
 
 
