@@ -28,7 +28,10 @@ def on_each_node(fn: Callable[..., Any], *args: Any, min_cpus: float = 0.0) -> l
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = worker_nodes(min_cpus)
-    task = ray.remote(num_cpus=0, max_retries=0)(fn)
+    # Retried on OSError: a node can be deleting the job's code package, left by an earlier
+    # job with the same contents, just as this task starts (seen as FileNotFoundError on one of
+    # our own modules); the retry gets a fresh copy. A UserError is an answer, never retried.
+    task = ray.remote(num_cpus=0, max_retries=2, retry_exceptions=[OSError])(fn)
     refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(*args)
             for node in nodes]
     results = []
