@@ -59,6 +59,13 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (inner,) = get_args(tp)
         return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        if origin is dict:
+            k_tp, v_tp = get_args(tp)
+            return {_coerce(k_tp, k, key): _coerce(v_tp, v, f"{key}.{k}") for k, v in value.items()}
+        return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -7,8 +7,10 @@ import pytest
 from typer.testing import CliRunner
 
 from fixtures_data import make_cifar, make_ilsvrc, make_svhn
+from test_merge import samples
 from pipeline.cli import app
 from pipeline.config import DataSection
+from pipeline.data.sharded import shard_bounds
 from pipeline.data.store import open_store
 
 pytestmark = [pytest.mark.ray, pytest.mark.ffcv]
@@ -66,9 +68,27 @@ def test_prepare_official_formats_as_ray_jobs(ray_cluster, tmp_path):
     r = run("imagenet", "--source", str(tmp_path / "ilsvrc"), "--out", str(out), "--max-resolution", "48")
     assert r.exit_code == 2 and ilsvrc["truncated"] in r.output and not out.exists()
     r = run("imagenet", "--source", str(tmp_path / "ilsvrc"), "--out", str(out),
-            "--max-resolution", "48", "--skip-bad")
+            "--max-resolution", "48", "--skip-bad", "--write-mode", "jpg")
     assert r.exit_code == 0, r.output
     assert len(open_store(out).skipped) == 1
+
+    # The same source on every node of the cluster, a contiguous shard each, merged: the
+    # same samples in the same order, the same encoded bytes, the unreadable image skipped
+    # in the shard that holds it.
+    sharded = tmp_path / "sharded" / "imagenet"
+    r = run("imagenet", "--source", str(tmp_path / "ilsvrc"), "--out", str(sharded),
+            "--max-resolution", "48", "--skip-bad", "--write-mode", "jpg", "--nodes", "3")
+    assert r.exit_code == 0, r.output
+    one, three = open_store(out), open_store(sharded)
+    for split in ("train", "val"):
+        assert samples(three.beton(split)) == samples(one.beton(split))
+        shards = three.writer.shards[split]
+        assert [(s["start"], s["stop"]) for s in shards] == shard_bounds(one.splits[split].count
+                                                                         + (split == "train"), 3)
+    assert three.writer.nodes == 3 and three.skipped == one.skipped
+    r = run("imagenet", "--source", str(tmp_path / "ilsvrc"), "--out", str(tmp_path / "s" / "x"),
+            "--nodes", "4")
+    assert r.exit_code == 2 and "--nodes 4 needs 4 nodes with CPUs; the cluster has 3" in r.output
 
     bad = tmp_path / "cifar-10-python.tar.gz"
     bad.write_bytes(cifar.read_bytes()[:500])

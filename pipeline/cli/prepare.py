@@ -68,7 +68,8 @@ def prepare(
     write_mode: Annotated[Optional[str], typer.Option(help="raw, jpg, smart or proportion (default: the dataset card's).")] = None,
     jpeg_quality: Annotated[Optional[int], typer.Option(help="JPEG quality 1-100 for jpg/smart/proportion.")] = None,
     compress_probability: Annotated[Optional[float], typer.Option(help="Share of images stored as JPEG in proportion mode.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Writer processes.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Writer processes (with --nodes 1).")] = None,
+    nodes: Annotated[Optional[int], typer.Option(help="Write on N nodes, a contiguous shard each with all its CPUs, merged into one store in the same order.")] = None,
     skip_bad: Annotated[Optional[bool], typer.Option("--skip-bad", help="Leave unreadable images out (listed in the manifest) instead of stopping.")] = None,
     force: Annotated[Optional[bool], typer.Option("--force", help="Replace an existing store.")] = None,
     extra: Annotated[Optional[bool], typer.Option("--extra/--no-extra", help="SVHN: add extra_32x32.mat to train (default: when present).")] = None,
@@ -89,7 +90,7 @@ def prepare(
     cfg = build_prepare_config(dataset, {
         "source": source, "out": out, "max_resolution": max_resolution, "write_mode": write_mode,
         "jpeg_quality": jpeg_quality, "compress_probability": compress_probability,
-        "workers": workers, "skip_bad": skip_bad, "force": force, "extra": extra,
+        "workers": workers, "nodes": nodes, "skip_bad": skip_bad, "force": force, "extra": extra,
         "family": family.value if family else None,
         "resolution": resolution if dataset != "synthetic" else None,
     }, {"train_size": size, "val_size": val_size, "num_classes": classes,
@@ -101,10 +102,13 @@ def prepare(
         return
     from .. import submit
 
-    # The driver writes with its own processes: it holds their CPUs, on a node that has them
-    # (a cluster's head often has none for work).
+    # With one node the driver writes with its own processes: it holds their CPUs, on a node
+    # that has them (a cluster's head often has none for work). With more, shard tasks hold
+    # the nodes' CPUs and the driver only merges: it holds none, or it would keep a shard
+    # from its node.
+    driver = {"num_cpus": cfg.workers} if cfg.nodes == 1 else None
     code = submit.run_job("prepare", cfg.to_dict(), address=address, detach=detach,
-                          stop_on_interrupt=stop_on_interrupt, driver={"num_cpus": cfg.workers})
+                          stop_on_interrupt=stop_on_interrupt, driver=driver)
     if code:
         raise typer.Exit(code=code)
     if not detach:

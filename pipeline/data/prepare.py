@@ -24,7 +24,7 @@ from .. import storage
 from ..errors import UserError
 from .publish import check_out, publish, publishing
 from .prepare_config import PrepareConfig, validate_prepare
-from .readers import ArraySplit, FileSplit, Source, read_source
+from .readers import ArraySplit, FileSplit, Source, Split, read_source
 from .store import FORMAT_VERSION, MANIFEST, Manifest, SplitInfo, WriterInfo, md5_file, open_store, sha256_file, write_manifest
 from .writer import DISK_FULL, WriteFailed, WriteSettings, read_labels, write_beton
 
@@ -91,17 +91,19 @@ def _check_output(out: Path, force: bool) -> None:
                         "write to, or fix that folder's permissions")
 
 
-def _write_split(name: str, src: Source, tmp: Path, settings: WriteSettings, cfg: PrepareConfig,
-                 log: Log) -> tuple[SplitInfo, list[dict], int]:
-    split = src.splits[name]
-    bad_dir = tmp / f".bad-{name}"
-    bad_dir.mkdir()
+def write_indices(path: Path, split: Split, settings: WriteSettings, *, workers: int,
+                  indices: list[int] | None, skip_bad: bool, bad_dir: Path, name: str, log: Log,
+                  label: str = "") -> tuple[int, dict[int, str]]:
+    """Write `split` (or its `indices`) to `path`, leaving unreadable images out when
+    `skip_bad`; returns (page size, {index: "path\treason"} of the images left out)."""
+    bad_dir.mkdir(exist_ok=True)
     split.bad_dir = bad_dir
-    path = tmp / f"{name}.beton"
-    indices: list[int] | None = None
+    todo = None if indices is None else list(indices)
+    everything = range(len(split)) if indices is None else indices
     skipped: dict[int, str] = {}
     for _ in range(3):
-        page = write_beton(path, split, settings, workers=cfg.workers, indices=indices, log=log, label=name)
+        page = write_beton(path, split, settings, workers=workers, indices=todo, log=log,
+                           label=label or name)
         bad = {int(p.name): p.read_text(errors="replace") for p in bad_dir.iterdir()}
         new = {i: t for i, t in bad.items() if i not in skipped}
         for p in bad_dir.iterdir():
@@ -110,26 +112,36 @@ def _write_split(name: str, src: Source, tmp: Path, settings: WriteSettings, cfg
             break
         for i in sorted(new):
             log(f"unreadable image: {new[i].replace(chr(9), ' (', 1)})")
-        if not cfg.skip_bad:
+        if not skip_bad:
             first, reason = new[min(new)].split("\t", 1)
             raise UserError(f"{len(new)} {name} image(s) cannot be read, first {first} ({reason}): "
                             "replace them, or pass --skip-bad to leave them out (listed in the "
                             "manifest); nothing was published")
         skipped.update(new)
-        indices = [i for i in range(len(split)) if i not in skipped]
-        log(f"{name}: rewriting without {len(skipped)} unreadable image(s)")
+        todo = [i for i in everything if i not in skipped]
+        if not todo:
+            where = "" if indices is None else f" in {label}"
+            raise UserError(f"every {name} image{where} is unreadable: check --source")
+        log(f"{label or name}: rewriting without {len(skipped)} unreadable image(s)")
     else:
         raise UserError(f"{name}: images keep failing to decode in different ways; check the disk")
-    if indices is not None and not indices:
-        raise UserError(f"every {name} image is unreadable: check --source")
     bad_dir.rmdir()
-    expected = split.labels if indices is None else split.labels[indices]
+    return page, skipped
+
+
+def _check_split(name: str, split: Split, path: Path,
+                 skipped: dict[int, str]) -> tuple[SplitInfo, list[dict]]:
+    """The written split read back: its labels are the source's, less the skipped images."""
+    kept = [i for i in range(len(split)) if i not in skipped]
+    if not kept:
+        raise UserError(f"every {name} image is unreadable: check --source")
+    expected = split.labels[kept]
     count, labels = read_labels(path)
     if count != len(expected) or not np.array_equal(labels, expected):
         raise RuntimeError(f"{path} verification failed: {count} samples, expected {len(expected)}")
     info = SplitInfo(file=path.name, count=count, sha256=sha256_file(path), bytes=path.stat().st_size)
     skipped_list = [dict(zip(("path", "reason"), skipped[i].split("\t", 1)), split=name) for i in sorted(skipped)]
-    return info, skipped_list, page
+    return info, skipped_list
 
 
 def _sources(src: Source, log: Log) -> list[dict]:
@@ -162,10 +174,21 @@ def _write_store(tmp: Path, src: Source, settings: WriteSettings, cfg: PrepareCo
                  log: Log) -> dict[str, SplitInfo]:
     """Both splits and the manifest into `tmp`, checked as a reader will check them."""
     sources = _sources(src, log)
-    splits, skipped, page = {}, [], 0
-    for name in ("train", "val"):
-        splits[name], bad, page = _write_split(name, src, tmp, settings, cfg, log)
-        skipped += bad
+    splits, skipped, page, shards = {}, [], 0, {}
+    if cfg.nodes > 1:
+        from .sharded import write_splits_sharded
+
+        written = write_splits_sharded(cfg, src, settings, tmp, log)
+    else:
+        written = {name: (*write_indices(tmp / f"{name}.beton", src.splits[name], settings,
+                                         workers=cfg.workers, indices=None, skip_bad=cfg.skip_bad,
+                                         bad_dir=tmp / f".bad-{name}", name=name, log=log), [])
+                   for name in ("train", "val")}
+    for name, (page, bad, split_shards) in written.items():
+        splits[name], bad_list = _check_split(name, src.splits[name], tmp / f"{name}.beton", bad)
+        skipped += bad_list
+        if split_shards:
+            shards[name] = split_shards
     card = src.card
     # Small images stay at their size: an ImageNet-style card's 224 px would have the loader
     # upsample a folder of 32 px images 49-fold in pixels for no information.
@@ -185,7 +208,7 @@ def _write_store(tmp: Path, src: Source, settings: WriteSettings, cfg: PrepareCo
                           jpeg_quality=settings.jpeg_quality,
                           compress_probability=settings.compress_probability,
                           smart_threshold=settings.smart_threshold,
-                          page_size=page),
+                          page_size=page, nodes=cfg.nodes, shards=shards),
         mean=list(card.mean), std=list(card.std), resolution=resolution,
         eval_resolution=eval_resolution, family=card.family, augment=card.augment,
         fixed_size=_fixed_size(src, settings), sources=sources, skipped=skipped,

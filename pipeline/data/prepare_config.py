@@ -44,6 +44,9 @@ class PrepareConfig:
     # Images whose raw bytes exceed this are stored as JPEG in write_mode=smart.
     smart_threshold: int = 256 * 256 * 3
     workers: int = 2
+    # Nodes that write the store, each a contiguous shard with all its CPUs, merged in order
+    # by the driver; 1 writes it in the driver with `workers` processes.
+    nodes: int = 1
     skip_bad: bool = False
     force: bool = False
     # SVHN: None uses extra_32x32.mat when it sits beside train_32x32.mat.
@@ -76,6 +79,7 @@ def validate_prepare(cfg: PrepareConfig) -> PrepareConfig:
          "compress_probability must be in [0, 1]"),
         (cfg.smart_threshold >= 1, "smart_threshold must be >= 1 byte"),
         (cfg.workers >= 1, "workers must be >= 1"),
+        (cfg.nodes >= 1, "--nodes must be >= 1"),
         (s.train_size >= 1 and s.val_size >= 1, "synthetic sizes must be >= 1"),
         (s.num_classes >= 2, "synthetic num_classes must be >= 2"),
         (s.resolution >= 8, "synthetic resolution must be >= 8 pixels"),

@@ -45,6 +45,10 @@ class WriterInfo:
     compress_probability: float
     smart_threshold: int | None
     page_size: int
+    # How many nodes wrote it (`prepare --nodes`), and per split the [start, stop) slice
+    # each wrote, with its host, in merge order.
+    nodes: int = 1
+    shards: dict = field(default_factory=dict)
 
 
 @dataclass

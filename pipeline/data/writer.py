@@ -159,19 +159,31 @@ def _make_writer_class() -> type:
     return _GuardedWriter
 
 
-def write_beton(path: Path, split: Split, settings: WriteSettings, *, workers: int,
-                indices: Sequence[int] | None = None, log: Callable[[str], None] = print,
-                label: str = "") -> int:
-    """Write `split` (or its `indices`) to `path`; returns the page size used."""
+def beton_fields(settings: WriteSettings) -> dict[str, Any]:
+    """The store's FFCV fields, in file order."""
     from ffcv.fields import IntField, RGBImageField
 
-    fields = {
+    return {
         "image": RGBImageField(write_mode=settings.write_mode, max_resolution=settings.max_resolution,
                                smart_threshold=settings.smart_threshold,
                                jpeg_quality=settings.jpeg_quality,
                                compress_probability=settings.compress_probability),
         "label": IntField(),
     }
+
+
+def metadata_dtype(settings: WriteSettings) -> np.dtype:
+    """One sample's metadata row, as FFCV lays it out for `beton_fields(settings)`."""
+    from ffcv.types import get_metadata_type
+
+    return get_metadata_type(list(beton_fields(settings).values()))
+
+
+def write_beton(path: Path, split: Split, settings: WriteSettings, *, workers: int,
+                indices: Sequence[int] | None = None, log: Callable[[str], None] = print,
+                label: str = "") -> int:
+    """Write `split` (or its `indices`) to `path`; returns the page size used."""
+    fields = beton_fields(settings)
     page = page_size_for(split, settings)
     writer = _make_writer_class()(str(path), fields, page_size=page, num_workers=workers)
     writer.log = log

@@ -1,0 +1,96 @@
+"""Shards of a split merged into one .beton read back as the split written whole (no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.data.merge import MergeError, data_chunks, merge_betons, read_layout
+from pipeline.data.prepare_config import SyntheticSpec
+from pipeline.data.readers import SyntheticSplit
+from pipeline.data.sharded import shard_bounds
+from pipeline.data.writer import WriteSettings, metadata_dtype, write_beton
+
+pytestmark = [pytest.mark.ffcv]
+
+
+def samples(path: Path) -> list[tuple[int, int, int, int, bytes]]:
+    """(label, mode, width, height, stored image bytes) of every sample, from the file alone."""
+    from ffcv.reader import Reader
+
+    r = Reader(str(path))
+    size = dict(zip(r.alloc_table["ptr"].tolist(), r.alloc_table["size"].tolist()))
+    data = path.read_bytes()
+    image, label = r.metadata["f0"], r.metadata["f1"]
+    return [(int(label[i]), int(image["mode"][i]), int(image["width"][i]), int(image["height"][i]),
+             data[int(image["data_ptr"][i]):int(image["data_ptr"][i]) + size[int(image["data_ptr"][i])]])
+            for i in range(len(r.metadata))]
+
+
+def test_shard_bounds_are_contiguous_and_even():
+    assert shard_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    assert shard_bounds(2, 5) == [(0, 1), (1, 2)]
+    for n, k in ((1, 1), (7, 2), (1000, 8)):
+        b = shard_bounds(n, k)
+        assert b[0][0] == 0 and b[-1][1] == n
+        assert all(x[1] == y[0] for x, y in zip(b, b[1:]))
+        assert max(s - a for a, s in b) - min(s - a for a, s in b) <= 1
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["raw", "jpg"])
+def test_merged_shards_equal_the_whole_split(tmp_path, mode):
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
+
+    # Images of varied sizes, so that samples differ in how many bytes they take.
+    split = SyntheticSplit(SyntheticSpec(train_size=150, num_classes=7, resolution=96, min_size=40), "train")
+    settings = WriteSettings(mode, jpeg_quality=90)
+    whole = tmp_path / "whole.beton"
+    write_beton(whole, split, settings, workers=1, log=lambda _: None)
+    parts = []
+    for i, (a, b) in enumerate(shard_bounds(len(split), 3)):
+        p = tmp_path / f"part{i}.beton"
+        write_beton(p, split, settings, workers=2, indices=range(a, b), log=lambda _: None)
+        parts.append(p)
+    merged = tmp_path / "merged.beton"
+    layouts = [read_layout(p) for p in parts]
+    assert merge_betons(merged, [(lay, data_chunks(p, lay, size=1 << 16)) for p, lay in zip(parts, layouts)],
+                        metadata_dtype(settings)) == 150
+    assert samples(merged) == samples(whole)
+
+    # FFCV's own loader reads it: in file order, every image decodes as in the whole file;
+    # in page-wise quasi-random order (which leans on page alignment), every sample comes once.
+    def load(path: Path, order) -> tuple[np.ndarray, np.ndarray]:
+        loader = Loader(str(path), batch_size=50, num_workers=1, order=order, seed=0,
+                        pipelines={"image": [CenterCropRGBImageDecoder((40, 40), 1.0)],
+                                   "label": [IntDecoder()]})
+        xs, ys = zip(*((x.copy(), y.reshape(-1).copy()) for x, y in loader))
+        return np.concatenate(xs), np.concatenate(ys)
+
+    x_whole, y_whole = load(whole, OrderOption.SEQUENTIAL)
+    x_merged, y_merged = load(merged, OrderOption.SEQUENTIAL)
+    assert np.array_equal(x_merged, x_whole) and np.array_equal(y_merged, split.labels)
+    _, y_quasi = load(merged, OrderOption.QUASI_RANDOM)
+    assert sorted(y_quasi.tolist()) == sorted(split.labels.tolist())
+    if mode == "raw":
+        from ffcv.reader import Reader
+
+        r = Reader(str(merged))
+        assert int(r.header["alloc_table_ptr"]) % r.page_size == 0
+
+
+@pytest.mark.timeout(120)
+def test_merge_refuses_shards_of_other_layouts(tmp_path):
+    a = SyntheticSplit(SyntheticSpec(train_size=4, resolution=32), "train")
+    # An image over 2 MiB raw gets a larger page.
+    b = SyntheticSplit(SyntheticSpec(train_size=1, resolution=1024), "train")
+    write_beton(tmp_path / "a.beton", a, WriteSettings("raw"), workers=1, log=lambda _: None)
+    write_beton(tmp_path / "b.beton", b, WriteSettings("raw"), workers=1, log=lambda _: None)
+    la, lb = read_layout(tmp_path / "a.beton"), read_layout(tmp_path / "b.beton")
+    with pytest.raises(MergeError, match="other fields"):
+        merge_betons(tmp_path / "m.beton", [(la, []), (lb, [])], metadata_dtype(WriteSettings("raw")))
+    with pytest.raises(MergeError, match="bytes of pages"):
+        merge_betons(tmp_path / "m.beton", [(la, [b"x"])], metadata_dtype(WriteSettings("raw")))
