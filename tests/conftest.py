@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -91,16 +92,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_bucket(tmp_path_factory):
-    """A real S3 server (moto) on a free local port, with an empty bucket; stopped after."""
+@contextlib.contextmanager
+def _moto(log: Path, **env: str) -> Iterator[str]:
+    """A real S3 server (moto) on a free local port with a bucket `runs`; its URI query."""
     import pyarrow.fs
 
     port = _free_port()
-    log = tmp_path_factory.mktemp("s3") / "server.log"
     with open(log, "w") as out:
         server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
-                                   "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
+                                   "-p", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                  env={**os.environ, **env})
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -111,9 +112,10 @@ def s3_bucket(tmp_path_factory):
                 assert server.poll() is None and time.monotonic() < deadline, log.read_text()
                 time.sleep(0.2)
         query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-        fs, _ = pyarrow.fs.FileSystem.from_uri(f"s3://runs?{query}&allow_bucket_creation=true")
-        fs.create_dir("runs")
-        yield f"s3://runs/densenet-pipe?{query}"
+        if not env:
+            fs, _ = pyarrow.fs.FileSystem.from_uri(f"s3://runs?{query}&allow_bucket_creation=true")
+            fs.create_dir("runs")
+        yield query
     finally:
         server.terminate()
         try:
@@ -121,3 +123,19 @@ def s3_bucket(tmp_path_factory):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(tmp_path_factory):
+    """A real S3 server (moto) on a free local port, with an empty bucket; stopped after."""
+    with _moto(tmp_path_factory.mktemp("s3") / "server.log") as query:
+        yield f"s3://runs/densenet-pipe?{query}"
+
+
+@pytest.fixture(scope="session")
+def s3_refusing(tmp_path_factory):
+    """An S3 server that checks credentials and knows none: every request is refused, as a
+    real bucket refuses nodes that have no credentials for it."""
+    with _moto(tmp_path_factory.mktemp("s3-refusing") / "server.log",
+               INITIAL_NO_AUTH_ACTION_COUNT="0") as query:
+        yield f"s3://runs/densenet-pipe?{query}"

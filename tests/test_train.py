@@ -250,6 +250,26 @@ def test_bad_training_input_is_one_line_exit_2(ray_cluster, cli, store, runs, ar
 
 
 @pytest.mark.timeout(300)
+def test_storage_and_stores_the_credentials_cannot_reach_are_one_line_exit_2(
+        ray_cluster, cli, store, s3_refusing, tmp_path):
+    """A bucket that refuses the credentials: train (storage), train (store) and prepare (out)
+    each stop before any work with one line naming the URI and the credentials."""
+    base = ["train", "densenet_simple", "--recipe", "smoke", "--wandb", "off", "--nodes", "2"]
+    shown = s3_refusing.split("?")[0]
+    for args in (["--data", str(store), "--storage", s3_refusing],
+                 ["--data", f"s3://runs/stores/tiny?{s3_refusing.split('?')[1]}", "--storage", str(tmp_path / "runs")]):
+        r = cli(*base, *args)
+        assert r.exit_code == 2, r.output
+        (error,) = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+        assert "s3://runs" in error and "credentials" in error, error
+        assert "Traceback" not in r.output and "?" not in error.split("s3://runs")[1].split()[0]
+    r = cli("prepare", "synthetic", "--size", "8", "--val-size", "4", "--out", s3_refusing)
+    assert r.exit_code == 2, r.output
+    (error,) = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert shown in error and "credentials" in error and "Traceback" not in r.output
+
+
+@pytest.mark.timeout(300)
 def test_corrupt_checkpoint_for_evaluate_and_resume(ray_cluster, cli, store, runs, tmp_path):
     bad = tmp_path / "epoch-0001"
     bad.mkdir()
