@@ -533,13 +533,21 @@ def submit_job(server: JobServer, job: str, cfg: dict[str, Any], *,
 
 
 def driver_fit(server: JobServer, driver: dict[str, float] | None) -> dict[str, float] | None:
-    """`driver` with its CPUs capped at the largest node's, so that it fits somewhere: a
-    prepare asking for 8 writers on 4-CPU nodes runs with 4 CPUs held, not never."""
-    if not driver or not driver.get("num_cpus"):
+    """`driver` cut down to what the best-fitting alive node has, so that it runs somewhere: a
+    prepare asking for 8 writers on 4-CPU nodes runs with 4 CPUs held, not never. The node
+    that can give the most CPUs, then the most memory, sets both caps."""
+    if not driver or not (driver.get("num_cpus") or driver.get("memory")):
         return driver
-    largest = max(((n.get("resources_total") or {}).get("CPU", 0)
-                   for n in server.nodes() if n.get("state") == "ALIVE"), default=0)
-    return {**driver, "num_cpus": min(driver["num_cpus"], largest) if largest else 0}
+    want_cpu, want_mem = driver.get("num_cpus") or 0, driver.get("memory") or 0
+    fits = [(min(want_cpu, r.get("CPU", 0)), min(want_mem, r.get("memory", 0)))
+            for r in ((n.get("resources_total") or {}) for n in server.nodes() if n.get("state") == "ALIVE")]
+    cpu, mem = max(fits, default=(0, 0))
+    out = {**driver}
+    if "num_cpus" in driver:
+        out["num_cpus"] = cpu
+    if "memory" in driver:
+        out["memory"] = int(mem)
+    return out
 
 
 def _submit_package(server: JobServer, job: str, cfg: dict[str, Any], package: Package,

@@ -31,7 +31,8 @@ def test_prepare_official_formats_as_ray_jobs(ray_cluster, tmp_path):
     assert r.exit_code == 0, r.output
     assert "prepared" in r.output
     # The driver writes with its own processes, so it holds CPUs for them (the 2 writers asked
-    # for, capped at the 1 CPU a node here has): Ray started it on a node that has them.
+    # for, capped at the 1 CPU a node here has) and their memory: Ray started it on a node
+    # that has them.
     from pipeline import submit
 
     import urllib.parse
@@ -45,6 +46,9 @@ def test_prepare_official_formats_as_ray_jobs(ray_cluster, tmp_path):
                                     ("filter_values", f"_ray_internal_job_actor_{job['submission_id']}")])
     (supervisor,) = server._json("GET", f"/api/v0/actors?{query}")["data"]["result"]["result"]
     assert supervisor["required_resources"].get("CPU") == 1, supervisor["required_resources"]
+    from pipeline.cli.prepare import prepare_memory
+
+    assert supervisor["required_resources"].get("memory") == prepare_memory(2), supervisor["required_resources"]
     nodes = {n["node_id"]: n for n in server.nodes()}
     assert nodes[job["driver_node_id"]]["resources_total"]["CPU"] >= 1
     Compiler.set_enabled(False)

@@ -49,7 +49,8 @@ class _Nodes:
         self.shapes = shapes
 
     def nodes(self):
-        return [{"state": state, "resources_total": {"CPU": cpus}} for state, cpus in self.shapes]
+        return [{"state": state, "resources_total": {"CPU": shape[0], "memory": shape[1]}
+                 if isinstance(shape, tuple) else {"CPU": shape}} for state, shape in self.shapes]
 
 
 def test_a_drivers_cpus_are_capped_at_the_largest_alive_node():
@@ -60,6 +61,11 @@ def test_a_drivers_cpus_are_capped_at_the_largest_alive_node():
     assert driver_fit(cluster, {"num_cpus": 2}) == {"num_cpus": 2}
     assert driver_fit(cluster, None) is None
     assert driver_fit(_Nodes(("ALIVE", 0)), {"num_cpus": 2}) == {"num_cpus": 0}
+    # Memory is capped on the node that gives the most CPUs, then the most memory.
+    gib = 2**30
+    cluster = _Nodes(("ALIVE", (0, 64 * gib)), ("ALIVE", (4, 8 * gib)), ("ALIVE", (4, 16 * gib)))
+    assert driver_fit(cluster, {"num_cpus": 8, "memory": 12 * gib}) == {"num_cpus": 4, "memory": 12 * gib}
+    assert driver_fit(cluster, {"num_cpus": 2, "memory": 32 * gib}) == {"num_cpus": 2, "memory": 16 * gib}
 
 
 def test_a_drivers_resources_go_into_the_submission(monkeypatch):
@@ -71,5 +77,8 @@ def test_a_drivers_resources_go_into_the_submission(monkeypatch):
                         {"submission_id": body["submission_id"]})
     assert server.submit("python -m jobs.prepare", {}, {}, "prepare-1", {"num_cpus": 2, "num_gpus": 0}) == "prepare-1"
     assert sent[0]["entrypoint_num_cpus"] == 2 and "entrypoint_num_gpus" not in sent[0]
+    server.submit("python -m jobs.prepare", {}, {}, "prepare-2", {"num_cpus": 1, "memory": 3 * 2**30})
+    assert sent[1]["entrypoint_memory"] == 3 * 2**30
+    sent.pop()
     server.submit("python -m jobs.train", {}, {}, "train-1")
     assert not any(k.startswith("entrypoint_num") for k in sent[1])

@@ -54,6 +54,12 @@ def build_prepare_config(dataset: str, flags: dict[str, Any], synthetic: dict[st
     return cfg
 
 
+def prepare_memory(workers: int) -> int:
+    """Bytes a 1-node prepare's driver asks Ray for: its own reader and checks, plus per
+    writer process a page buffer (up to FFCV's 256 MiB cap) and the image in hand."""
+    return (1 << 30) + workers * (512 << 20)
+
+
 class Family(str, Enum):
     small = "small"
     imagenet = "imagenet"
@@ -106,7 +112,7 @@ def prepare(
     # that has them (a cluster's head often has none for work). With more, shard tasks hold
     # the nodes' CPUs and the driver only merges: it holds none, or it would keep a shard
     # from its node.
-    driver = {"num_cpus": cfg.workers} if cfg.nodes == 1 else None
+    driver = {"num_cpus": cfg.workers, "memory": prepare_memory(cfg.workers)} if cfg.nodes == 1 else None
     code = submit.run_job("prepare", cfg.to_dict(), address=address, detach=detach,
                           stop_on_interrupt=stop_on_interrupt, driver=driver)
     if code:
