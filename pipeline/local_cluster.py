@@ -65,6 +65,9 @@ class Node:
     log: str
     cpus: float | None = None
     gpus: int | None = None
+    # Its start in clock ticks since boot (Linux): unlike `started`, which is derived from the
+    # wall clock, it does not move when this machine's clock is stepped.
+    ticks: int | None = None
 
 
 @dataclass
@@ -216,10 +219,24 @@ def gpu_count() -> int:
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
 
 
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start ticks since boot) of a process from /proc, or None where there is none."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: fields resume after its last ')'.
+    rest = text[text.rindex(")") + 2:].split()
+    return rest[0], int(rest[19])
+
+
 def node_alive(node: Node) -> bool:
     """Whether the node's process still runs (the same process: pid and start time match)."""
     import psutil
 
+    if node.ticks is not None and Path("/proc/self/stat").exists():
+        stat = _proc_stat(node.pid)
+        return stat is not None and stat[1] == node.ticks and stat[0] not in ("Z", "X")
     try:
         proc = psutil.Process(node.pid)
         # A node that exited stays a zombie while the process that started it lives on.
@@ -361,8 +378,9 @@ def _spawn(directory: Path, role: str, index: int, args: list[str], env: dict[st
         proc = subprocess.Popen(_ray_command() + ["start", "--block", *args], env=env,
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=directory)
+    stat = _proc_stat(proc.pid)
     return Node(role=role, pid=proc.pid, started=psutil.Process(proc.pid).create_time(),
-                log=str(log), cpus=cpus, gpus=gpus)
+                log=str(log), cpus=cpus, gpus=gpus, ticks=stat[1] if stat else None)
 
 
 def _start_head(directory: Path, cpus: float | None, gpus: int | None,

@@ -504,13 +504,21 @@ def check_resources(server: JobServer, resources: dict[str, Any],
                     f"{has}{waited_text}: {fix}")
 
 
+WORKER_START_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
 def job_env(cfg: dict[str, Any], server: JobServer) -> dict[str, str]:
     """Environment every job gets (see docs/orchestration.md for why each is set)."""
     # Worker prints go straight to the job log, not through Ray Train V2's logger.
     env = {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
            # `jobs stop` sends SIGTERM, then SIGKILL after this many seconds (Ray's default
            # is 3): time for the driver to end its W&B runs and say how they ended.
-           "RAY_JOB_STOP_WAIT_TIME_S": "30"}
+           "RAY_JOB_STOP_WAIT_TIME_S": "30",
+           # Ray Train gives up on a worker group that has not started in 60 s and counts it
+           # as a failure. Workers start slower than that on a busy shared cluster, while an
+           # autoscaler adds nodes, or while a sweep's stopped trial still holds its CPUs; a
+           # request that can never fit is refused before submitting (check_resources).
+           WORKER_START_ENV: os.environ.get(WORKER_START_ENV, "300")}
     if server.local is not None:
         env["DENSENET_PIPE_WORKDIR"] = os.getcwd()
     tracking = cfg.get("tracking")

@@ -123,3 +123,24 @@ def test_bad_cluster_input_is_one_line_exit_2(cli, tmp_path, monkeypatch):
     result = cli("cluster", "status", "--address", f"127.0.0.1:{port}")
     assert result.exit_code == 2 and "cannot reach Ray job server" in result.stderr
     assert local_cluster.load(tmp_path) is None
+
+
+def test_a_node_is_known_by_its_start_ticks_not_the_wall_clock():
+    """A node is the same process while its pid and start (ticks since boot) match, however
+    far this machine's wall clock is stepped; another process on a reused pid is not it."""
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        state, ticks = local_cluster._proc_stat(proc.pid)
+        started = psutil.Process(proc.pid).create_time()
+        node = local_cluster.Node(role="worker", pid=proc.pid, started=started - 30.0, log="", ticks=ticks)
+        assert local_cluster.node_alive(node)
+        assert not local_cluster.node_alive(local_cluster.Node(
+            role="worker", pid=proc.pid, started=started, log="", ticks=ticks + 1))
+        # A record written before ticks were kept falls back to the start time.
+        assert local_cluster.node_alive(local_cluster.Node(role="worker", pid=proc.pid, started=started, log=""))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not local_cluster.node_alive(node)

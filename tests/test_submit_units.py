@@ -16,6 +16,10 @@ def test_job_env_never_carries_the_wandb_key(monkeypatch, mode, expected):
     assert not any("0123456789abcdef" in value for value in env.values())
     assert env.get("WANDB_MODE") == expected
     assert env["PYTHONUNBUFFERED"] == "1"
+    # Ray Train's 60 s for workers to start is too short on a busy cluster; yours wins.
+    assert env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "300"
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
+    assert job_env({}, JobServer("http://127.0.0.1:1"))["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "900"
 
 
 def test_streamed_job_lines_lose_their_control_characters():
