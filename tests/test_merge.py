@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data.merge import MergeError, data_chunks, merge_betons, read_layout
+from pipeline.data.merge import MergeError, data_chunks, merge_betons, read_layout, read_metadata
 from pipeline.data.prepare_config import SyntheticSpec
 from pipeline.data.readers import SyntheticSplit
 from pipeline.data.sharded import shard_bounds
-from pipeline.data.writer import WriteSettings, metadata_dtype, write_beton
+from pipeline.data.writer import WriteSettings, write_beton
 
 pytestmark = [pytest.mark.ffcv]
 
@@ -57,9 +57,12 @@ def test_merged_shards_equal_the_whole_split(tmp_path, mode):
         parts.append(p)
     merged = tmp_path / "merged.beton"
     layouts = [read_layout(p) for p in parts]
-    assert merge_betons(merged, [(lay, data_chunks(p, lay, size=1 << 16)) for p, lay in zip(parts, layouts)],
-                        metadata_dtype(settings)) == 150
+    assert merge_betons(merged, [(lay, data_chunks(p, lay, size=1 << 16)) for p, lay in zip(parts, layouts)]) == 150
     assert samples(merged) == samples(whole)
+    # Read back with numpy alone, as the driver does, it is FFCV's own metadata.
+    from ffcv.reader import Reader
+
+    assert np.array_equal(read_metadata(merged, layouts[0]), Reader(str(merged)).metadata)
 
     # FFCV's own loader reads it: in file order, every image decodes as in the whole file;
     # in page-wise quasi-random order (which leans on page alignment), every sample comes once.
@@ -91,6 +94,6 @@ def test_merge_refuses_shards_of_other_layouts(tmp_path):
     write_beton(tmp_path / "b.beton", b, WriteSettings("raw"), workers=1, log=lambda _: None)
     la, lb = read_layout(tmp_path / "a.beton"), read_layout(tmp_path / "b.beton")
     with pytest.raises(MergeError, match="other fields"):
-        merge_betons(tmp_path / "m.beton", [(la, []), (lb, [])], metadata_dtype(WriteSettings("raw")))
+        merge_betons(tmp_path / "m.beton", [(la, []), (lb, [])])
     with pytest.raises(MergeError, match="bytes of pages"):
-        merge_betons(tmp_path / "m.beton", [(la, [b"x"])], metadata_dtype(WriteSettings("raw")))
+        merge_betons(tmp_path / "m.beton", [(la, [b"x"])])

@@ -41,12 +41,11 @@ class Layout:
     page_size: int
     data_start: int        # first page's offset in the shard file
     data_bytes: int        # whole pages, data_start .. alloc_table_ptr
-
-
-def _types():
-    from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
-
-    return HeaderType, ALLOC_TABLE_TYPE
+    # FFCV's record types, as the shard's writer had them: the merge and its read-back need no
+    # FFCV import (seconds of numba compiling in the driver, on the critical path).
+    header_dtype: np.dtype
+    alloc_dtype: np.dtype
+    metadata_dtype: np.dtype
 
 
 def _align(offset: int, page: int) -> int:
@@ -54,8 +53,8 @@ def _align(offset: int, page: int) -> int:
 
 
 def read_layout(path: Path) -> Layout:
-    header_t, alloc_t = _types()
     from ffcv.reader import Reader
+    from ffcv.types import ALLOC_TABLE_TYPE as alloc_t, HeaderType as header_t
 
     r = Reader(str(path))
     metadata_start = header_t.itemsize + r.field_descriptors.nbytes
@@ -73,7 +72,8 @@ def read_layout(path: Path) -> Layout:
         raise MergeError(f"{path}: allocation table of {len(alloc)} bytes is cut short")
     return Layout(prefix=prefix, metadata=metadata, alloc_table=alloc,
                   num_samples=int(header["num_samples"]), page_size=page,
-                  data_start=data_start, data_bytes=max(0, alloc_ptr - data_start))
+                  data_start=data_start, data_bytes=max(0, alloc_ptr - data_start),
+                  header_dtype=header_t, alloc_dtype=alloc_t, metadata_dtype=r.metadata.dtype)
 
 
 def data_chunks(path: Path, layout: Layout, size: int = CHUNK) -> Iterator[bytes]:
@@ -89,10 +89,9 @@ def data_chunks(path: Path, layout: Layout, size: int = CHUNK) -> Iterator[bytes
             yield chunk
 
 
-def _fields_prefix(prefix: bytes) -> bytes:
+def _fields_prefix(layout: Layout) -> bytes:
     """The field descriptors: every shard of a split must have the same ones."""
-    header_t, _ = _types()
-    return prefix[header_t.itemsize:]
+    return layout.prefix[layout.header_dtype.itemsize:]
 
 
 def _shift_pointers(meta: np.ndarray, delta: int) -> None:
@@ -103,19 +102,18 @@ def _shift_pointers(meta: np.ndarray, delta: int) -> None:
                 meta[name][column] += np.uint64(delta) if delta >= 0 else -np.uint64(-delta)
 
 
-def merge_betons(out: Path, shards: Iterable[tuple[Layout, Iterable[bytes]]],
-                 metadata_dtype: np.dtype) -> int:
+def merge_betons(out: Path, shards: Iterable[tuple[Layout, Iterable[bytes]]]) -> int:
     """Write `out` from `shards` (each a Layout and its pages' bytes in order); returns the
-    number of samples. The layouts must all be known before the first page is written, so
-    `shards` is read in two passes: pass a list."""
-    header_t, alloc_t = _types()
+    number of samples."""
     shards = list(shards)
     if not shards:
         raise MergeError("nothing to merge")
     layouts = [s[0] for s in shards]
     first = layouts[0]
-    for i, lay in enumerate(layouts[1:], 1):
-        if lay.page_size != first.page_size or _fields_prefix(lay.prefix) != _fields_prefix(first.prefix):
+    header_t, alloc_t, metadata_dtype = first.header_dtype, first.alloc_dtype, first.metadata_dtype
+    for i, lay in enumerate(layouts):
+        if (lay.page_size != first.page_size or _fields_prefix(lay) != _fields_prefix(first)
+                or lay.metadata_dtype != metadata_dtype):
             raise MergeError(f"shard {i} was written with other fields or page size than shard 0")
         if len(lay.metadata) != lay.num_samples * metadata_dtype.itemsize:
             raise MergeError(f"shard {i}: metadata size does not match its {lay.num_samples} samples")
@@ -148,7 +146,7 @@ def merge_betons(out: Path, shards: Iterable[tuple[Layout, Iterable[bytes]]],
     header["alloc_table_ptr"] = alloc_ptr
     with open(out, "wb") as f:
         f.write(header.tobytes())
-        f.write(_fields_prefix(first.prefix))
+        f.write(_fields_prefix(first))
         for meta in metas:
             f.write(meta.tobytes())
         _pad_to(f, data_start)
@@ -163,6 +161,14 @@ def merge_betons(out: Path, shards: Iterable[tuple[Layout, Iterable[bytes]]],
                 raise MergeError(f"a shard sent {written} bytes of pages, its layout says {lay.data_bytes}")
         f.write(all_allocs.tobytes())
     return total
+
+
+def read_metadata(path: Path, layout: Layout) -> np.ndarray:
+    """Every sample's metadata row of a .beton written with `layout`'s types, read back from
+    the file with numpy alone."""
+    header = np.fromfile(path, dtype=layout.header_dtype, count=1)[0]
+    return np.fromfile(path, dtype=layout.metadata_dtype, count=int(header["num_samples"]),
+                       offset=len(layout.prefix))
 
 
 def _pad_to(f: BinaryIO, offset: int) -> None:

@@ -129,14 +129,18 @@ def write_indices(path: Path, split: Split, settings: WriteSettings, *, workers:
     return page, skipped
 
 
-def _check_split(name: str, split: Split, path: Path,
-                 skipped: dict[int, str]) -> tuple[SplitInfo, list[dict]]:
-    """The written split read back: its labels are the source's, less the skipped images."""
+def _check_split(name: str, split: Split, path: Path, skipped: dict[int, str],
+                 metadata: np.ndarray | None) -> tuple[SplitInfo, list[dict]]:
+    """The written split read back (its `metadata` when the caller read it already): its
+    labels are the source's, less the skipped images."""
     kept = [i for i in range(len(split)) if i not in skipped]
     if not kept:
         raise UserError(f"every {name} image is unreadable: check --source")
     expected = split.labels[kept]
-    count, labels = read_labels(path)
+    if metadata is None:
+        count, labels = read_labels(path)
+    else:
+        count, labels = len(metadata), np.asarray(metadata["f1"]).astype(np.int64)
     if count != len(expected) or not np.array_equal(labels, expected):
         raise RuntimeError(f"{path} verification failed: {count} samples, expected {len(expected)}")
     info = SplitInfo(file=path.name, count=count, sha256=sha256_file(path), bytes=path.stat().st_size)
@@ -158,12 +162,13 @@ def _sources(src: Source, log: Log) -> list[dict]:
     return out
 
 
-def _largest_side(beton: Path) -> int:
+def _largest_side(beton: Path, meta: np.ndarray | None = None) -> int:
     """The longest side of any image in a written .beton (0 when it has none), from FFCV's
-    per-image metadata: nothing is decoded."""
-    from ffcv.reader import Reader
+    per-image metadata (`meta` when already read): nothing is decoded."""
+    if meta is None:
+        from ffcv.reader import Reader
 
-    meta = Reader(str(beton)).metadata
+        meta = Reader(str(beton)).metadata
     if not len(meta):
         return 0
     image = meta[meta.dtype.names[0]]
@@ -182,10 +187,10 @@ def _write_store(tmp: Path, src: Source, settings: WriteSettings, cfg: PrepareCo
     else:
         written = {name: (*write_indices(tmp / f"{name}.beton", src.splits[name], settings,
                                          workers=cfg.workers, indices=None, skip_bad=cfg.skip_bad,
-                                         bad_dir=tmp / f".bad-{name}", name=name, log=log), [])
+                                         bad_dir=tmp / f".bad-{name}", name=name, log=log), [], None)
                    for name in ("train", "val")}
-    for name, (page, bad, split_shards) in written.items():
-        splits[name], bad_list = _check_split(name, src.splits[name], tmp / f"{name}.beton", bad)
+    for name, (page, bad, split_shards, meta) in written.items():
+        splits[name], bad_list = _check_split(name, src.splits[name], tmp / f"{name}.beton", bad, meta)
         skipped += bad_list
         if split_shards:
             shards[name] = split_shards
@@ -194,8 +199,10 @@ def _write_store(tmp: Path, src: Source, settings: WriteSettings, cfg: PrepareCo
     # upsample a folder of 32 px images 49-fold in pixels for no information.
     resolution, eval_resolution = card.resolution, card.eval_resolution
     if not cfg.resolution:
-        resolution = min(resolution, _largest_side(tmp / splits["train"].file) or resolution)
-        eval_resolution = min(eval_resolution, _largest_side(tmp / splits["val"].file) or eval_resolution)
+        resolution = min(resolution, _largest_side(tmp / splits["train"].file, written["train"][3])
+                         or resolution)
+        eval_resolution = min(eval_resolution, _largest_side(tmp / splits["val"].file, written["val"][3])
+                              or eval_resolution)
     if (resolution, eval_resolution) != (card.resolution, card.eval_resolution):
         log(f"note: the images are at most {max(resolution, eval_resolution)} px on a side: the store "
             f"trains at {resolution} and evaluates at {eval_resolution} px (the card says "

@@ -1,7 +1,7 @@
 """`prepare --nodes N`: each split written as N contiguous shards, one per node, then merged.
 
     written = write_splits_sharded(cfg, src, settings, Path("tmp"), log)
-    page, skipped, shards = written["train"]
+    page, skipped, shards, metadata = written["train"]
 
 Runs in the prepare job's driver. Each node runs one Ray task pinned to it that holds all of
 the node's CPUs and writes samples [start, stop) of each split with that many writer
@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..errors import UserError
-from .merge import CHUNK, data_chunks, merge_betons, read_layout
+import numpy as np
+
+from .merge import CHUNK, data_chunks, merge_betons, read_layout, read_metadata
 from .prepare_config import PrepareConfig
 from .readers import Source
-from .writer import WriteSettings, metadata_dtype
+from .writer import WriteSettings
 
 Log = Callable[[str], None]
 # Chunks a shard may stream ahead of the merge: memory held per node is this times CHUNK.
@@ -106,9 +108,11 @@ def _unwrap(e: Exception, shard: str) -> Exception:
 
 
 def write_splits_sharded(cfg: PrepareConfig, src: Source, settings: WriteSettings, tmp: Path,
-                         log: Log) -> dict[str, tuple[int, dict[int, str], list[dict]]]:
+                         log: Log) -> dict[str, tuple[int, dict[int, str], list[dict], np.ndarray]]:
     """Write every split of `src` into `tmp` across `cfg.nodes` nodes; returns per split
-    (page size, skipped images by index, one record per shard for the manifest)."""
+    (page size, skipped images by index, one record per shard for the manifest, the merged
+    file's metadata read back). The driver never imports FFCV: its import costs seconds that
+    would come after the shards, on the critical path."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -140,14 +144,13 @@ def write_splits_sharded(cfg: PrepareConfig, src: Source, settings: WriteSetting
             nbytes -= len(chunk)
             yield chunk
 
-    out: dict[str, tuple[int, dict[int, str], list[dict]]] = {}
+    out: dict[str, tuple[int, dict[int, str], list[dict], np.ndarray]] = {}
     try:
         heads = [get(i, next(gen)) for i, gen in enumerate(gens)]
         for name in names:
             parts = [(i, h["splits"][name]) for i, h in enumerate(heads) if name in h["splits"]]
             merge_betons(tmp / f"{name}.beton",
-                         [(p["layout"], pages(i, p["layout"].data_bytes)) for i, p in parts],
-                         metadata_dtype(settings))
+                         [(p["layout"], pages(i, p["layout"].data_bytes)) for i, p in parts])
             skipped: dict[int, str] = {}
             for _, p in parts:
                 skipped.update(p["skipped"])
@@ -155,7 +158,8 @@ def write_splits_sharded(cfg: PrepareConfig, src: Source, settings: WriteSetting
                        for (i, p), (a, z) in zip(parts, bounds[name])]
             log(f"{name}: merged {len(parts)} shards into {name}.beton "
                 f"({os.path.getsize(tmp / f'{name}.beton') / 2**20:,.1f} MiB)")
-            out[name] = (parts[0][1]["page"], skipped, records)
+            meta = read_metadata(tmp / f"{name}.beton", parts[0][1]["layout"])
+            out[name] = (parts[0][1]["page"], skipped, records, meta)
     finally:
         for gen in gens:
             try:

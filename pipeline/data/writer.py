@@ -172,13 +172,6 @@ def beton_fields(settings: WriteSettings) -> dict[str, Any]:
     }
 
 
-def metadata_dtype(settings: WriteSettings) -> np.dtype:
-    """One sample's metadata row, as FFCV lays it out for `beton_fields(settings)`."""
-    from ffcv.types import get_metadata_type
-
-    return get_metadata_type(list(beton_fields(settings).values()))
-
-
 def write_beton(path: Path, split: Split, settings: WriteSettings, *, workers: int,
                 indices: Sequence[int] | None = None, log: Callable[[str], None] = print,
                 label: str = "") -> int:
