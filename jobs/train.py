@@ -15,7 +15,7 @@ def prepare_config(data: dict[str, Any]):
     from pipeline.config import Config, apply_overrides, validate
     from pipeline.data.staging import locate
     from pipeline.errors import UserError
-    from pipeline.runs import check_classes, default_storage
+    from pipeline.runs import check_classes, check_resizing, default_storage
     from pipeline.storage import check
 
     cfg = validate(Config.from_dict(data))
@@ -27,6 +27,7 @@ def prepare_config(data: dict[str, Any]):
         raise UserError("no training data: pass --data STORE (a folder made by `densenet-pipe prepare`)")
     manifest, digest = locate(common.resolve_path(cfg.data.store))
     check_classes(cfg.model.num_classes, manifest.num_classes, manifest.path)
+    check_resizing(cfg.data.min_res, manifest.family, manifest.path)
     cfg = apply_overrides(cfg, {"data.store": manifest.path, "model.num_classes": manifest.num_classes,
                                 "cluster.storage": common.resolve_path(storage)})
     if cfg.model.init_from:

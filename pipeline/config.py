@@ -70,6 +70,14 @@ class DataSection:
     cache_dir: str = ""
     # Least-recently-used stores are removed from the cache above this size.
     cache_max_gb: float = 200.0
+    # Progressive resizing, as ffcv-imagenet does it (imagenet-family stores): epochs up to
+    # start_ramp train at min_res, epochs from end_ramp at max_res, those between on a linear
+    # ramp rounded to res_step pixels. Epochs count from 1, as in the history. 0: off.
+    min_res: int = 0
+    max_res: int = 0
+    start_ramp: int = 0
+    end_ramp: int = 0
+    res_step: int = 32
 
 
 @dataclass
@@ -95,7 +103,8 @@ class OptimSection:
 
 @dataclass
 class ScheduleSection:
-    kind: Literal["step", "cosine", "constant"] = "step"
+    # linear: after the warm-up, straight down to 0 at the end (ffcv-imagenet's "cyclic").
+    kind: Literal["step", "cosine", "linear", "constant"] = "step"
     # Where the lr is divided: fractions of training for unit "fraction", epochs for "epoch".
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
     milestone_unit: Literal["fraction", "epoch"] = "fraction"
@@ -352,6 +361,13 @@ def validate(cfg: Config) -> Config:
         (d.max_steps_per_epoch >= 0, "data.max_steps_per_epoch must be >= 0"),
         (d.resolution is None or d.resolution >= 8, "data.resolution must be >= 8 pixels"),
         (d.cache_max_gb > 0, f"data.cache_max_gb must be > 0, got {d.cache_max_gb}"),
+        (bool(d.min_res) == bool(d.max_res),
+         "progressive resizing needs both data.min_res and data.max_res (or neither)"),
+        (not d.min_res or 8 <= d.min_res <= d.max_res,
+         f"data.min_res must be in [8, data.max_res], got {d.min_res} and {d.max_res}"),
+        (not d.min_res or 0 <= d.start_ramp <= d.end_ramp,
+         f"data.start_ramp ({d.start_ramp}) must be >= 0 and <= data.end_ramp ({d.end_ramp})"),
+        (d.res_step >= 1, "data.res_step must be >= 1 pixel"),
         (not (d.stage == "never" and "://" in d.store),
          f"--stage never reads a store in place, and {d.store.split('?')[0]} is in object storage: "
          "use --stage auto"),

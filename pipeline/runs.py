@@ -41,6 +41,13 @@ def check_classes(model_classes: int | None, store_classes: int, store: str) -> 
                         "classes: drop model.num_classes or use the matching store")
 
 
+def check_resizing(min_res: int, family: str, store: str) -> None:
+    """Progressive resizing changes a crop's output size: imagenet-family stores only."""
+    if min_res and family != "imagenet":
+        raise UserError(f"progressive resizing (data.min_res) needs an imagenet-family store; {store} "
+                        f"is {family}-family (read at its stored size): drop data.min_res/max_res")
+
+
 def check_checkpoint_classes(predicts: int, trained: list[str] | None, store_classes: list[str],
                              store: str) -> None:
     """A checkpoint is evaluated only on a store with its classes, in its order, by name."""

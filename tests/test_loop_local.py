@@ -113,3 +113,46 @@ def test_ema_weights_are_validated_checkpointed_and_what_evaluate_reads(store, t
     assert raw["top1_error"] == pytest.approx(history[-1]["val_top1_error"], abs=1e-9)
     assert torch.equal(load(tmp_path / "ema").model.state_dict()[conv], ema["weights"][conv])
     assert load(tmp_path / "ema", "raw").weights == "raw"
+
+
+@pytest.mark.timeout(300)
+def test_progressive_resizing_follows_the_ramp_epoch_by_epoch(tmp_path, capsys):
+    """An imagenet-family store, min_res 32 -> max_res 64 over epochs 1-3 in 16 px steps: the
+    batches the net is fed have the ramp's size in each epoch, and the history says so."""
+    from pipeline.data.loaders import make_loader, ramp_resolution, set_train_resolution
+    from pipeline.data.store import open_store
+
+    store = make_synthetic_store(tmp_path / "photos", 48, 16, resolution=72, min_size=40)
+    assert open_store(store).family == "imagenet"
+    ramp = {"data.min_res": 32, "data.max_res": 64, "data.start_ramp": 1, "data.end_ramp": 3,
+            "data.res_step": 16}
+    cfg = C.validate(C.apply_overrides(C.load_recipe("smoke"), {"data.store": str(store), **ramp}))
+    assert [ramp_resolution(cfg.data, e) for e in (1, 2, 3, 4)] == [32, 48, 64, 64]
+
+    # The loader itself: FFCV sizes its buffers from the decoder every epoch.
+    loader, _ = make_loader(store, "train", 8, cfg.data, verify=False)
+    for res in (32, 48, 64):
+        set_train_resolution(loader, res)
+        x, _ = next(iter(loader))
+        assert tuple(x.shape[-2:]) == (res, res)
+
+    # What the net is fed while training, seen by a global forward hook.
+    from pipeline.models.densenet import DenseNet
+
+    seen: list[int] = []
+
+    def record(module, args):
+        if isinstance(module, DenseNet) and module.training:
+            seen.append(args[0].shape[-1])
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        _run(store, tmp_path / "ramp", **{**ramp, "optim.batch_size": 16, "data.augment": True})
+    finally:
+        handle.remove()
+    history = checkpoint.load(tmp_path / "ramp")["history"]
+    assert [h["train_resolution"] for h in history] == [32, 48, 64]
+    steps = len(seen) // 3
+    assert seen == [32] * steps + [48] * steps + [64] * steps
+    out = capsys.readouterr().out
+    assert "epoch 2/3: training at 48 px (progressive resizing" in out

@@ -3,6 +3,8 @@ smoothing, gradient accumulation and clipping."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -108,3 +110,42 @@ def test_weights_ema_on_a_checkpoint_without_an_average_is_one_line():
         pick_weights(state, "ema")
     with_ema = {"model": {"w": 1}, "model_ema": {"weights": {"w": 2}}}
     assert pick_weights(with_ema) == ({"w": 2}, "ema") and pick_weights(with_ema, "raw")[1] == "raw"
+
+
+def test_imagenet_fast_ramps_like_ffcv_imagenet_and_decays_linearly():
+    from pipeline.config import load_recipe, validate
+    from pipeline.data.loaders import ramp_resolution
+    from pipeline.train.optim import lr_factor
+
+    cfg = validate(load_recipe("imagenet-fast"))
+    # ffcv-imagenet's rn50 ramp: epoch indices <= 65 at 160, >= 76 at 192, linear between and
+    # rounded to 32 px; ours counts from 1.
+    for index in range(cfg.train.epochs):
+        want = 160 if index <= 65 else 192 if index >= 76 else int(round((160 + (index - 65) / 11 * 32) / 32)) * 32
+        assert ramp_resolution(cfg.data, index + 1) == want, index
+    assert cfg.data.eval_resolution == 256 and cfg.optim.label_smoothing == 0.1
+    steps = 10
+    factors = [lr_factor(i, steps, cfg) for i in range(cfg.train.epochs * steps)]
+    peak = factors.index(max(factors))
+    assert peak == 2 * steps - 1 and max(factors) == 1.0
+    assert all(a < b for a, b in zip(factors[:peak], factors[1:peak + 1]))
+    assert all(a >= b for a, b in zip(factors[peak:], factors[peak + 1:]))
+    assert factors[-1] < 0.002
+
+
+def test_progressive_resizing_rules_are_one_line():
+    from pipeline.config import ConfigError, apply_overrides, load_recipe, validate
+    from pipeline.errors import UserError
+    from pipeline.runs import check_resizing
+
+    smoke = load_recipe("smoke")
+    for overrides, needle in (({"data.min_res": 160}, "both data.min_res and data.max_res"),
+                              ({"data.min_res": 200, "data.max_res": 160}, "data.min_res must be in"),
+                              ({"data.min_res": 160, "data.max_res": 192, "data.start_ramp": 5,
+                                "data.end_ramp": 2}, "data.start_ramp (5)")):
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            validate(apply_overrides(smoke, overrides))
+    check_resizing(160, "imagenet", "stores/x")
+    check_resizing(0, "small", "stores/x")
+    with pytest.raises(UserError, match="needs an imagenet-family store; stores/x is small-family"):
+        check_resizing(160, "small", "stores/x")

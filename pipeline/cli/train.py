@@ -167,6 +167,7 @@ def finalize_paths(cfg: C.Config, address: str | None) -> C.Config:
         store = cfg.data.store if "://" in cfg.data.store else str(Path(cfg.data.store).expanduser())
         manifest, _ = locate(store)
         runs.check_classes(cfg.model.num_classes, manifest.num_classes, manifest.path)
+        runs.check_resizing(cfg.data.min_res, manifest.family, manifest.path)
         updates["data.store"] = manifest.path
     if cfg.cluster.storage is None and address is None:
         updates["cluster.storage"] = runs.default_storage(local_cluster=True)

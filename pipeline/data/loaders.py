@@ -70,6 +70,32 @@ def image_pipeline(manifest: Manifest, split: str, data_cfg: DataSection, *,
                   ToTorchImage(channels_last=channels_last)]
 
 
+def ramp_resolution(data_cfg: DataSection, epoch: int) -> int | None:
+    """The train resolution of epoch `epoch` (from 1) under progressive resizing, or None
+    when it is off: min_res up to start_ramp, max_res from end_ramp, a linear ramp between
+    rounded to the nearest multiple of res_step (and kept within [min_res, max_res])."""
+    d = data_cfg
+    if not d.min_res:
+        return None
+    if epoch <= d.start_ramp:
+        return d.min_res
+    if epoch >= d.end_ramp:
+        return d.max_res
+    t = (epoch - d.start_ramp) / (d.end_ramp - d.start_ramp)
+    res = int(round((d.min_res + t * (d.max_res - d.min_res)) / d.res_step)) * d.res_step
+    return min(max(res, d.min_res), d.max_res)
+
+
+def set_train_resolution(loader: Any, res: int) -> None:
+    """Have a train loader's decoder crop to res x res from its next epoch on. FFCV sizes its
+    buffers from the decoder at the start of every epoch, so nothing is rebuilt."""
+    decoder = loader.pipeline_specs["image"].decoder
+    if not hasattr(decoder, "output_size"):
+        raise UserError("progressive resizing needs a store whose images are cropped to size "
+                        "(the imagenet family); this store's images are read at their stored size")
+    decoder.output_size = (res, res)
+
+
 def label_pipeline() -> list[Any]:
     from ffcv.fields.decoders import IntDecoder
     from ffcv.transforms import Squeeze, ToTensor

@@ -355,7 +355,7 @@ def checkpoint_state(parts: Parts, epoch: int, history: list, cfg: Config, spec,
 
 
 def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) -> None:
-    from ..data.loaders import make_loader
+    from ..data.loaders import make_loader, ramp_resolution, set_train_resolution
     from ..data.staging import local_copy
 
     cfg = Config.from_dict(loop_config["config"])
@@ -414,9 +414,18 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
                          "nodes": len(set(node_ids))})
 
     epochs = cfg.train.epochs
+    res_before = None
     for epoch in range(start_epoch, epochs):
         _seed(cfg.train.seed, epoch, rank)
         train_loader.next_epoch = epoch
+        res = ramp_resolution(cfg.data, epoch + 1)
+        if res is not None:
+            set_train_resolution(train_loader, res)
+            if res != res_before:
+                say(f"epoch {epoch + 1}/{epochs}: training at {res} px (progressive resizing, "
+                    f"{cfg.data.min_res} -> {cfg.data.max_res} px over epochs "
+                    f"{cfg.data.start_ramp + 1}-{cfg.data.end_ramp})")
+            res_before = res
         t0 = time.perf_counter()
         mine, train_time = train_one_epoch(net, parts, train_loader, cfg, epoch, device, world, say, tracker)
         trained = mine.reduced(device)
@@ -435,6 +444,7 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
             "val_top1_error": val.top1_error,
             "val_top5_error": val.top5_error,
             **averaged,
+            **({"train_resolution": res} if res is not None else {}),
             "images_per_s": trained.n / train_time,
             "epoch_time_s": time.perf_counter() - t0,
             "lr": parts.optimizer.param_groups[0]["lr"],

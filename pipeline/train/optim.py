@@ -65,6 +65,8 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: Config) -> float:
         return s.gamma ** sum(epoch >= m for m in cfg.epochs_milestones())
     total = cfg.train.epochs - warmup
     progress = min(1.0, (epoch - warmup) / total) if total > 0 else 1.0
+    if s.kind == "linear":
+        return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
