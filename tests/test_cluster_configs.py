@@ -86,6 +86,25 @@ def test_launcher_dashboard_gpus_and_shared_storage(name):
     assert f"mkdir -p {SHARED}/stores {SHARED}/runs" in _commands(cfg, "setup_commands")
 
 
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_launchers_offer_spot_gpu_workers_like_the_on_demand_ones(name):
+    """Beside each on-demand GPU type, the same machine at spot / preemptible price, marked
+    with a `spot` resource, never the head."""
+    types = _load(name)["available_node_types"]
+    spot = {t: spec for t, spec in types.items() if spec.get("resources", {}).get("spot")}
+    assert spot, "a spot or preemptible worker type"
+    machines = {spec["node_config"].get("InstanceType") or spec["node_config"].get("machineType")
+                for t, spec in types.items() if t not in spot and spec.get("resources", {}).get("GPU")}
+    for node_type, spec in spot.items():
+        config = spec["node_config"]
+        assert (config.get("InstanceType") or config.get("machineType")) in machines
+        if "InstanceType" in config:
+            assert config["InstanceMarketOptions"]["MarketType"] == "spot"
+        else:
+            assert {"preemptible": True} in config["scheduling"]
+        assert spec["min_workers"] == 0 and node_type != _load(name)["head_node_type"]
+
+
 def _containers(group: dict) -> list[dict]:
     return group["template"]["spec"]["containers"]
 
