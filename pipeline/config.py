@@ -132,6 +132,9 @@ class TrainSection:
     # average unless told `--weights raw` (`pipeline.train.ema`).
     ema: float = 0.0
     ema_warmup: bool = True
+    # BatchNorm statistics over the global batch instead of each worker's (DDP workers with
+    # small batches each): PyTorch's SyncBatchNorm, GPUs only.
+    sync_bn: bool = False
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
     log_every_steps: int = 50
@@ -377,6 +380,8 @@ def validate(cfg: Config) -> Config:
         (c.max_failures >= 0, "cluster.max_failures must be >= 0"),
         (c.wait_for_nodes >= 0, "cluster.wait_for_nodes must be >= 0"),
         (not (t.amp == "fp16" and not c.use_gpu), "train.amp=fp16 needs GPUs: use bf16 or off on CPUs"),
+        (not (t.sync_bn and not c.use_gpu),
+         "train.sync_bn needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only): drop --sync-bn on CPUs"),
     ]
     if s.milestone_unit == "fraction":
         checks.append((all(0 < m < 1 for m in s.milestones),

@@ -149,3 +149,19 @@ def test_progressive_resizing_rules_are_one_line():
     check_resizing(0, "small", "stores/x")
     with pytest.raises(UserError, match="needs an imagenet-family store; stores/x is small-family"):
         check_resizing(160, "small", "stores/x")
+
+
+def test_sync_bn_is_for_gpus_and_keeps_parameters_and_checkpoint_keys():
+    from pipeline.config import ConfigError, apply_overrides, load_recipe, validate
+
+    with pytest.raises(ConfigError, match=re.escape("train.sync_bn needs GPUs")):
+        validate(apply_overrides(load_recipe("smoke"), {"train.sync_bn": True}))
+    cfg = validate(apply_overrides(load_recipe("smoke"), {"train.sync_bn": True, "cluster.use_gpu": True}))
+    from pipeline.models.densenet import build
+
+    net = build(cfg.model_spec())
+    params, keys = [id(p) for p in net.parameters()], list(net.state_dict())
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in synced.modules())
+    assert [id(p) for p in synced.parameters()] == params and list(synced.state_dict()) == keys

@@ -92,6 +92,7 @@ def train(
     accumulate: Annotated[Optional[int], typer.Option(help="Passes per optimizer step (gradient accumulation).")] = None,
     clip_grad_norm: Annotated[Optional[float], typer.Option(help="Clip the gradients' L2 norm to this.")] = None,
     ema: Annotated[Optional[float], typer.Option(help="Keep a moving average of the weights with this decay (e.g. 0.9998); evaluate, predict and export use it.")] = None,
+    sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn", help="BatchNorm statistics over the global batch (GPUs; for small per-GPU batches).")] = None,
     init_from: Annotated[Optional[str], typer.Option(help="Fine-tune from these weights: a state-dict file, a checkpoint or run folder, or `torchvision`.")] = None,
     backbone_lr_mult: Annotated[Optional[float], typer.Option(help="Fine-tuning: lr multiplier of every layer but the classifier.")] = None,
     freeze_epochs: Annotated[Optional[int], typer.Option(help="Fine-tuning: epochs in which only the classifier learns.")] = None,
@@ -120,7 +121,7 @@ def train(
         "optim.backbone_lr_mult": backbone_lr_mult, "train.freeze_epochs": freeze_epochs,
         "optim.label_smoothing": label_smoothing, "data.mixup": mixup, "data.cutmix": cutmix,
         "optim.accumulate": accumulate, "optim.clip_grad_norm": clip_grad_norm,
-        "train.ema": ema,
+        "train.ema": ema, "train.sync_bn": sync_bn,
     }
     if from_epoch is not None and not resume:
         raise UserError("--from-epoch continues a run: give it with --resume NAME")

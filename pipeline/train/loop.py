@@ -397,6 +397,11 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
     start_epoch, history = restore(parts, session, cfg, run_dir, device, say)
     best = min((h["val_top1_error"] for h in history), default=math.inf)
 
+    if cfg.train.sync_bn and world > 1:
+        # New modules around the same Parameter objects: the optimizer still holds them, and
+        # the keys stay those of BatchNorm2d (checkpoints load into a plain net).
+        parts.model = nn.SyncBatchNorm.convert_sync_batchnorm(parts.model)
+        say("BatchNorm statistics synchronised across the workers (--sync-bn)")
     net: nn.Module = parts.model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
