@@ -175,6 +175,22 @@ class Tracker:
                 self.run.use_artifact(art)
         self._guard("dataset artifact", use)
 
+    def use_init(self, source: str, sha256: str, metadata: dict[str, Any]) -> None:
+        """The weights a fine-tune started from, as a `model` artifact named by their sha256,
+        by reference (not copied): used by the run (lineage) when online, logged with the
+        alias `used` offline, as `use_dataset` does."""
+        def use() -> None:
+            import wandb
+
+            art = wandb.Artifact(f"init-{sha256[:16]}", type="model",
+                                 metadata={**metadata, "source": source, "sha256": sha256})
+            art.add_reference(Path(source).resolve().as_uri(), name=Path(source).name)
+            if self.mode == "offline":
+                self.run.log_artifact(art, aliases=["used"])
+            else:
+                self.run.use_artifact(art)
+        self._guard("init artifact", use)
+
     def log_checkpoint(self, folder: str | Path, name: str, aliases: list[str], metadata: dict[str, Any]) -> None:
         """A checkpoint as a `model` artifact; by reference, so large weights are not copied."""
         def log() -> None:
@@ -390,6 +406,9 @@ class RemoteTracker:
 
     def use_dataset(self, manifest_text: str, name: str, metadata: dict[str, Any]) -> None:
         self._call("use_dataset", manifest_text, name, metadata)
+
+    def use_init(self, source: str, sha256: str, metadata: dict[str, Any]) -> None:
+        self._call("use_init", source, sha256, metadata)
 
     def log_checkpoint(self, folder: str | Path, name: str, aliases: list[str], metadata: dict[str, Any]) -> None:
         self._call("log_checkpoint", folder, name, aliases, metadata)

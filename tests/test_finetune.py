@@ -18,6 +18,7 @@ from pipeline.models.densenet import build
 from pipeline.models.spec import resolve
 from pipeline.train import checkpoint, optim
 from pipeline.train.loop import LocalSession, train_loop
+from pipeline.wandb_records import RunView
 
 
 def _old_style(state: dict) -> dict:
@@ -113,7 +114,7 @@ def test_frozen_epochs_keep_the_features_and_the_run_records_its_init(tmp_path):
         run("source", **{"train.epochs": 1})
         source = checkpoint.load(tmp_path / "source")
         run("tuned", **{"train.epochs": 2, "train.freeze_epochs": 1, "model.init_from": str(tmp_path / "source"),
-                        "optim.backbone_lr_mult": 0.1})
+                        "optim.backbone_lr_mult": 0.1, "tracking.wandb": "offline"})
     finally:
         Compiler.set_enabled(True)
     frozen = checkpoint.load(tmp_path / "tuned" / "epoch-0001")["model"]
@@ -128,3 +129,8 @@ def test_frozen_epochs_keep_the_features_and_the_run_records_its_init(tmp_path):
     assert after["init"]["sha256"] == checkpoint._sha256((tmp_path / "source" / "epoch-0001" / "checkpoint.pt"))
     assert after["init"]["classifier"] == "loaded"
     assert after["config"]["model"]["init_from"] == str(tmp_path / "source")
+    # W&B has the source by its sha256, as an artifact of the run (offline: logged as `used`).
+    (data,) = (tmp_path / "tuned").rglob("offline-run-*/*.wandb")
+    view = RunView.read(data)
+    assert f"init-{after['init']['sha256'][:16]}" in view.artifacts
+    assert view.summary["init_sha256"] == after["init"]["sha256"]

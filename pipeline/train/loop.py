@@ -414,6 +414,8 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
         if parts.init:
             tracker.summary({"init_source": parts.init["source"], "init_sha256": parts.init["sha256"],
                              "init_classifier": parts.init["classifier"]})
+            tracker.use_init(parts.init["source"], parts.init["sha256"],
+                             {"classifier": parts.init["classifier"], "init_from": cfg.model.init_from})
         tracker.summary({"params": sum(p.numel() for p in parts.model.parameters()),
                          "macs": spec.complexity()["macs"], "workers": world,
                          "nodes": len(set(node_ids))})
