@@ -40,7 +40,8 @@ CLUSTER_DIR_ENV = "DENSENET_PIPE_CLUSTER_DIR"
 DEFAULT_DASHBOARD_PORT = 8265
 # Ray's Unix sockets live in <temp dir>/session_<date>_<pid>/sockets/<name> and a socket
 # path may not exceed 107 bytes; a longer temp dir moves to a short folder under /tmp.
-_MAX_TEMP_DIR_LEN = 40
+# Worker nodes add their index to the head's.
+_MAX_TEMP_DIR_LEN = 38
 # Ray reserves 10002-19999 for worker processes by default; ports we pick stay outside.
 _WORKER_PORTS = range(10002, 20000)
 
@@ -182,8 +183,8 @@ def up(nodes: int = 1, cpus_per_node: float | None = None, gpus_per_node: int | 
             started = 0
         cluster.auto = auto and (started == 1 or cluster.auto)
         _save(cluster)
-        # One node at a time: nodes that start together in one session folder pick the same
-        # socket and log names (raylet.1, ...) and all but one die with "address in use".
+        # One node at a time, each seen alive before the next: a node that fails to start
+        # is named, not lost among several.
         for index in range(len(cluster.nodes), nodes):
             note(f"starting node {index + 1} of {nodes} ...")
             cluster.nodes.append(_start_worker(cluster, index, cpus_per_node, gpus_per_node,
@@ -417,12 +418,14 @@ def _start_head(directory: Path, cpus: float | None, gpus: int | None,
 def _start_worker(cluster: LocalCluster, index: int, cpus: float | None, gpus: int | None,
                   object_store_memory: int | None) -> Node:
     gpu_args, gpu_slice = _gpu_args(index, gpus)
+    # A temp dir of its own, as a node on its own machine has: Ray unpacks each job's code
+    # into <temp>/<session>/runtime_resources, and a node that meets a job's package for the
+    # first time deletes and re-unpacks that folder; shared, it pulled files from under
+    # drivers and workers already running from it on the other nodes.
+    temp = private_dir(Path(f"{cluster.temp_dir}{index}"))
     args = ["--address", cluster.gcs_address,
             "--dashboard-agent-listen-port", str(_free_port()),
-            "--temp-dir", cluster.temp_dir, "--disable-usage-stats", *gpu_args,
-            # Every node here shares the head's log folder, and each log monitor would
-            # forward every worker's output: each line would reach the driver once a node.
-            "--include-log-monitor", "false"]
+            "--temp-dir", str(temp), "--disable-usage-stats", *gpu_args]
     if cpus is not None:
         args += ["--num-cpus", _number(cpus)]
     if object_store_memory:
