@@ -135,6 +135,9 @@ class TrainSection:
     # BatchNorm statistics over the global batch instead of each worker's (DDP workers with
     # small batches each): PyTorch's SyncBatchNorm, GPUs only.
     sync_bn: bool = False
+    # While this file exists the workers wait at the end of each epoch, after its checkpoint
+    # ("": <run folder>/HOLD): to hold a run while its cluster changes.
+    hold_file: str = ""
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
     log_every_steps: int = 50
@@ -143,7 +146,13 @@ class TrainSection:
 @dataclass
 class ClusterSection:
     address: str | None = None
+    # With min_nodes, an elastic run (`--nodes MIN-MAX`): it starts on min_nodes, grows to
+    # `nodes` as nodes join and goes on with fewer (down to min_nodes) when one is lost.
     nodes: int = 1
+    min_nodes: int | None = None
+    # How often an elastic run looks for room to grow (Ray Train's
+    # elastic_resize_monitor_interval_s).
+    resize_interval_s: float = 60.0
     # None: the GPUs per node when the job asks for GPUs, else 1.
     workers_per_node: int | None = None
     cpus_per_worker: float = 1.0
@@ -375,6 +384,9 @@ def validate(cfg: Config) -> Config:
          f"--stage never reads a store in place, and {d.store.split('?')[0]} is in object storage: "
          "use --stage auto"),
         (c.nodes >= 1, f"cluster.nodes must be >= 1, got {c.nodes}"),
+        (c.min_nodes is None or 1 <= c.min_nodes <= c.nodes,
+         f"cluster.min_nodes must be in [1, cluster.nodes={c.nodes}], got {c.min_nodes}: --nodes MIN-MAX"),
+        (c.resize_interval_s > 0, f"cluster.resize_interval_s must be > 0, got {c.resize_interval_s}"),
         (c.workers_per_node is None or c.workers_per_node >= 1, "cluster.workers_per_node must be >= 1"),
         (c.cpus_per_worker > 0, "cluster.cpus_per_worker must be > 0"),
         (c.max_failures >= 0, "cluster.max_failures must be >= 0"),
@@ -391,6 +403,8 @@ def validate(cfg: Config) -> Config:
                        f"schedule.milestones {s.milestones} must be epochs in (0, {t.epochs}]: set "
                        "schedule.milestones or use schedule.milestone_unit=fraction"))
     checks.append((list(s.milestones) == sorted(s.milestones), "schedule.milestones must increase"))
+    checks.append((not (cfg.sweep.name and c.min_nodes is not None),
+                   "a sweep's trials each hold a fixed number of nodes: give sweep --nodes N, not MIN-MAX"))
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

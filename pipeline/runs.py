@@ -65,7 +65,7 @@ def local_cluster_shape(resources: dict | None, cpus: int, gpus: int) -> tuple[i
     `resources`: as many nodes as it asks for, this machine's CPUs shared among them (never
     fewer than the job needs a node), and, for a GPU job, the GPUs sliced per node. None
     keeps `local_cluster.up`'s default (every CPU; the GPUs on the head)."""
-    nodes = int((resources or {}).get("nodes") or 1)
+    nodes = int((resources or {}).get("max_nodes") or (resources or {}).get("nodes") or 1)
     if nodes <= 1:
         return 1, None, None
     need_cpus = float(resources.get("cpus_per_node") or 1)
@@ -80,6 +80,25 @@ def workers_per_node(requested: int | None, use_gpu: bool, gpus: list[int]) -> i
         return requested
     have = [g for g in gpus if g >= 1]
     return min(have) if use_gpu and have else 1
+
+
+def parse_nodes(text: str) -> tuple[int | None, int]:
+    """`--nodes`: "N" -> (None, N); "MIN-MAX" -> (MIN, MAX), an elastic run."""
+    lo, sep, hi = text.strip().partition("-")
+    try:
+        low, high = int(lo), int(hi if sep else lo)
+    except ValueError:
+        raise UserError(f"--nodes {text!r} is not a count: give N (e.g. 4) or MIN-MAX (e.g. 2-4)") from None
+    if not 1 <= low <= high:
+        raise UserError(f"--nodes {text!r}: need 1 <= MIN <= MAX (e.g. 2-4)")
+    return (low if sep else None), high
+
+
+def elastic_lr_scale(workers: int, max_workers: int) -> float:
+    """An elastic run keeps each worker's batch and scales the lr with the global batch:
+    `optim.batch_size` and `optim.lr` hold at the full size (MAX nodes), and with fewer
+    workers both shrink in proportion (the linear scaling rule, Goyal et al. 2017)."""
+    return workers / max_workers
 
 
 def per_worker_batch(global_batch: int, nodes: int, per_node: int = 1, accumulate: int = 1) -> int:
@@ -108,7 +127,8 @@ def check_private_folder(path: Path, what: str) -> None:
 
 
 # What a resumed run may change; everything else comes from the run's own config.json.
-RESUME_MAY_CHANGE = ("train.epochs", "cluster.wait_for_nodes", "tracking.wandb")
+RESUME_MAY_CHANGE = ("train.epochs", "cluster.wait_for_nodes", "tracking.wandb", "train.hold_file",
+                     "cluster.resize_interval_s")
 # What names the run and how to reach it, not how it trains.
 _RESUME_IDENTITY = ("cluster.storage", "cluster.run_name", "cluster.address", "train.resume",
                     "train.resume_changes", "train.resume_from_epoch", "data.store")

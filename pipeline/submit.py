@@ -468,8 +468,9 @@ def check_resources(server: JobServer, resources: dict[str, Any],
                     wait_for_nodes: float = 0.0, note: Callable[[str], None] = _note) -> None:
     """Refuse (UserError) unless `nodes` alive nodes each have `cpus_per_node` CPUs and
     `gpus_per_node` GPUs; with `wait_for_nodes` > 0, poll that long for an autoscaler first.
+    (`max_nodes`, an elastic run's MAX, only shapes an embedded cluster.)
     """
-    unknown = set(resources) - {"nodes", "cpus_per_node", "gpus_per_node"}
+    unknown = set(resources) - {"nodes", "max_nodes", "cpus_per_node", "gpus_per_node"}
     if unknown:
         raise ValueError(f"unknown resource keys {sorted(unknown)}")
     need = int(resources.get("nodes", 1))
@@ -507,6 +508,15 @@ def check_resources(server: JobServer, resources: dict[str, Any],
 WORKER_START_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
+def worker_start_timeout(cfg: dict[str, Any]) -> int:
+    """Seconds Ray Train waits for a worker group to start. An elastic run asks only for
+    workers the nodes it sees can hold, so a start that takes long is a group sized for a
+    node just lost and not yet marked dead (Ray marks it after missed heartbeats): Ray's own
+    60 s, and the run comes back on the nodes left."""
+    cluster = cfg.get("cluster") if isinstance(cfg.get("cluster"), dict) else {}
+    return 60 if cluster.get("min_nodes") is not None else 300
+
+
 def job_env(cfg: dict[str, Any], server: JobServer) -> dict[str, str]:
     """Environment every job gets (see docs/orchestration.md for why each is set)."""
     # Worker prints go straight to the job log, not through Ray Train V2's logger.
@@ -518,7 +528,7 @@ def job_env(cfg: dict[str, Any], server: JobServer) -> dict[str, str]:
            # as a failure. Workers start slower than that on a busy shared cluster, while an
            # autoscaler adds nodes, or while a sweep's stopped trial still holds its CPUs; a
            # request that can never fit is refused before submitting (check_resources).
-           WORKER_START_ENV: os.environ.get(WORKER_START_ENV, "300")}
+           WORKER_START_ENV: os.environ.get(WORKER_START_ENV, str(worker_start_timeout(cfg)))}
     if server.local is not None:
         env["DENSENET_PIPE_WORKDIR"] = os.getcwd()
     tracking = cfg.get("tracking")

@@ -18,6 +18,9 @@ def test_job_env_never_carries_the_wandb_key(monkeypatch, mode, expected):
     assert env["PYTHONUNBUFFERED"] == "1"
     # Ray Train's 60 s for workers to start is too short on a busy cluster; yours wins.
     assert env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "300"
+    # An elastic run's slow start is a group sized for a node just lost: Ray's 60 s.
+    elastic = job_env({"cluster": {"min_nodes": 2, "nodes": 3}}, JobServer("http://127.0.0.1:1"))
+    assert elastic["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "60"
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
     assert job_env({}, JobServer("http://127.0.0.1:1"))["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "900"
 

@@ -69,7 +69,7 @@ def train(
     data: Annotated[Optional[str], typer.Option("--data", help="Store from `prepare`: a folder or a URI (s3://..., gs://...).")] = None,
     stage: Stage = None,
     recipe: Recipe = None,
-    nodes: Annotated[Optional[int], typer.Option(help="Ray nodes the workers span.")] = None,
+    nodes: Annotated[Optional[str], typer.Option(metavar="N|MIN-MAX", help="Ray nodes the workers span; MIN-MAX: an elastic run that grows and shrinks with the cluster.")] = None,
     workers_per_node: Annotated[Optional[int], typer.Option(help="Workers per node (default: GPUs per node, else 1).")] = None,
     gpus: Annotated[Optional[bool], typer.Option("--gpu/--cpu", help="Train on GPUs.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs.")] = None,
@@ -108,8 +108,10 @@ def train(
     stop_on_interrupt: StopOnInterrupt = False,
 ) -> None:
     """Train a DenseNet with Ray Train (DDP, mixed precision) as a Ray job."""
+    min_nodes, max_nodes = runs.parse_nodes(nodes) if nodes is not None else (None, None)
     flags = {
-        "data.store": data, "data.stage": stage.value if stage else None, "cluster.nodes": nodes, "cluster.workers_per_node": workers_per_node,
+        "data.store": data, "data.stage": stage.value if stage else None, "cluster.nodes": max_nodes,
+        "cluster.min_nodes": min_nodes, "cluster.workers_per_node": workers_per_node,
         "cluster.use_gpu": gpus, "train.epochs": epochs, "optim.batch_size": batch_size,
         "optim.lr": lr, "model.depth": depth, "model.growth_rate": growth_rate,
         "model.bottleneck": bottleneck, "model.compression": compression,
@@ -193,7 +195,8 @@ def submit_job(job: str, cfg: C.Config, address: str | None, detach: bool, stop_
 
     c = cfg.cluster
     wpn = c.workers_per_node or 1
-    resources = {"nodes": c.nodes, "cpus_per_node": wpn * c.cpus_per_worker,
+    # An elastic run needs MIN nodes to start; the embedded cluster is made with MAX.
+    resources = {"nodes": c.min_nodes or c.nodes, "max_nodes": c.nodes, "cpus_per_node": wpn * c.cpus_per_worker,
                  "gpus_per_node": wpn if c.use_gpu else 0}
     return submit.run_job(job, cfg.to_dict(), address=address, detach=detach,
                           stop_on_interrupt=stop_on_interrupt, resources=resources,

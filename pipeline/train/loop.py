@@ -186,21 +186,26 @@ class Parts:
     init: dict[str, Any] | None = None
     # The weights' moving average (`train.ema`), or None.
     ema: WeightEMA | None = None
+    # Optimizer steps taken before this epoch, the x axis of W&B's charts: it goes on
+    # counting when an elastic run's steps an epoch change.
+    global_step: int = 0
 
 
-def check_placement(session: RaySession | LocalSession, nodes: int) -> list[str]:
-    """Every rank's node id; the run must span exactly `nodes` nodes."""
+def check_placement(session: RaySession | LocalSession, nodes: int, elastic: bool = False) -> list[str]:
+    """Every rank's node id; the run must span exactly `nodes` nodes (an elastic run spans
+    what Ray gave it)."""
     node_ids = [session.node_id()]
     if session.world > 1:
         node_ids = [None] * session.world
         dist.all_gather_object(node_ids, session.node_id())
-    if len(set(node_ids)) != nodes:
+    if not elastic and len(set(node_ids)) != nodes:
         raise RuntimeError(f"{session.world} workers landed on {len(set(node_ids))} nodes, not the "
                            f"{nodes} asked for")
     return node_ids
 
 
-def build_parts(cfg: Config, spec, device: torch.device, batches: int, say=lambda _line: None) -> Parts:
+def build_parts(cfg: Config, spec, device: torch.device, batches: int, say=lambda _line: None,
+                lr_scale: float = 1.0) -> Parts:
     _seed(cfg.train.seed, 0, 0)
     model = build(spec, memory_efficient=cfg.model.memory_efficient)
     init = None
@@ -213,6 +218,8 @@ def build_parts(cfg: Config, spec, device: torch.device, batches: int, say=lambd
     if cfg.data.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = optim.build_optimizer(model, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] *= lr_scale
     # Optimizer steps an epoch: `optim.accumulate` loader batches make one.
     steps = batches // cfg.optim.accumulate
     steps = min(steps, cfg.data.max_steps_per_epoch) if cfg.data.max_steps_per_epoch else steps
@@ -223,9 +230,11 @@ def build_parts(cfg: Config, spec, device: torch.device, batches: int, say=lambd
 
 
 def restore(parts: Parts, session: RaySession | LocalSession, cfg: Config, run_dir: str,
-            device: torch.device, say) -> tuple[int, list[dict[str, Any]]]:
+            device: torch.device, say, max_workers: int | None = None) -> tuple[int, list[dict[str, Any]]]:
     """Load the checkpoint to continue from (Ray's, else with --resume the run folder's newest
-    whole one) into `parts`; returns (epochs done, history)."""
+    whole one) into `parts`; returns (epochs done, history). An elastic run that comes back
+    with another world size (`max_workers` given) keeps its per-worker batch: the lr
+    follows the global batch and the schedule its new steps an epoch (`_resize`)."""
     state, folder = None, None
     with session.restored() as restored:
         if restored is not None:
@@ -242,6 +251,10 @@ def restore(parts: Parts, session: RaySession | LocalSession, cfg: Config, run_d
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])
     parts.scaler.load_state_dict(state["scaler"])
+    parts.global_step = state.get("global_step", state["epoch"] * parts.steps)
+    workers_before = len(state.get("placement") or []) or session.world
+    if max_workers is not None and workers_before != session.world:
+        _resize(parts, state["epoch"], workers_before, session.world, max_workers, cfg, say)
     if parts.ema is not None:
         if "model_ema" in state:
             parts.ema.load_state_dict(state["model_ema"])
@@ -249,6 +262,43 @@ def restore(parts: Parts, session: RaySession | LocalSession, cfg: Config, run_d
             parts.ema = WeightEMA(parts.model, cfg.train.ema, cfg.train.ema_warmup)
     say(f"resumed from epoch {state['epoch']} ({folder})")
     return state["epoch"], list(state["history"])
+
+
+def _resize(parts: Parts, epoch: int, before: int, now: int, max_workers: int, cfg: Config, say) -> None:
+    """After a resize the run continues from a checkpoint made by `before` workers: the base
+    lrs it holds are scaled to `now` workers, and the schedule, a function of optimizer steps,
+    is put where `epoch` whole epochs of the new size would have left it."""
+    ratio = runs.elastic_lr_scale(now, max_workers) / runs.elastic_lr_scale(before, max_workers)
+    scheduler = parts.scheduler
+    scheduler.base_lrs = [base * ratio for base in scheduler.base_lrs]
+    scheduler.last_epoch = epoch * parts.steps
+    for group, base, lr_lambda in zip(parts.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * lr_lambda(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in parts.optimizer.param_groups]
+    per_worker = cfg.optim.batch_size // max_workers  # a step's images on one worker
+    say(f"resized: {before} -> {now} workers after epoch {epoch}: global batch "
+        f"{before * per_worker} -> {now * per_worker}, lr x{ratio:.3g}, {parts.steps} steps an epoch")
+
+
+def hold(path: str, epoch: int, device: torch.device, say, poll_s: float = 1.0) -> None:
+    """Wait here, every rank, while `path` exists: rank 0 looks, the others follow its word."""
+    distributed = dist.is_available() and dist.is_initialized()
+    said = False
+    while True:
+        held = storage.exists(path) if not distributed or dist.get_rank() == 0 else False
+        if distributed:
+            flag = torch.tensor([int(held)], device=device)
+            dist.broadcast(flag, src=0)
+            held = bool(flag.item())
+        if not held:
+            if said:
+                say(f"{path} is gone: going on")
+            return
+        if not said:
+            say(f"holding after epoch {epoch}: {path} exists (remove it to go on)")
+            said = True
+        time.sleep(poll_s)
 
 
 def train_one_epoch(net: nn.Module, parts: Parts, loader, cfg: Config, epoch: int, device: torch.device,
@@ -308,7 +358,7 @@ def train_one_epoch(net: nn.Module, parts: Parts, loader, cfg: Config, epoch: in
             img_s = tally.n * world / elapsed
             say(_progress(epoch, epochs, step, steps, tally.loss, lr, img_s, elapsed))
             tracker.log({"step/loss": loss_value, "step/lr": lr, "step/images_per_s": img_s,
-                         "epoch": epoch + step / steps}, step=epoch * steps + step)
+                         "epoch": epoch + step / steps}, step=parts.global_step + step)
     return tally, time.perf_counter() - t0
 
 
@@ -338,6 +388,7 @@ def checkpoint_state(parts: Parts, epoch: int, history: list, cfg: Config, spec,
         "scaler": parts.scaler.state_dict(),
         **({"model_ema": parts.ema.state_dict()} if parts.ema is not None else {}),
         "epoch": epoch,
+        "global_step": parts.global_step,
         "history": history,
         "config": cfg.to_dict(),
         "spec": spec.to_dict(),
@@ -366,10 +417,13 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
     device = session.device
     if device.type == "cpu":
         torch.set_num_threads(max(1, round(cfg.cluster.cpus_per_worker)))
-    node_ids = check_placement(session, cfg.cluster.nodes)
-
-    per_worker = runs.per_worker_batch(cfg.optim.batch_size, cfg.cluster.nodes, world // cfg.cluster.nodes,
-                                       cfg.optim.accumulate)
+    elastic = cfg.cluster.min_nodes is not None
+    node_ids = check_placement(session, cfg.cluster.nodes, elastic)
+    # The batch and lr hold for the full size; an elastic run with fewer workers keeps each
+    # worker's batch, so the global batch and the lr shrink with it (runs.elastic_lr_scale).
+    per_node = loop_config.get("workers_per_node") or world // cfg.cluster.nodes
+    max_workers = cfg.cluster.nodes * per_node
+    per_worker = runs.per_worker_batch(cfg.optim.batch_size, cfg.cluster.nodes, per_node, cfg.optim.accumulate)
     threads_before = torch.get_num_threads()
     # The driver checked the store (or each node its staged copy): no rank hashes it again.
     store = local_copy(cfg.data.store, loop_config.get("manifest_sha256", ""), cfg.data, say)
@@ -385,16 +439,21 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
     val_mine = shard_size(val_total, rank, world) if world > 1 else val_total
 
     spec = dataclasses.replace(cfg.model_spec(), num_classes=manifest.num_classes)
-    parts = build_parts(cfg, spec, device, len(train_loader), say)
+    parts = build_parts(cfg, spec, device, len(train_loader), say,
+                        lr_scale=runs.elastic_lr_scale(world, max_workers) if elastic else 1.0)
     precision = {None: "fp32", torch.bfloat16: "bf16 autocast",
                  torch.float16: "fp16 autocast + grad scaler"}[parts.dtype]
     if parts.dtype is None and cfg.train.amp == "auto" and device.type == "cpu":
         precision += " (this CPU has no native bf16 kernels; --amp bf16 forces it)"
     say(f"{world} worker(s) on {len(set(node_ids))} node(s) "
         f"[{', '.join(f'rank {r}: {n[:8]}' for r, n in enumerate(node_ids))}], {device.type}, "
-        f"{precision}, {parts.steps} steps of {per_worker} per worker an epoch")
+        f"{precision}, {parts.steps} steps of {per_worker} per worker an epoch"
+        + (f"; elastic over {cfg.cluster.min_nodes}-{cfg.cluster.nodes} nodes: global batch "
+           f"{world * cfg.optim.batch_size // max_workers}, lr x{runs.elastic_lr_scale(world, max_workers):.3g}"
+           if elastic else ""))
 
-    start_epoch, history = restore(parts, session, cfg, run_dir, device, say)
+    start_epoch, history = restore(parts, session, cfg, run_dir, device, say,
+                                   max_workers=max_workers if elastic else None)
     best = min((h["val_top1_error"] for h in history), default=math.inf)
 
     if cfg.train.sync_bn and world > 1:
@@ -455,6 +514,7 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
             "images_per_s": trained.n / train_time,
             "epoch_time_s": time.perf_counter() - t0,
             "lr": parts.optimizer.param_groups[0]["lr"],
+            "workers": world,
             "peak_memory_mib": max(_sum([_peak_memory_mib(device)], device)[0] / world, 0.0),
             # Wall clock as the row is made: the gaps between rows are whole epochs, the
             # previous report and checkpoint included.
@@ -467,7 +527,8 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
             " | val loss {val_loss:.4f} top-1 err {val_top1_error:.4f} top-5 err "
             "{val_top5_error:.4f}{ema} | {images_per_s:,.0f} img/s, {epoch_time_s:.1f} s".format(
                 epochs, **row, ema=f" (EMA {row['val_ema_top1_error']:.4f})" if averaged else ""))
-        tracker.log({f"epoch/{k}": v for k, v in row.items()}, step=(epoch + 1) * parts.steps)
+        parts.global_step += parts.steps
+        tracker.log({f"epoch/{k}": v for k, v in row.items()}, step=parts.global_step)
 
         save_now = (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == epochs
         name = f"epoch-{epoch + 1:04d}"
@@ -482,5 +543,7 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
             aliases = ["latest"] + (["best"] if is_best else [])
             tracker.log_checkpoint(storage.join(run_dir, name), name=f"{loop_config['run_name']}-model",
                                    aliases=aliases, metadata=row)
+        if epoch + 1 < epochs:
+            hold(cfg.train.hold_file or storage.join(run_dir, "HOLD"), epoch + 1, device, say)
     tracker.finish(summary={"best_val_top1_error": best,
                             "final_val_top1_error": history[-1]["val_top1_error"] if history else None})

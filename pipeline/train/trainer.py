@@ -25,10 +25,22 @@ class Placement:
     workers_per_node: int
     cpus_per_worker: float
     use_gpu: bool
+    # An elastic run's MIN nodes (None: exactly `nodes`).
+    min_nodes: int | None = None
 
     @property
-    def num_workers(self) -> int:
-        return self.nodes * self.workers_per_node
+    def num_workers(self) -> int | tuple[int, int]:
+        """Ray Train's num_workers: a count, or (min, max) for an elastic run."""
+        if self.min_nodes is None:
+            return self.nodes * self.workers_per_node
+        return self.min_nodes * self.workers_per_node, self.nodes * self.workers_per_node
+
+    def describe(self) -> str:
+        if self.min_nodes is None:
+            return f"{self.num_workers} worker(s) on {self.nodes} node(s)"
+        low, high = self.num_workers
+        return (f"{low}-{high} workers on {self.min_nodes}-{self.nodes} nodes (elastic: grows as "
+                "nodes join, goes on with fewer when one is lost)")
 
 
 def connect() -> None:
@@ -56,8 +68,8 @@ def plan_placement(cfg: Config) -> Placement:
         runs.per_worker_batch(cfg.optim.batch_size, c.nodes, wpn, cfg.optim.accumulate)
         fits = [n for n in nodes
                 if n.get("CPU", 0) >= wpn * c.cpus_per_worker and (not c.use_gpu or n.get("GPU", 0) >= wpn)]
-        if len(fits) >= c.nodes:
-            return Placement(c.nodes, wpn, c.cpus_per_worker, c.use_gpu)
+        if len(fits) >= (c.min_nodes or c.nodes):
+            return Placement(c.nodes, wpn, c.cpus_per_worker, c.use_gpu, c.min_nodes)
         if time.monotonic() >= deadline:
             have = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes) or "none"
             need = f"{wpn * c.cpus_per_worker:g} CPU" + (f" + {wpn} GPU" if c.use_gpu else "")
@@ -107,6 +119,15 @@ def latest_history(folder: str | Path) -> list[dict[str, Any]]:
         return []
 
 
+def strategy(placement: Placement) -> str:
+    """One worker a node: STRICT_SPREAD. Several: packed node by node. An elastic run's worker
+    count is Ray's (as many as the free resources hold, between MIN and MAX), so its
+    workers are spread: Ray fills the nodes it has, one worker a node while nodes last."""
+    if placement.min_nodes is not None:
+        return "SPREAD"
+    return "STRICT_SPREAD" if placement.workers_per_node == 1 else "PACK"
+
+
 def build_trainer(cfg: Config, placement: Placement, folder: str, manifest_sha256: str = "",
                   callbacks: list | None = None, tracker: str | None = None):
     """The TorchTrainer for one run; `folder` is storage/run_name."""
@@ -119,12 +140,14 @@ def build_trainer(cfg: Config, placement: Placement, folder: str, manifest_sha25
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "run_dir": str(folder),
                            "run_name": cfg.cluster.run_name, "manifest_sha256": manifest_sha256,
-                           "tracker": tracker},
+                           "tracker": tracker, "workers_per_node": placement.workers_per_node},
         torch_config=TorchConfig(backend="nccl" if placement.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=placement.num_workers, use_gpu=placement.use_gpu,
             resources_per_worker={"CPU": placement.cpus_per_worker, **({"GPU": 1} if placement.use_gpu else {})},
-            placement_strategy="STRICT_SPREAD" if placement.workers_per_node == 1 else "PACK",
+            placement_strategy=strategy(placement),
+            **({"elastic_resize_monitor_interval_s": cfg.cluster.resize_interval_s}
+               if placement.min_nodes is not None else {}),
         ),
         run_config=RunConfig(
             name=cfg.cluster.run_name, storage_path=cfg.cluster.storage,
@@ -132,8 +155,10 @@ def build_trainer(cfg: Config, placement: Placement, folder: str, manifest_sha25
                 num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute="val_top1_error", checkpoint_score_order="min"),
             # Bounded: a worker group that cannot be placed retries forever otherwise.
+            # An elastic run meets one start that times out per node lost (see
+            # submit.worker_start_timeout): it may meet many on a spot cluster.
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures,
-                                         controller_failure_limit=3),
+                                         controller_failure_limit=3 if placement.min_nodes is None else 20),
             callbacks=callbacks or None,
         ),
     )
@@ -176,8 +201,9 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
     check_nodes(cfg, manifest_sha256, placement.workers_per_node * placement.cpus_per_worker)
     storage.makedirs(folder)
     cfg.save(storage.join(folder, "config.json"))
-    print(f"run {cfg.cluster.run_name}: {placement.num_workers} worker(s) on {placement.nodes} node(s), "
-          f"global batch {cfg.optim.batch_size}, folder {folder}", flush=True)
+    print(f"run {cfg.cluster.run_name}: {placement.describe()}, global batch {cfg.optim.batch_size}"
+          f"{' at ' + str(placement.nodes) + ' nodes' if placement.min_nodes is not None else ''}, "
+          f"folder {folder}", flush=True)
     recorder = tracking.start_recorder(cfg, run_id=cfg.cluster.run_name, run_dir=folder,
                                        group=cfg.tracking.group, dataset=dataset_artifact(manifest))
     ended = "failed"
