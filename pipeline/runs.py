@@ -65,7 +65,8 @@ def local_cluster_shape(resources: dict | None, cpus: int, gpus: int) -> tuple[i
     `resources`: as many nodes as it asks for, this machine's CPUs shared among them (never
     fewer than the job needs a node), and, for a GPU job, the GPUs sliced per node. None
     keeps `local_cluster.up`'s default (every CPU; the GPUs on the head)."""
-    nodes = int((resources or {}).get("max_nodes") or (resources or {}).get("nodes") or 1)
+    resources = resources or {}
+    nodes = int(resources.get("max_nodes") or resources.get("nodes") or 1)
     if nodes <= 1:
         return 1, None, None
     need_cpus = float(resources.get("cpus_per_node") or 1)

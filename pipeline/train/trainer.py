@@ -121,8 +121,8 @@ def latest_history(folder: str | Path) -> list[dict[str, Any]]:
 
 def strategy(placement: Placement) -> str:
     """One worker a node: STRICT_SPREAD. Several: packed node by node. An elastic run's worker
-    count is Ray's (as many as the free resources hold, between MIN and MAX), so its
-    workers are spread: Ray fills the nodes it has, one worker a node while nodes last."""
+    count is Ray's (as many as the alive nodes' resources hold, between MIN and MAX), so its
+    workers are spread across the nodes there are."""
     if placement.min_nodes is not None:
         return "SPREAD"
     return "STRICT_SPREAD" if placement.workers_per_node == 1 else "PACK"
@@ -201,9 +201,9 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
     check_nodes(cfg, manifest_sha256, placement.workers_per_node * placement.cpus_per_worker)
     storage.makedirs(folder)
     cfg.save(storage.join(folder, "config.json"))
+    at_max = f" at {placement.nodes} nodes" if placement.min_nodes is not None else ""
     print(f"run {cfg.cluster.run_name}: {placement.describe()}, global batch {cfg.optim.batch_size}"
-          f"{' at ' + str(placement.nodes) + ' nodes' if placement.min_nodes is not None else ''}, "
-          f"folder {folder}", flush=True)
+          f"{at_max}, folder {folder}", flush=True)
     recorder = tracking.start_recorder(cfg, run_id=cfg.cluster.run_name, run_dir=folder,
                                        group=cfg.tracking.group, dataset=dataset_artifact(manifest))
     ended = "failed"
