@@ -29,7 +29,7 @@ _RAY_MESSAGES = re.compile(
     r"Trial status:|Current time:|Logical resource usage:|View detailed results here|"
     r"To visualize your results|\s*tensorboard --logdir|Trial \S+ (started|completed|finished|"
     r"errored|terminated)|Training (started|finished)|wandb:|[╭╰│├┌└─]|\(raylet\)|"
-    r"\S+ (dir|storage): )")
+    r"\S+ (dir|storage): |Done\. [\d.]+s$)")
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(Error|Exception|Diverged|Interrupt|Exit)\b:?")
 
 

@@ -296,6 +296,15 @@ class Recorder:
     def finish(self, ended: str, summary: dict[str, Any] | None = None) -> dict[str, Any]:
         done = {"epochs_done": self.tracker.epochs_done, "best_val_top1_error": self.tracker.best}
         self.tracker.finish(summary, ended=ended)
+        # Stop this actor's wandb-core now, while the actor is alive: left to wandb's atexit
+        # hook, it finds the service already killed with the actor's process tree and prints
+        # a ConnectionResetError traceback into the user's console.
+        import wandb
+
+        try:
+            wandb.teardown()
+        except Exception as e:  # noqa: BLE001
+            _warn("teardown", e)
         return done
 
 

@@ -30,6 +30,7 @@ run r: 2 worker(s) on 2 node(s), global batch 64
 ╰──────────────────────────╯
 Trial status: 1 RUNNING
 wandb: Generating checksum for up to 10000 files
+\x1b[36m(Recorder pid=19720)\x1b[0m Done. 0.0s
 done: best val top-1 error 0.0300 at epoch 3
 error: 1 trial(s) failed
 """
