@@ -489,6 +489,17 @@ def _wait_for_nodes(cluster: LocalCluster, count: int, timeout: float) -> None:
     _fail_start(cluster, cluster.nodes[-1], f"did not reach {count} nodes within {timeout:.0f} s")
 
 
+def _exited(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+
+
 def _stop_leftovers(cluster: LocalCluster | None, timeout: float = 45.0) -> list[int]:
     """SIGTERM each recorded node, then SIGKILL what they started that outlives `timeout`."""
     import psutil
@@ -506,7 +517,15 @@ def _stop_leftovers(cluster: LocalCluster | None, timeout: float = 45.0) -> list
         if node_alive(node):
             with contextlib.suppress(OSError):
                 os.kill(node.pid, signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    # A process that exited stays a zombie until its parent reaps it: our own children are
+    # reaped here (wait_procs), the raylets' orphaned workers by init whenever it gets to
+    # them. psutil counts a zombie as running, so waiting for zombies to go waited out the
+    # whole timeout on every `cluster down`; exited is what counts.
+    deadline = time.monotonic() + timeout
+    alive = procs
+    while alive and time.monotonic() < deadline:
+        psutil.wait_procs(alive, timeout=0.2)
+        alive = [p for p in alive if not _exited(p)]
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()

@@ -144,3 +144,25 @@ def test_a_node_is_known_by_its_start_ticks_not_the_wall_clock():
         proc.kill()
         proc.wait()
     assert not local_cluster.node_alive(node)
+
+
+def test_an_exited_process_counts_as_stopped_while_it_waits_to_be_reaped():
+    """`cluster down` waits for the processes it stopped to exit: an exited one that its
+    parent has not reaped yet (a zombie) has, and one still running has not."""
+    import sys
+
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        zombie = psutil.Process(done.pid)
+        deadline = time.monotonic() + 30
+        while zombie.status() != psutil.STATUS_ZOMBIE:  # exited, not reaped: it is our child
+            assert time.monotonic() < deadline, "the child never exited"
+            time.sleep(0.05)
+        assert local_cluster._exited(zombie)
+        assert not local_cluster._exited(psutil.Process(running.pid))
+    finally:
+        running.kill()
+        running.wait()
+        done.wait()
+    assert local_cluster._exited(zombie)  # reaped: no such process
