@@ -517,7 +517,7 @@ def worker_start_timeout(cfg: dict[str, Any]) -> int:
     return 60 if cluster.get("min_nodes") is not None else 300
 
 
-def job_env(cfg: dict[str, Any], server: JobServer) -> dict[str, str]:
+def job_env(cfg: dict[str, Any], server: JobServer, job: str = "train") -> dict[str, str]:
     """Environment every job gets (see docs/orchestration.md for why each is set)."""
     # Worker prints go straight to the job log, not through Ray Train V2's logger.
     env = {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
@@ -529,6 +529,10 @@ def job_env(cfg: dict[str, Any], server: JobServer) -> dict[str, str]:
            # autoscaler adds nodes, or while a sweep's stopped trial still holds its CPUs; a
            # request that can never fit is refused before submitting (check_resources).
            WORKER_START_ENV: os.environ.get(WORKER_START_ENV, str(worker_start_timeout(cfg)))}
+    if job == "prepare":
+        # Writing and merging stores runs no numba code, but `import ffcv` compiles a typed
+        # dict (seconds of one core) in the driver and in every shard task: not needed.
+        env["NUMBA_DISABLE_JIT"] = "1"
     if server.local is not None:
         env["DENSENET_PIPE_WORKDIR"] = os.getcwd()
     tracking = cfg.get("tracking")
@@ -575,7 +579,7 @@ def _submit_package(server: JobServer, job: str, cfg: dict[str, Any], package: P
     entrypoint = f"{server.python} -m jobs.{job} --config {package.config_path}"
     metadata = {"densenet_pipe_job": job, "config_digest": config_digest(cfg),
                 "command": f"densenet-pipe {job}"}
-    return server.submit(entrypoint, {"working_dir": uri, "env_vars": job_env(cfg, server)},
+    return server.submit(entrypoint, {"working_dir": uri, "env_vars": job_env(cfg, server, job)},
                          metadata, job_id, driver_fit(server, driver))
 
 

@@ -53,6 +53,17 @@ def cluster_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def nodes_env() -> dict[str, str]:
+    """What the tests' Ray nodes run with: no numba compiling. FFCV's pipeline runs as plain
+    Python (the same images), and `import ffcv` skips the typed-dict compile it does at import
+    (~6 s of one core per process here). Every job's driver and workers import ffcv, on 2
+    cores, so this is most of a job's start; the in-process loader tests keep the compiled
+    path, so both are tested."""
+    from pipeline.data.loaders import JIT_ENV
+
+    return {JIT_ENV: "0", "NUMBA_DISABLE_JIT": "1"}
+
+
 @pytest.fixture(scope="session")
 def cli() -> Callable[..., Result]:
     runner = CliRunner()
@@ -60,7 +71,14 @@ def cli() -> Callable[..., Result]:
     def invoke(*args: str, input: str | None = None) -> Result:
         from pipeline.cli import app
 
-        return runner.invoke(app, [str(a) for a in args], input=input)
+        args = tuple(str(a) for a in args)
+        if args[:2] == ("cluster", "up"):
+            # The nodes it starts inherit this process's environment.
+            with pytest.MonkeyPatch.context() as mp:
+                for name, value in nodes_env().items():
+                    mp.setenv(name, value)
+                return runner.invoke(app, list(args), input=input)
+        return runner.invoke(app, list(args), input=input)
 
     return invoke
 
@@ -70,13 +88,7 @@ def ray_cluster(cluster_dir: Path, cli: Callable[..., Result]):
     """A running 3-node local cluster (1 CPU per node) shared by the session."""
     from pipeline import local_cluster
 
-    from pipeline.data.loaders import JIT_ENV
-
-    # The nodes' workers decode without numba's per-process compile (~19 s a worker start
-    # here); in-process loader tests keep it, so both paths are tested.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(JIT_ENV, "0")
-        result = cli("cluster", "up", "--nodes", "3", "--cpus-per-node", "1")
+    result = cli("cluster", "up", "--nodes", "3", "--cpus-per-node", "1")  # nodes_env()
     assert result.exit_code == 0, result.output
     cluster = local_cluster.running(cluster_dir)
     assert cluster is not None and len(cluster.alive()) == 3

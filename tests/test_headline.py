@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import nodes_env
 from fixtures_data import make_ilsvrc
 from pipeline import local_cluster
-from pipeline.data.loaders import JIT_ENV
 
 pytestmark = [pytest.mark.ray, pytest.mark.ffcv]
 
@@ -50,10 +50,10 @@ def test_the_headline_commands_work_as_written(tmp_path):
     make_ilsvrc(tmp_path / "ilsvrc", per_class=90, messy=False, sides=(32, 40))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "DENSENET_PIPE_SOURCES"))}
     env.pop("DENSENET_PIPE_STORE_ROOT", None)
-    # The nodes decode without numba's per-process compile (as the shared test cluster's do):
-    # 4 workers compiling on 2 cores is most of this test's time otherwise, and it tests
-    # nothing the loader tests do not.
-    env.update({JIT_ENV: "0", "XDG_CONFIG_HOME": str(tmp_path / "config"),
+    # The nodes run without numba compiling, as the shared test cluster's do (conftest's
+    # nodes_env): 4 workers compiling on 2 cores is most of this test's time otherwise, and
+    # it tests nothing the loader tests do not.
+    env.update({**nodes_env(), "XDG_CONFIG_HOME": str(tmp_path / "config"),
                 local_cluster.CLUSTER_DIR_ENV: str(Path(env[local_cluster.CLUSTER_DIR_ENV]) / "headline")})
     cluster_dir = Path(env[local_cluster.CLUSTER_DIR_ENV])
 

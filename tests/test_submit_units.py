@@ -25,6 +25,14 @@ def test_job_env_never_carries_the_wandb_key(monkeypatch, mode, expected):
     assert job_env({}, JobServer("http://127.0.0.1:1"))["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "900"
 
 
+def test_only_prepare_jobs_run_without_numba():
+    # Training decodes with numba-compiled FFCV pipelines; prepare only writes and merges.
+    server = JobServer("http://127.0.0.1:1")
+    assert job_env({}, server, "prepare")["NUMBA_DISABLE_JIT"] == "1"
+    for job in ("train", "sweep", "evaluate", "predict"):
+        assert "NUMBA_DISABLE_JIT" not in job_env({}, server, job), job
+
+
 def test_streamed_job_lines_lose_their_control_characters():
     from pipeline.submit import _Lines
 
