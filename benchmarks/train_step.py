@@ -23,10 +23,11 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 
-def torchvision_same_arch(num_classes: int = 10) -> nn.Module:
+def torchvision_same_arch(num_classes: int = 10, block_config: tuple[int, ...] = (16, 16, 16)) -> nn.Module:
+    """torchvision's DenseNet as a CIFAR DenseNet-BC with k 12 (BC-100 by default)."""
     import torchvision
 
-    net = torchvision.models.DenseNet(growth_rate=12, block_config=(16, 16, 16), num_init_features=24,
+    net = torchvision.models.DenseNet(growth_rate=12, block_config=block_config, num_init_features=24,
                                       bn_size=4, drop_rate=0.0, num_classes=num_classes)
     net.features.conv0 = nn.Conv2d(3, 24, kernel_size=3, padding=1, bias=False)
     net.features.norm0 = nn.Identity()
