@@ -36,26 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from prepare_nodes import cpu_name  # noqa: E402
+from ray_overhead import make_store  # noqa: E402
+
 CLI = [str(Path(sys.executable).with_name("densenet-pipe"))]
 BATCH = 64
-
-
-def cpu_name() -> str:
-    try:
-        return next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
-
-
-def make_store(folder: Path, train: int, val: int) -> Path:
-    from pipeline.data.prepare import prepare
-    from pipeline.data.prepare_config import PrepareConfig
-
-    out = folder / "store"
-    prepare(PrepareConfig.from_dict({"dataset": "synthetic", "out": str(out), "workers": 2,
-                                     "synthetic": {"train_size": train, "val_size": val}}),
-            log=lambda _line: None)
-    return out
 
 
 def preload(store: Path):
@@ -137,7 +122,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="dp-e2e-", dir="/tmp"))
     load_before = os.getloadavg()[0]
     try:
-        store = make_store(folder, args.train, args.val)
+        store = Path(make_store(folder, args.train, args.val))
         start = time.perf_counter()
         plain = plain_loop(store, args.epochs, threads=2)
         plain_total = time.perf_counter() - start

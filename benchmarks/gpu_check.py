@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -34,6 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from prepare_nodes import cpu_name  # noqa: E402
 
 ANCHOR_3090 = 914.0  # timm DenseNet-121, AMP + channels_last, RTX 3090 (img/s)
 
@@ -160,11 +162,7 @@ def main() -> int:
 
     gpu = torch.cuda.is_available()
     name = torch.cuda.get_device_name(0) if gpu else "none"
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     print(f"GPU: {name}; CPU: {cpu}; torch {torch.__version__}", flush=True)
     no_gpu = "no CUDA GPU here (torch.cuda.is_available() is False)"
     if not gpu:

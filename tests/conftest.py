@@ -71,14 +71,13 @@ def cli() -> Callable[..., Result]:
     def invoke(*args: str, input: str | None = None) -> Result:
         from pipeline.cli import app
 
-        args = tuple(str(a) for a in args)
-        if args[:2] == ("cluster", "up"):
-            # The nodes it starts inherit this process's environment.
-            with pytest.MonkeyPatch.context() as mp:
+        args = [str(a) for a in args]
+        with pytest.MonkeyPatch.context() as mp:
+            if args[:2] == ["cluster", "up"]:
+                # The nodes it starts inherit this process's environment.
                 for name, value in nodes_env().items():
                     mp.setenv(name, value)
-                return runner.invoke(app, list(args), input=input)
-        return runner.invoke(app, list(args), input=input)
+            return runner.invoke(app, args, input=input)
 
     return invoke
 
