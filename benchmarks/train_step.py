@@ -1,12 +1,15 @@
 """Training-step throughput of DenseNet-BC-100-k12 at 32x32 on this CPU, against torchvision.
 
     .venv/bin/python benchmarks/train_step.py                 # batch 64, 2 threads
-    .venv/bin/python benchmarks/train_step.py --compile       # adds torch.compile (minutes)
+    .venv/bin/python benchmarks/train_step.py --compile       # adds torch.compile (minutes cold)
     .venv/bin/python benchmarks/train_step.py --profile       # where a step's time goes, per dtype
 
 Baseline, measured in the same run: torchvision's DenseNet built to the same architecture
 (its ImageNet stem swapped for the CIFAR 3x3 conv, so the parameter counts are equal), fp32.
 Each variant: forward + backward + SGD step on a fixed batch, best of --steps after warm-up.
+With --compile, the step a long `--amp auto` run takes (`pipeline.train.compiling.decide`:
+compiled bf16 + channels_last on CPUs with native bf16 kernels), its compile time, and its
+gradients against fp32's on the same weights and batch.
 """
 
 from __future__ import annotations
@@ -64,6 +67,29 @@ def time_steps(model: nn.Module, batch: int, steps: int, dtype, channels_last: b
     return batch / best
 
 
+def gradient_agreement(model: nn.Module, dtype, channels_last: bool, batch: int) -> tuple[float, float]:
+    """Cosine similarity and relative L2 error of `model`'s whole gradient under `dtype`
+    against an fp32 eager copy's, same weights, same batch (BatchNorm in train mode)."""
+    import copy
+
+    reference = copy.deepcopy(getattr(model, "_orig_mod", model)).float()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
+
+    def flat_grad(net, ctx, inputs):
+        net.zero_grad(set_to_none=True)
+        with ctx:
+            loss = nn.functional.cross_entropy(net(inputs).float(), y)
+        loss.backward()
+        return torch.cat([p.grad.flatten().float() for p in getattr(net, "_orig_mod", net).parameters()])
+
+    ref = flat_grad(reference, contextlib.nullcontext(), x)
+    inputs = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    got = flat_grad(model, torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext(), inputs)
+    cos = torch.nn.functional.cosine_similarity(ref, got, dim=0).item()
+    return cos, ((got - ref).norm() / ref.norm()).item()
+
+
 def matmul_gflops(dtype, n: int = 1024, repeats: int = 10) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
@@ -108,21 +134,36 @@ def main() -> None:
                      ("ours, bf16 autocast + channels_last", torch.bfloat16, True)]
     for name, dtype, cl in variants:
         rows.append((name, time_steps(ours(), a.batch, a.steps, dtype, cl)))
-    compile_s = None
+    compile_s, agreement = None, None
     if a.compile:
+        from pipeline.train import amp, compiling
+
+        dtype = amp.resolve_dtype("auto", torch.device("cpu"))
+        decision = compiling.decide("auto", torch.device("cpu"), dtype, compiling.MIN_STEPS)
+        name = f"ours, {'bf16 autocast' if dtype else 'fp32'} + channels_last, compiled"
+        compiled = torch.compile(ours()).to(memory_format=torch.channels_last)
         start = time.perf_counter()
-        compiled = torch.compile(ours())
-        time_steps(compiled, a.batch, 0, None, False)  # compiles on the first calls
+        time_steps(compiled, a.batch, 0, dtype, True)  # compiles on the first calls
         compile_s = time.perf_counter() - start
-        rows.append(("ours, fp32, compiled", time_steps(compiled, a.batch, a.steps, None, False)))
+        rows.append((name, time_steps(compiled, a.batch, a.steps, dtype, True)))
+        # bf16's own yardstick: the same weights run eagerly under the same autocast.
+        eager = getattr(compiled, "_orig_mod", compiled)
+        agreement = (name, *gradient_agreement(compiled, dtype, True, a.batch),
+                     *gradient_agreement(eager, dtype, True, a.batch))
     base = rows[0][1]
     print(f"DenseNet-BC-100-k12, 32x32, batch {a.batch}, {a.threads} threads, best of {a.steps} steps; "
           f"native bf16 kernels: {cpu_has_fast_bf16()}")
-    print(f"{'variant':<40}{'img/s':>9}{'vs baseline':>13}")
+    print(f"{'variant':<50}{'img/s':>9}{'vs baseline':>13}")
     for name, ips in rows:
-        print(f"{name:<40}{ips:>9.1f}{ips / base:>12.2f}x")
+        print(f"{name:<50}{ips:>9.1f}{ips / base:>12.2f}x")
     if compile_s is not None:
-        print(f"torch.compile: {compile_s:.0f} s to compile (first steps)")
+        print(f"a long --amp auto run here: {decision.line()}")
+        print(f"torch.compile: {compile_s:.0f} s for the first steps (compiling, or loading "
+              "Inductor's on-disk cache of an earlier run)")
+    if agreement is not None:
+        print(f"whole gradient vs fp32 eager, same weights and batch: compiled cosine "
+              f"{agreement[1]:.4f}, relative L2 error {agreement[2]:.3f}; the same autocast run "
+              f"eagerly: cosine {agreement[3]:.4f}, relative L2 error {agreement[4]:.3f}")
     print("1024x1024 matmul GFLOP/s: " + ", ".join(
         f"{name} {matmul_gflops(dt):.1f}" for name, dt in
         (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16))))

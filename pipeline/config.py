@@ -116,7 +116,9 @@ class ScheduleSection:
 class TrainSection:
     epochs: int = 300
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-    compile: bool = False
+    # torch.compile the net: auto compiles long bf16 runs on CPUs with native bf16 kernels
+    # (`pipeline.train.compiling.decide`).
+    compile: Literal["auto", "on", "off"] = "auto"
     seed: int = 0
     # Continue the run named cluster.run_name from its latest checkpoint, with its own saved
     # config; resume_changes lists the keys the user gave (see runs.resume_config).

@@ -116,6 +116,10 @@ def test_train_dry_run_resolves_recipe_flags_and_sets(tmp_path, tiny_store, monk
     assert cfg["cluster"]["run_name"].startswith("densenet169-")
     r = runner.invoke(app, ["train", "densenet_bc100_k12", "--data", str(tiny_store), "--dry-run"])
     assert json.loads(r.stdout)["train"]["epochs"] == 300
+    assert json.loads(r.stdout)["train"]["compile"] == "auto"
+    for flag, mode in (("--compile", "on"), ("--no-compile", "off")):
+        r = runner.invoke(app, ["train", "densenet_bc100_k12", "--data", str(tiny_store), flag, "--dry-run"])
+        assert json.loads(r.stdout)["train"]["compile"] == mode
     r = runner.invoke(app, ["train", "densenet_bc100_k12", "--dry-run"])
     assert r.exit_code == 2 and "pass --data STORE" in r.stderr
     r = runner.invoke(app, ["train", "densenet_bc100_k12", "--data", str(tiny_store), "--set",

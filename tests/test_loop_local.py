@@ -156,3 +156,17 @@ def test_progressive_resizing_follows_the_ramp_epoch_by_epoch(tmp_path, capsys):
     assert seen == [32] * steps + [48] * steps + [64] * steps
     out = capsys.readouterr().out
     assert "epoch 2/3: training at 48 px (progressive resizing" in out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_compiled_run_learns_and_checkpoints_a_plain_state_dict(store, tmp_path, capsys):
+    """`--compile`: Inductor's graphs train the net (minutes of compiling on 2 cores, hence
+    slow), and the checkpoint holds the net's own keys, not the compiled wrapper's."""
+    _run(store, tmp_path / "compiled", **{"train.compile": "on", "train.epochs": 2})
+    out = capsys.readouterr().out
+    assert "torch.compile on (--compile)" in out
+    assert "torch.compile: the first step took" in out
+    state = checkpoint.load(tmp_path / "compiled")
+    assert state["history"][-1]["val_top1_error"] < 0.5  # chance is 0.9
+    assert not [k for k in state["model"] if "_orig_mod" in k or k.startswith("module.")]

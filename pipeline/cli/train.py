@@ -82,7 +82,7 @@ def train(
     drop_rate: Annotated[Optional[float], typer.Option(help="Dropout after each conv.")] = None,
     amp: Annotated[Optional[str], typer.Option(help="auto, bf16, fp16 or off.")] = None,
     memory_efficient: Annotated[Optional[bool], typer.Option("--memory-efficient/--no-memory-efficient")] = None,
-    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model (default: auto, on for long bf16 runs on CPUs with native bf16).")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Checkpoints and results: folder or URI.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Run name (default: model and start time).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue the run NAME from its latest checkpoint.")] = None,

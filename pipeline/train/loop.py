@@ -33,7 +33,7 @@ from .. import runs, storage
 from ..config import Config
 from ..models.densenet import build
 from ..tracking import RemoteTracker, Tracker
-from . import amp, checkpoint, mix, optim
+from . import amp, checkpoint, compiling, mix, optim
 from .ema import WeightEMA
 from .metrics import Tally
 
@@ -302,7 +302,7 @@ def hold(path: str, epoch: int, device: torch.device, say, poll_s: float = 1.0) 
 
 
 def train_one_epoch(net: nn.Module, parts: Parts, loader, cfg: Config, epoch: int, device: torch.device,
-                    world: int, say, tracker) -> tuple[Tally, float]:
+                    world: int, say, tracker, on_first_step=None) -> tuple[Tally, float]:
     """One pass over this rank's shard; returns its tally (this rank only) and the seconds.
 
     Each optimizer step takes `optim.accumulate` loader batches (gradients summed, DDP
@@ -340,6 +340,8 @@ def train_one_epoch(net: nn.Module, parts: Parts, loader, cfg: Config, epoch: in
             parts.scaler.scale(loss / accumulate).backward()
         tally.add(logits.detach(), targets.argmax(1) if mix.active(cfg.data) else labels,
                   loss_value * labels.shape[0])
+        if micro == 0 and on_first_step is not None:
+            on_first_step(time.perf_counter() - t0)
         if not last:
             continue
         for p in frozen:
@@ -465,7 +467,12 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
             parts.model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.train.compile:
+    compiled = compiling.decide(cfg.train.compile, device, parts.dtype, parts.steps * cfg.train.epochs)
+    say(compiled.line())
+    val_net = net
+    if compiled.compile:
+        # Validation stays eager: eval mode and the short last batch would each be a graph
+        # of their own to compile, for a few seconds of work an epoch.
         net = torch.compile(net)
 
     tracker = _open_tracker(cfg, loop_config, primary, manifest)
@@ -493,9 +500,15 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
                     f"{cfg.data.start_ramp + 1}-{cfg.data.end_ramp})")
             res_before = res
         t0 = time.perf_counter()
-        mine, train_time = train_one_epoch(net, parts, train_loader, cfg, epoch, device, world, say, tracker)
+        first = None
+        if compiled.compile and epoch == start_epoch:
+            def first(seconds: float) -> None:
+                say(f"torch.compile: the first step took {seconds:.1f} s (compiling, or loading "
+                    "the graphs from Inductor's cache on this node)")
+        mine, train_time = train_one_epoch(net, parts, train_loader, cfg, epoch, device, world, say,
+                                           tracker, on_first_step=first)
         trained = mine.reduced(device)
-        val = validate(net, val_loader, val_mine, device, parts.dtype).reduced(device)
+        val = validate(val_net, val_loader, val_mine, device, parts.dtype).reduced(device)
         averaged = {}
         if parts.ema is not None:
             v = validate(parts.ema.module, val_loader, val_mine, device, parts.dtype).reduced(device)
