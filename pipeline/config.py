@@ -397,14 +397,16 @@ def validate(cfg: Config) -> Config:
         (not (t.sync_bn and not c.use_gpu),
          "train.sync_bn needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only): drop --sync-bn on CPUs"),
     ]
-    if s.milestone_unit == "fraction":
-        checks.append((all(0 < m < 1 for m in s.milestones),
-                       "schedule.milestones must be fractions in (0, 1) with milestone_unit=fraction"))
-    else:
-        checks.append((all(0 < m <= t.epochs for m in s.milestones),
-                       f"schedule.milestones {s.milestones} must be epochs in (0, {t.epochs}]: set "
-                       "schedule.milestones or use schedule.milestone_unit=fraction"))
-    checks.append((list(s.milestones) == sorted(s.milestones), "schedule.milestones must increase"))
+    if s.kind == "step":
+        # Only the step schedule reads milestones: a cosine run of 3 epochs keeps the recipe's.
+        if s.milestone_unit == "fraction":
+            checks.append((all(0 < m < 1 for m in s.milestones),
+                           "schedule.milestones must be fractions in (0, 1) with milestone_unit=fraction"))
+        else:
+            checks.append((all(0 < m <= t.epochs for m in s.milestones),
+                           f"schedule.milestones {s.milestones} must be epochs in (0, {t.epochs}]: set "
+                           "schedule.milestones or use schedule.milestone_unit=fraction"))
+        checks.append((list(s.milestones) == sorted(s.milestones), "schedule.milestones must increase"))
     checks.append((not (cfg.sweep.name and c.min_nodes is not None),
                    "a sweep's trials each hold a fixed number of nodes: give sweep --nodes N, not MIN-MAX"))
     for ok, message in checks:

@@ -86,6 +86,16 @@ def test_validation_refuses_impossible_configs(overrides, message):
         C.validate(C.apply_overrides(C.load_recipe("cifar"), overrides))
 
 
+def test_milestones_bind_only_the_step_schedule():
+    # The imagenet recipe's milestones are epochs 30 and 60: a 3-epoch step run cannot use
+    # them, a 3-epoch cosine or constant run does not read them.
+    short = ["train.epochs=3", "model.num_classes=10"]
+    with pytest.raises(C.ConfigError, match="must be epochs in"):
+        C.validate(C.apply_overrides(C.load_recipe("imagenet"), short))
+    for kind in ("cosine", "constant", "linear"):
+        C.validate(C.apply_overrides(C.load_recipe("imagenet"), short + [f"schedule.kind={kind}"]))
+
+
 def test_recipe_files_and_errors(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("model:\n  name: densenet40_k12\ntrain:\n  epochs: 7\n")
