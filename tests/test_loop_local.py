@@ -170,3 +170,12 @@ def test_a_compiled_run_learns_and_checkpoints_a_plain_state_dict(store, tmp_pat
     state = checkpoint.load(tmp_path / "compiled")
     assert state["history"][-1]["val_top1_error"] < 0.5  # chance is 0.9
     assert not [k for k in state["model"] if "_orig_mod" in k or k.startswith("module.")]
+
+
+@pytest.mark.parametrize("cpus, asked, decoding", [(1.0, 2, 1), (2.0, 2, 2), (2.0, 8, 2), (8.0, 4, 4), (0.5, 2, 1)])
+def test_a_worker_decodes_on_at_most_its_own_cpus(cpus, asked, decoding):
+    from pipeline.train.loop import worker_data
+
+    cfg = C.apply_overrides(C.Config(), {"cluster.cpus_per_worker": cpus, "data.loader_workers": asked})
+    assert worker_data(cfg).loader_workers == decoding
+    assert worker_data(cfg).store == cfg.data.store  # the rest of the section is the user's

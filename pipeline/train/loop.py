@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import runs, storage
-from ..config import Config
+from ..config import Config, DataSection
 from ..models.densenet import build
 from ..tracking import RemoteTracker, Tracker
 from . import amp, checkpoint, compiling, mix, optim
@@ -407,6 +407,18 @@ def checkpoint_state(parts: Parts, epoch: int, history: list, cfg: Config, spec,
     }
 
 
+def worker_cpus(cfg: Config) -> int:
+    return max(1, round(cfg.cluster.cpus_per_worker))
+
+
+def worker_data(cfg: Config) -> DataSection:
+    """The data section a worker loads with: FFCV decodes on numba threads that spin while
+    they wait for work, and more of them than the CPUs Ray gave the worker starve its compute
+    (2 on a 1-CPU node made every step 3.5x slower, benchmarks/end_to_end.py), so a worker
+    decodes on at most its own CPUs."""
+    return dataclasses.replace(cfg.data, loader_workers=min(cfg.data.loader_workers, worker_cpus(cfg)))
+
+
 def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) -> None:
     from ..data.loaders import make_loader, ramp_resolution, set_train_resolution
     from ..data.staging import local_copy
@@ -417,8 +429,10 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
     primary = rank == 0
     say = _say if primary else (lambda _line: None)
     device = session.device
+    cpus = worker_cpus(cfg)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, round(cfg.cluster.cpus_per_worker)))
+        torch.set_num_threads(cpus)
+    data_cfg = worker_data(cfg)
     elastic = cfg.cluster.min_nodes is not None
     node_ids = check_placement(session, cfg.cluster.nodes, elastic)
     # The batch and lr hold for the full size; an elastic run with fewer workers keeps each
@@ -430,11 +444,14 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
     # The driver checked the store (or each node its staged copy): no rank hashes it again.
     store = local_copy(cfg.data.store, loop_config.get("manifest_sha256", ""), cfg.data, say)
     train_loader, manifest = make_loader(
-        store, "train", per_worker, cfg.data, distributed=world > 1,
+        store, "train", per_worker, data_cfg, distributed=world > 1,
         seed=cfg.train.seed, channels_last=cfg.data.channels_last, verify=False)
     val_loader, _ = make_loader(
-        store, "val", per_worker, cfg.data, distributed=world > 1,
+        store, "val", per_worker, data_cfg, distributed=world > 1,
         seed=cfg.train.seed, channels_last=cfg.data.channels_last, verify=False)
+    if data_cfg.loader_workers < cfg.data.loader_workers:
+        say(f"data.loader_workers {cfg.data.loader_workers} -> {data_cfg.loader_workers}: "
+            f"a worker decodes on at most its {cpus} CPU(s) (cluster.cpus_per_worker)")
     # Building an FFCV Loader sets torch's thread count to its worker count.
     torch.set_num_threads(threads_before)
     val_total = manifest.splits["val"].count
