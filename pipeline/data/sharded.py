@@ -147,6 +147,7 @@ def write_splits_sharded(cfg: PrepareConfig, src: Source, settings: WriteSetting
     out: dict[str, tuple[int, dict[int, str], list[dict], np.ndarray]] = {}
     try:
         heads = [get(i, next(gen)) for i, gen in enumerate(gens)]
+        log(f"{len(heads)} shards written; merging them in order")
         for name in names:
             parts = [(i, h["splits"][name]) for i, h in enumerate(heads) if name in h["splits"]]
             merge_betons(tmp / f"{name}.beton",
