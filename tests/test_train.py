@@ -69,6 +69,21 @@ def test_tiny_ddp_run_learns_on_two_nodes(trained):
     assert json.loads((folder / "config.json").read_text())["cluster"]["nodes"] == 2
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_compiled_ddp_run_trains_on_two_nodes(ray_cluster, cli, store, runs):
+    """`--compile` under DDP over gloo: each worker compiles its own graphs (minutes of
+    compiling on 2 cores, hence slow); the checkpoint keeps the net's own keys."""
+    r = cli("train", "densenet_simple", "--data", store, "--storage", runs, "--name", "compiled",
+            "--epochs", "2", "--compile", "--set", "data.augment=false", *TRAIN[:-2], "--wandb", "off")
+    assert r.exit_code == 0, r.output
+    assert "torch.compile on (--compile)" in r.output and "torch.compile: the first step took" in r.output
+    history = json.loads((runs / "compiled" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2] and history[-1]["val_top1_error"] < 0.6
+    state = checkpoint.load(runs / "compiled")
+    assert not [k for k in state["model"] if "_orig_mod" in k or k.startswith("module.")]
+
+
 @pytest.mark.timeout(600)
 def test_checkpoint_is_self_describing_and_placed_on_two_nodes(trained, store):
     folder, _ = trained
