@@ -173,9 +173,11 @@ def test_a_compiled_run_learns_and_checkpoints_a_plain_state_dict(store, tmp_pat
 
 
 @pytest.mark.parametrize("cpus, asked, decoding", [(1.0, 2, 1), (2.0, 2, 2), (2.0, 8, 2), (8.0, 4, 4), (0.5, 2, 1)])
-def test_a_worker_decodes_on_at_most_its_own_cpus(cpus, asked, decoding):
+def test_a_cpu_worker_decodes_on_at_most_its_own_cpus(cpus, asked, decoding):
     from pipeline.train.loop import worker_data
 
     cfg = C.apply_overrides(C.Config(), {"cluster.cpus_per_worker": cpus, "data.loader_workers": asked})
-    assert worker_data(cfg).loader_workers == decoding
-    assert worker_data(cfg).store == cfg.data.store  # the rest of the section is the user's
+    assert worker_data(cfg, torch.device("cpu")).loader_workers == decoding
+    assert worker_data(cfg, torch.device("cpu")).store == cfg.data.store  # the rest is the user's
+    # A GPU worker's compute is on the GPU: it decodes on the threads it was given.
+    assert worker_data(cfg, torch.device("cuda", 0)).loader_workers == asked

@@ -411,11 +411,14 @@ def worker_cpus(cfg: Config) -> int:
     return max(1, round(cfg.cluster.cpus_per_worker))
 
 
-def worker_data(cfg: Config) -> DataSection:
-    """The data section a worker loads with: FFCV decodes on numba threads that spin while
-    they wait for work, and more of them than the CPUs Ray gave the worker starve its compute
-    (2 on a 1-CPU node made every step 3.5x slower, benchmarks/end_to_end.py), so a worker
-    decodes on at most its own CPUs."""
+def worker_data(cfg: Config, device: torch.device) -> DataSection:
+    """The data section a worker loads with. FFCV decodes on numba threads that spin while
+    they wait for work: on a CPU worker, more of them than the CPUs Ray gave it starve its
+    compute (2 on a 1-CPU node made every step 3.5x slower, benchmarks/end_to_end.py), so a
+    CPU worker decodes on at most its own CPUs. A GPU worker computes elsewhere and keeps
+    the threads it was given (FFCV's ImageNet recipes decode on 8-12 a GPU)."""
+    if device.type != "cpu":
+        return cfg.data
     return dataclasses.replace(cfg.data, loader_workers=min(cfg.data.loader_workers, worker_cpus(cfg)))
 
 
@@ -432,7 +435,7 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
     cpus = worker_cpus(cfg)
     if device.type == "cpu":
         torch.set_num_threads(cpus)
-    data_cfg = worker_data(cfg)
+    data_cfg = worker_data(cfg, device)
     elastic = cfg.cluster.min_nodes is not None
     node_ids = check_placement(session, cfg.cluster.nodes, elastic)
     # The batch and lr hold for the full size; an elastic run with fewer workers keeps each
@@ -451,7 +454,7 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
         seed=cfg.train.seed, channels_last=cfg.data.channels_last, verify=False)
     if data_cfg.loader_workers < cfg.data.loader_workers:
         say(f"data.loader_workers {cfg.data.loader_workers} -> {data_cfg.loader_workers}: "
-            f"a worker decodes on at most its {cpus} CPU(s) (cluster.cpus_per_worker)")
+            f"a CPU worker decodes on at most its {cpus} CPU(s) (cluster.cpus_per_worker)")
     # Building an FFCV Loader sets torch's thread count to its worker count.
     torch.set_num_threads(threads_before)
     val_total = manifest.splits["val"].count
