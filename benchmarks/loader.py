@@ -142,7 +142,7 @@ def main() -> None:
             out = work / f"store{len(rows)}"
             rate = _prepare(PrepareConfig(dataset="imagefolder", source=str(folder), out=str(out),
                                           workers=args.workers, **kw))
-            fast = _ffcv(out, args.workers, 32, args.epochs, resolution=224, channels_last=True)
+            fast = _ffcv(out, args.workers, 32, args.epochs, resolution=224)
             rows.append(("JPEG 300-500px RRC 224", f"ffcv {name}", fast, fast / base, f"{rate:,.0f}"))
     finally:
         shutil.rmtree(work, ignore_errors=True)

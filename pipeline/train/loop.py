@@ -495,6 +495,10 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
         # of their own to compile, for a few seconds of work an epoch.
         net = torch.compile(net)
 
+    def compile_time(seconds: float) -> None:
+        say(f"torch.compile: the first step took {seconds:.1f} s (compiling, or loading "
+            "the graphs from Inductor's cache on this node)")
+
     tracker = _open_tracker(cfg, loop_config, primary, manifest)
     if primary and tracker.active:
         if parts.init:
@@ -520,13 +524,9 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
                     f"{cfg.data.start_ramp + 1}-{cfg.data.end_ramp})")
             res_before = res
         t0 = time.perf_counter()
-        first = None
-        if compiled.compile and epoch == start_epoch:
-            def first(seconds: float) -> None:
-                say(f"torch.compile: the first step took {seconds:.1f} s (compiling, or loading "
-                    "the graphs from Inductor's cache on this node)")
-        mine, train_time = train_one_epoch(net, parts, train_loader, cfg, epoch, device, world, say,
-                                           tracker, on_first_step=first)
+        mine, train_time = train_one_epoch(
+            net, parts, train_loader, cfg, epoch, device, world, say, tracker,
+            on_first_step=compile_time if compiled.compile and epoch == start_epoch else None)
         trained = mine.reduced(device)
         val = validate(val_net, val_loader, val_mine, device, parts.dtype).reduced(device)
         averaged = {}
