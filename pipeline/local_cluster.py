@@ -353,6 +353,13 @@ def _node_env(token: Path, gpu_slice: list[int] | None) -> dict[str, str]:
         # Job entrypoints that say plain `python` get this venv's interpreter too.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     })
+    # On SIGTERM, `ray start` asks the GCS to drain its node and waits up to this long (30 s
+    # by default, for Ray Serve's proxies) for the node to go idle; an idle node's raylet
+    # then stops itself and its agents. A node holding a detached actor (the autoscaling
+    # coordinator that Ray Train leaves after every job) never goes idle, so every `cluster
+    # down` after a training job waited out the whole 30 s. 2 s is ample for an idle node;
+    # the raylet of a busy one is then stopped by `ray start`. A value the user set is kept.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", str(DRAIN_S))
     if gpu_slice is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_slice))
     return env
@@ -500,32 +507,57 @@ def _exited(proc) -> bool:
         return False
 
 
+# How long a node's `ray start` waits for its node to drain on SIGTERM (see _node_env).
+DRAIN_S = 2
+# How long what a node leaves behind after its `ray start` exited gets to exit on its own.
+ORPHAN_GRACE_S = 3.0
+
+
 def _stop_leftovers(cluster: LocalCluster | None, timeout: float = 45.0) -> list[int]:
-    """SIGTERM each recorded node, then SIGKILL what they started that outlives `timeout`."""
+    """SIGTERM each recorded node, worker nodes before the head, then SIGKILL what they
+    started that outlives `timeout` (or ORPHAN_GRACE_S after the last `ray start` exited)."""
     import psutil
 
     if cluster is None:
         return []
     procs: list[psutil.Process] = []
+    roles: dict[int, str] = {}
     for node in cluster.nodes:
         if not node_alive(node):
             continue
         root = psutil.Process(node.pid)
+        roles[root.pid] = node.role
         with contextlib.suppress(psutil.Error):
             procs += [root, *root.children(recursive=True)]
-    for node in reversed(cluster.nodes):
-        if node_alive(node):
-            with contextlib.suppress(OSError):
-                os.kill(node.pid, signal.SIGTERM)
-    # A process that exited stays a zombie until its parent reaps it: our own children are
-    # reaped here (wait_procs), the raylets' orphaned workers by init whenever it gets to
-    # them. psutil counts a zombie as running, so waiting for zombies to go waited out the
-    # whole timeout on every `cluster down`; exited is what counts.
     deadline = time.monotonic() + timeout
-    alive = procs
-    while alive and time.monotonic() < deadline:
-        psutil.wait_procs(alive, timeout=0.2)
-        alive = [p for p in alive if not _exited(p)]
+
+    def wait(group: list[psutil.Process], until: float) -> list[psutil.Process]:
+        # A process that exited stays a zombie until its parent reaps it: our own children
+        # are reaped here (wait_procs), the raylets' orphaned workers by init whenever it
+        # gets to them. psutil counts a zombie as running, so waiting for zombies to go
+        # waited out the whole timeout on every `cluster down`; exited is what counts.
+        group = [p for p in group if not _exited(p)]
+        while group and time.monotonic() < until:
+            psutil.wait_procs(group, timeout=0.2)
+            group = [p for p in group if not _exited(p)]
+        return group
+
+    # A worker node's `ray start` drains its node through the head's GCS on SIGTERM; with
+    # the head already gone it waits ~30 s for a GCS that will not come back.
+    for heads in (False, True):
+        group = [p for p in procs if p.pid in roles and (roles[p.pid] == "head") == heads]
+        for proc in group:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        wait(group, deadline)
+    # Once every `ray start` has exited, nothing is left to stop what they leave behind: a
+    # raylet that `ray start` had to kill never stopped its agents, which outlive it. Those
+    # get a SIGTERM and ORPHAN_GRACE_S, not the whole timeout.
+    alive = [p for p in procs if not _exited(p)]
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    alive = wait(alive, min(deadline, time.monotonic() + ORPHAN_GRACE_S))
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()

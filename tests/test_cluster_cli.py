@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -85,6 +89,11 @@ def test_grow_then_down_stops_exactly_what_up_started(cli, tmp_path, monkeypatch
         status = json.loads(cli("cluster", "status", "--format", "json").stdout)
         assert len([n for n in status["nodes"] if n["state"] == "ALIVE"]) == 2
         started = _descendants(cluster)
+        # The nodes go down without waiting out Ray's 30 s drain on SIGTERM (which a detached
+        # actor, as Ray Train's autoscaling coordinator is after any job, never ends).
+        for node in cluster.nodes:
+            environ = (Path("/proc") / str(node.pid) / "environ").read_bytes().split(b"\0")
+            assert f"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S={local_cluster.DRAIN_S}".encode() in environ
 
         down = cli("cluster", "down")
         assert down.exit_code == 0, down.output
@@ -144,6 +153,46 @@ def test_a_node_is_known_by_its_start_ticks_not_the_wall_clock():
         proc.kill()
         proc.wait()
     assert not local_cluster.node_alive(node)
+
+
+def test_a_drain_timeout_the_user_set_is_kept(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "12")
+    assert local_cluster._node_env(tmp_path / "token", None)["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] == "12"
+    monkeypatch.delenv("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S")
+    assert local_cluster._node_env(tmp_path / "token", None)["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] == "2"
+
+
+@pytest.mark.timeout(60)
+def test_what_a_stopped_node_leaves_behind_is_stopped_after_it(tmp_path):
+    """A node's `ray start` exits on SIGTERM; a process it started that outlives it and
+    ignores SIGTERM (as a raylet's agents do once the raylet was killed) is killed soon
+    after, not at the end of the timeout (600 s here: the test's own timeout would end first)."""
+    import sys
+
+    child = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True); time.sleep(300)"
+    root = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time; "
+                             f"p = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=sys.stdout); "
+                             f"print(p.pid, flush=True); time.sleep(300)"],
+                            stdout=subprocess.PIPE, text=True)
+    orphan = None
+    try:
+        orphan = int(root.stdout.readline())
+        root.stdout.readline()  # the orphan-to-be has set its SIGTERM handler
+        _, ticks = local_cluster._proc_stat(root.pid)
+        node = local_cluster.Node(role="head", pid=root.pid, started=psutil.Process(root.pid).create_time(),
+                                  log="", ticks=ticks)
+        cluster = local_cluster.LocalCluster(dir=str(tmp_path), dashboard_url="", gcs_address="", python="",
+                                             token_path="", temp_dir="", nodes=[node])
+        stopped = local_cluster._stop_leftovers(cluster, timeout=600)
+        assert sorted(stopped) == sorted([root.pid, orphan])
+        with contextlib.suppress(psutil.NoSuchProcess):
+            assert local_cluster._exited(psutil.Process(orphan))
+    finally:
+        root.kill()
+        root.wait()
+        if orphan is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(orphan, signal.SIGKILL)
 
 
 def test_an_exited_process_counts_as_stopped_while_it_waits_to_be_reaped():
