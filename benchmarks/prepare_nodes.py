@@ -1,6 +1,6 @@
 """`prepare --nodes 2` against `prepare --nodes 1` on the same JPEG folder, in one run.
 
-    .venv/bin/python benchmarks/prepare_nodes.py [--images 24000] [--side 500] [--max-resolution 256]
+    .venv/bin/python benchmarks/prepare_nodes.py [--images 24000] [--side 500] [--max-resolution 256] [--cpu]
 
 Starts its own 2-node local cluster with 1 CPU a node (the project's .cluster/ is left alone),
 writes a folder of real JPEGs (varied sizes around --side px, two classes), and runs
@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -77,13 +78,67 @@ def stored_images(path: Path) -> list[bytes]:
             for p, y in zip(r.metadata["f0"]["data_ptr"].tolist(), r.metadata["f1"].tolist())]
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> float:
+class CpuSampler:
+    """CPU seconds (user + system) each process of the cluster used while a command ran,
+    sampled every 0.25 s: a process that lives less than that is missed."""
+
+    def __init__(self, cluster: local_cluster.LocalCluster):
+        import psutil
+
+        self.roots = [psutil.Process(n.pid) for n in cluster.nodes]
+        self.before = self._read()
+        self.seen: dict[int, tuple[str, float]] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> dict[int, tuple[str, float]]:
+        import psutil
+
+        out = {}
+        for root in self.roots:
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for p in procs:
+                try:
+                    t = p.cpu_times()
+                    out[p.pid] = (p.name()[:28], t.user + t.system)
+                except psutil.Error:
+                    pass
+        return out
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.seen.update(self._read())
+            time.sleep(0.25)
+
+    def finish(self) -> list[tuple[int, str, float]]:
+        self.stop.set()
+        self.thread.join()
+        used = [(pid, name, cpu - self.before.get(pid, ("", 0.0))[1]) for pid, (name, cpu) in self.seen.items()]
+        return sorted((u for u in used if u[2] > 0.05), key=lambda u: -u[2])
+
+
+def timed(cmd: list[str], env: dict[str, str], cpu: list | None = None) -> float:
+    sampler = CpuSampler(local_cluster.running(Path(env[local_cluster.CLUSTER_DIR_ENV]))) if cpu is not None else None
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     took = time.perf_counter() - start
+    if sampler is not None:
+        cpu.append((took, sampler.finish()))
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     return took
+
+
+def print_cpu(label: str, took: float, used: list[tuple[int, str, float]]) -> None:
+    total = sum(u[2] for u in used)
+    print(f"{label}: {took:.1f} s, the cluster's processes used {total:.1f} CPU s ({total / took:.2f} of a CPU on "
+          f"average); the largest:")
+    for pid, name, cpu in used[:8]:
+        print(f"    {pid:>8}  {name:<28}{cpu:>8.1f} s")
 
 
 def main() -> None:
@@ -92,6 +147,8 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=500, help="typical image side in pixels (ImageNet's)")
     ap.add_argument("--max-resolution", type=int, default=256, help="prepare's --max-resolution")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--cpu", action="store_true",
+                    help="also print the CPU seconds of every cluster process during the last pair")
     args = ap.parse_args()
 
     folder = Path(tempfile.mkdtemp(prefix="dp-bench-", dir="/tmp"))
@@ -106,10 +163,11 @@ def main() -> None:
                        check=True, capture_output=True)
         base = CLI + ["prepare", "imagefolder", "--source", str(source), "--write-mode", "jpg",
                       "--max-resolution", str(args.max_resolution), "--force"]
-        one, two = [], []
+        one, two, cpu = [], [], []
         for r in range(args.repeats):
-            one.append(timed(base + ["--out", str(folder / "one"), "--nodes", "1", "--workers", "1"], env))
-            two.append(timed(base + ["--out", str(folder / "two"), "--nodes", "2"], env))
+            sample = cpu if args.cpu and r == args.repeats - 1 else None
+            one.append(timed(base + ["--out", str(folder / "one"), "--nodes", "1", "--workers", "1"], env, sample))
+            two.append(timed(base + ["--out", str(folder / "two"), "--nodes", "2"], env, sample))
         same = all(stored_images(folder / "one" / f) == stored_images(folder / "two" / f)
                    for f in ("train.beton", "val.beton"))
     finally:
@@ -128,6 +186,8 @@ def main() -> None:
     print(f"(median of {args.repeats}; whole command wall time; the two stores' images "
           f"{'are' if same else 'are NOT'} byte-identical, in the same order; 1-min load average {load_before:.1f} "
           f"before, {os.getloadavg()[0]:.1f} after)")
+    for label, (took, used) in zip(("--nodes 1", "--nodes 2"), cpu):
+        print_cpu(label, took, used)
 
 
 if __name__ == "__main__":
