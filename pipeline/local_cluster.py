@@ -22,7 +22,6 @@ import json
 import os
 import secrets
 import stat
-import signal
 import socket
 import subprocess
 import sys
