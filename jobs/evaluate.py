@@ -9,27 +9,39 @@ the result; default: evaluation-<store>-<tta>.json beside the checkpoint).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from jobs import common
 
 
+@dataclass
+class EvaluateConfig:
+    checkpoint: str
+    store: str
+    # Values are checked where they are used, with the flag's name in the error.
+    tta: str = "none"
+    batch_size: int = 128
+    loader_workers: int = 2
+    stage: str = "auto"
+    gpu: bool = False
+    weights: str = "auto"
+    out: str | None = None
+
+
 def run(data: dict[str, Any]) -> None:
     from pipeline import storage
-    from pipeline.errors import UserError
+    from pipeline.parsing import parse_dataclass
     from pipeline.train import checkpoint
     from pipeline.train.evaluate import evaluate
 
-    unknown = set(data) - {"checkpoint", "store", "tta", "batch_size", "loader_workers", "out", "stage", "gpu", "weights"}
-    if unknown or "checkpoint" not in data or "store" not in data:
-        raise UserError(f"evaluate config needs checkpoint and store (unknown keys: {sorted(unknown)})")
-    ckpt = common.resolve_path(data["checkpoint"])
-    store = common.resolve_path(data["store"])
-    result = evaluate(ckpt, store, tta=data.get("tta", "none"), batch_size=int(data.get("batch_size", 128)),
-                      loader_workers=int(data.get("loader_workers", 2)), stage=data.get("stage", "auto"), gpu=bool(data.get("gpu", False)),
-                      weights=data.get("weights", "auto"),
-                      say=lambda line: print(line, flush=True))
-    out = common.resolve_path(data["out"]) if data.get("out") else storage.join(
+    conf = parse_dataclass(EvaluateConfig, data)
+    ckpt = common.resolve_path(conf.checkpoint)
+    store = common.resolve_path(conf.store)
+    result = evaluate(ckpt, store, tta=conf.tta, batch_size=conf.batch_size,
+                      loader_workers=conf.loader_workers, stage=conf.stage, gpu=conf.gpu,
+                      weights=conf.weights, say=lambda line: print(line, flush=True))
+    out = common.resolve_path(conf.out) if conf.out else storage.join(
         storage.parent(checkpoint.find(ckpt)), f"evaluation-{storage.name(store)}-{result['tta']}.json")
     storage.write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"{result['model']} epoch {result['epoch']} ({result['weights']} weights) on {result['dataset']} val ({result['images']} images, "

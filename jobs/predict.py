@@ -13,12 +13,26 @@ image that does not decode is a row with its error.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from jobs import common
 
-KEYS = {"checkpoint", "inputs", "top_k", "batch_size", "actors", "gpu", "split", "format", "out", "weights"}
+
+@dataclass
+class PredictConfig:
+    checkpoint: str
+    inputs: list[str]
+    out: str
+    top_k: int = 5
+    batch_size: int = 64
+    actors: int = 1
+    gpu: bool = False
+    split: str = "val"
+    format: str = "table"
+    weights: str = "auto"
+
 # A store is read in ranges of this many images: one FFCV loader per range.
 STORE_CHUNK = 1024
 
@@ -67,15 +81,15 @@ def run(data: dict[str, Any]) -> None:
     from pipeline.data.staging import display, locate, prestage
     from pipeline.data.store import MANIFEST
     from pipeline.errors import UserError
+    from pipeline.parsing import parse_dataclass
 
-    unknown = set(data) - KEYS
-    if unknown or not data.get("checkpoint") or not data.get("inputs"):
-        raise UserError(f"predict config needs checkpoint and inputs (unknown keys: {sorted(unknown)})")
-    checkpoint = common.resolve_path(data["checkpoint"])
-    inputs = [common.resolve_path(i) for i in data["inputs"]]
-    top_k, batch_size = int(data.get("top_k", 5)), int(data.get("batch_size", 64))
-    fmt, split, gpu = data.get("format", "table"), data.get("split", "val"), bool(data.get("gpu", False))
-    weights = data.get("weights", "auto")
+    conf = parse_dataclass(PredictConfig, data)
+    if not conf.inputs:
+        raise UserError("predict config: inputs is empty: name image files, folders or a store")
+    checkpoint = common.resolve_path(conf.checkpoint)
+    inputs = [common.resolve_path(i) for i in conf.inputs]
+    top_k, batch_size, fmt, split, gpu = conf.top_k, conf.batch_size, conf.format, conf.split, conf.gpu
+    weights = conf.weights
     net = infer.load(checkpoint, weights)  # here first: a checkpoint that is not ours is one line
     one = inputs[0] if len(inputs) == 1 else ""
     store = one if one and (storage.is_uri(one) or (Path(one) / MANIFEST).is_file()) else None
@@ -92,7 +106,7 @@ def run(data: dict[str, Any]) -> None:
         files = infer.image_files(inputs)
         items = [{"order": i, "path": str(p)} for i, p in enumerate(files)]
         what = f"{len(files):,} image(s)"
-    actors = max(1, min(int(data.get("actors") or 1), len(items)))
+    actors = max(1, min(conf.actors, len(items)))
     print(f"predicting {what} with {actors} actor(s) on Ray Data{' (GPUs)' if gpu else ''}", flush=True)
     ray.init(log_to_driver=True)
     if store is not None:
@@ -107,7 +121,7 @@ def run(data: dict[str, Any]) -> None:
         num_cpus=1, num_gpus=1 if gpu else 0)
     rows = [json.loads(r["row"]) for r in sorted(dataset.iter_rows(), key=lambda r: int(r["order"]))]
     text = infer.render(rows, fmt, min(top_k, len(net.classes)))
-    out = Path(common.resolve_path(data["out"]))
+    out = Path(common.resolve_path(conf.out))
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(text + "\n")
     tmp.replace(out)

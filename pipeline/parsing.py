@@ -95,6 +95,10 @@ def parse_dataclass(cls: type, data: Any, prefix: str = "") -> Any:
         raise ConfigError(
             f"unknown key {prefix}{unknown[0]}: {where} takes {', '.join(sorted(known))}"
         )
+    missing = sorted(f.name for f in fields(cls) if f.name not in data
+                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise ConfigError(f"{where} needs {', '.join(prefix + m for m in missing)}")
     kwargs = {}
     for name in known & set(data):
         tp = hints[name]

@@ -5,6 +5,7 @@ and the sweep all apply: torch- and Ray-free, one place each.
     workers_per_node(None, use_gpu=True, gpus=[8, 8])  # -> 8
     per_worker_batch(64, nodes=2, per_node=2)        # -> 16; 64 over 3 is an error, not 63
     check_private_folder(Path("runs/sweep-1"))       # before unpickling Tune's state from it
+    await_placement(alive, nodes=2, demand=lambda shapes: (4, 0))  # or one line naming the fix
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import json
 import os
 import re
 import stat
+import time
 from pathlib import Path
+from typing import Callable
 
 from .errors import UserError
 
@@ -81,6 +84,62 @@ def workers_per_node(requested: int | None, use_gpu: bool, gpus: list[int]) -> i
         return requested
     have = [g for g in gpus if g >= 1]
     return min(have) if use_gpu and have else 1
+
+
+# (CPUs, GPUs) of one alive node, whoever listed it: the job server before submitting, Ray
+# inside the job.
+Shape = tuple[float, float]
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def shapes_text(shapes: list[Shape]) -> str:
+    """`3 x (1 CPU, 0 GPU), 1 x (8 CPU, 1 GPU)`, largest first."""
+    counts: dict[Shape, int] = {}
+    for shape in shapes:
+        counts[shape] = counts.get(shape, 0) + 1
+    return ", ".join(f"{count} x ({_number(cpu)} CPU, {_number(gpu)} GPU)"
+                     for (cpu, gpu), count in sorted(counts.items(), reverse=True)) or "nothing"
+
+
+def await_placement(alive: Callable[[], list[Shape]], nodes: int,
+                    demand: Callable[[list[Shape]], Shape], wait_s: float = 0.0, *,
+                    cluster: str = "the cluster", local: bool = False,
+                    note: Callable[[str], None] | None = None,
+                    sleep: Callable[[float], None] = time.sleep,
+                    clock: Callable[[], float] = time.monotonic) -> list[Shape]:
+    """The alive nodes' shapes once `nodes` of them each hold `demand(shapes)` (CPUs, GPUs a
+    node; it may depend on the nodes, as one worker per GPU does), polling up to `wait_s`
+    seconds for an autoscaler; else UserError naming what is missing and the fix (`local`:
+    the embedded cluster, which `cluster up` grows)."""
+    deadline = clock() + max(0.0, wait_s)
+    waited = False
+    while True:
+        shapes = alive()
+        cpus, gpus = demand(shapes)
+        fit = sum(1 for cpu, gpu in shapes if cpu >= cpus and gpu >= gpus)
+        if fit >= nodes:
+            return shapes
+        if clock() >= deadline:
+            break
+        if not waited and note is not None:
+            note(f"waiting up to {wait_s:g} s for {nodes} node(s) with {_number(cpus)} CPU "
+                 f"and {_number(gpus)} GPU each ({cluster} has {fit}) ...")
+        waited = True
+        sleep(min(2.0, max(0.1, deadline - clock())))
+    wants = f"{nodes} node(s) with {_number(cpus)} CPU and {_number(gpus)} GPU each"
+    if gpus > 0 and not any(gpu for _, gpu in shapes):
+        fix = "train on CPUs (--cpu) or point --address at a cluster with GPUs"
+    elif local:
+        fix = (f"ask for fewer (--nodes), or grow it: `densenet-pipe cluster up --nodes {nodes}"
+               + (f" --cpus-per-node {_number(cpus)}`" if cpus else "`"))
+    else:
+        fix = "ask for fewer (--nodes), or give --wait-for-nodes SECONDS to let it scale up"
+    waited_text = f" after waiting {wait_s:g} s" if wait_s > 0 else ""
+    raise UserError(f"the job needs {wants} but {cluster} has {len(shapes)} node(s): "
+                    f"{shapes_text(shapes)}{waited_text}: {fix}")
 
 
 def parse_nodes(text: str) -> tuple[int | None, int]:

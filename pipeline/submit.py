@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from . import local_cluster
+from . import local_cluster, runs
 from .errors import JobFailed, UserError
 
 # The job server refuses request bodies of 100 MiB (aiohttp's client_max_size); counted on
@@ -450,59 +450,25 @@ def package_working_dir(root: Path, job: str, cfg: dict[str, Any]) -> Package:
     return Package(buffer.getvalue(), len(entries) + 1, total, config_path)
 
 
-def _node_shapes(nodes: list[dict[str, Any]]) -> str:
-    shapes: dict[tuple[float, float], int] = {}
-    for n in nodes:
-        res = n.get("resources_total") or {}
-        key = (res.get("CPU", 0.0), res.get("GPU", 0.0))
-        shapes[key] = shapes.get(key, 0) + 1
-    return ", ".join(f"{count} x ({_fmt(cpu)} CPU, {_fmt(gpu)} GPU)"
-                     for (cpu, gpu), count in sorted(shapes.items(), reverse=True)) or "nothing"
-
-
-def _fmt(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
-
-
 def check_resources(server: JobServer, resources: dict[str, Any],
                     wait_for_nodes: float = 0.0, note: Callable[[str], None] = _note) -> None:
     """Refuse (UserError) unless `nodes` alive nodes each have `cpus_per_node` CPUs and
-    `gpus_per_node` GPUs; with `wait_for_nodes` > 0, poll that long for an autoscaler first.
+    `gpus_per_node` GPUs; with `wait_for_nodes` > 0, poll that long for an autoscaler first
+    (`runs.await_placement`, the rule the job applies again with Ray's node list).
     (`max_nodes`, an elastic run's MAX, only shapes an embedded cluster.)
     """
     unknown = set(resources) - {"nodes", "max_nodes", "cpus_per_node", "gpus_per_node"}
     if unknown:
         raise ValueError(f"unknown resource keys {sorted(unknown)}")
-    need = int(resources.get("nodes", 1))
-    cpus = float(resources.get("cpus_per_node", 0) or 0)
-    gpus = float(resources.get("gpus_per_node", 0) or 0)
-    deadline = time.monotonic() + max(0.0, wait_for_nodes)
-    waited = False
-    while True:
-        alive = [n for n in server.nodes() if n.get("state") == "ALIVE"]
-        fit = [n for n in alive if (n.get("resources_total") or {}).get("CPU", 0) >= cpus
-               and (n.get("resources_total") or {}).get("GPU", 0) >= gpus]
-        if len(fit) >= need:
-            return
-        if time.monotonic() >= deadline:
-            break
-        if not waited:
-            note(f"waiting up to {wait_for_nodes:g} s for {need} node(s) with {_fmt(cpus)} CPU "
-                 f"and {_fmt(gpus)} GPU each (the cluster has {len(fit)}) ...")
-            waited = True
-        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
-    has = f"{len(alive)} node(s): {_node_shapes(alive)}"
-    wants = f"{need} node(s) with {_fmt(cpus)} CPU and {_fmt(gpus)} GPU each"
-    if gpus > 0 and not any((n.get("resources_total") or {}).get("GPU", 0) for n in alive):
-        fix = "train on CPUs (--cpu) or point --address at a cluster with GPUs"
-    elif server.local is not None:
-        fix = (f"ask for fewer (--nodes), or grow it: `densenet-pipe cluster up --nodes {need}"
-               + (f" --cpus-per-node {_fmt(cpus)}`" if cpus else "`"))
-    else:
-        fix = "ask for fewer (--nodes), or give --wait-for-nodes SECONDS to let it scale up"
-    waited_text = f" after waiting {wait_for_nodes:g} s" if wait_for_nodes > 0 else ""
-    raise UserError(f"the job needs {wants} but the cluster at {server.address} has "
-                    f"{has}{waited_text}: {fix}")
+    per_node = (float(resources.get("cpus_per_node", 0) or 0), float(resources.get("gpus_per_node", 0) or 0))
+
+    def alive() -> list[runs.Shape]:
+        return [((n.get("resources_total") or {}).get("CPU", 0.0), (n.get("resources_total") or {}).get("GPU", 0.0))
+                for n in server.nodes() if n.get("state") == "ALIVE"]
+
+    runs.await_placement(alive, int(resources.get("nodes", 1)), lambda _: per_node, wait_for_nodes,
+                         cluster=f"the cluster at {server.address}", local=server.local is not None,
+                         note=note)
 
 
 WORKER_START_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"

@@ -114,3 +114,25 @@ def test_yaml_words_for_choices_and_bools():
     assert cfg.tracking.wandb == "off" and cfg.data.augment is False
     cfg = C.Config.from_dict({"tracking": {"wandb": False}, "data": {"augment": "yes"}})
     assert cfg.tracking.wandb == "off" and cfg.data.augment is True
+
+
+def test_job_configs_name_the_key_that_is_wrong_missing_or_unknown():
+    from jobs.doctor import DoctorConfig
+    from jobs.evaluate import EvaluateConfig
+    from jobs.predict import PredictConfig
+    from pipeline.parsing import ConfigError, parse_dataclass
+
+    conf = parse_dataclass(EvaluateConfig, {"checkpoint": "runs/a", "store": "s3://b/c", "gpu": "yes"})
+    assert (conf.checkpoint, conf.store, conf.gpu, conf.tta, conf.out) == ("runs/a", "s3://b/c", True, "none", None)
+    cases = [
+        (EvaluateConfig, {"store": "x"}, "config needs checkpoint"),
+        (EvaluateConfig, {"checkpoint": "a", "store": "x", "tta2": "flip"}, "unknown key tta2: config takes"),
+        (EvaluateConfig, {"checkpoint": "a", "store": "x", "batch_size": "big"}, "batch_size: expected int, got 'big'"),
+        (PredictConfig, {"checkpoint": "a"}, "config needs inputs, out"),
+        (PredictConfig, {"checkpoint": "a", "inputs": "img.png", "out": "o"}, "inputs: expected a list, got 'img.png'"),
+        (DoctorConfig, {"bogus": 1}, "unknown key bogus: config takes burn_in_s, quick, timeout_s"),
+    ]
+    for cls, data, message in cases:
+        with pytest.raises(ConfigError) as e:
+            parse_dataclass(cls, data)
+        assert str(e.value).startswith(message), (cls.__name__, str(e.value))

@@ -102,3 +102,68 @@ def test_a_checkpoint_meets_only_a_store_with_its_classes_by_name_and_order():
         runs.check_checkpoint_classes(3, ["cat", "dog", "fox"], ["cat", "dog"], "s")
     with pytest.raises(UserError, match="class 1 is 'dog' but store s calls it 'fox'"):
         runs.check_checkpoint_classes(3, ["cat", "dog", "fox"], ["cat", "fox", "dog"], "s")
+
+
+class Nodes:
+    """A stand-in for a cluster's node list: each call returns the next listing (the last
+    one again once they run out), and time passes only when the rule sleeps."""
+
+    def __init__(self, *listings: list[runs.Shape]):
+        self.listings, self.calls, self.now, self.notes = list(listings), 0, 0.0, []
+
+    def alive(self) -> list[runs.Shape]:
+        self.calls += 1
+        return self.listings[min(self.calls, len(self.listings)) - 1]
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def wait(self, nodes: int, demand, wait_s: float = 0.0, **kw) -> list[runs.Shape]:
+        return runs.await_placement(self.alive, nodes, demand, wait_s, note=self.notes.append,
+                                    sleep=self.sleep, clock=lambda: self.now, **kw)
+
+
+def test_placement_counts_only_nodes_that_hold_a_whole_share():
+    cluster = Nodes([(4.0, 0.0), (2.0, 0.0), (4.0, 1.0)])
+    assert cluster.wait(2, lambda _: (4, 0)) == [(4.0, 0.0), (2.0, 0.0), (4.0, 1.0)]
+    with pytest.raises(UserError) as e:
+        cluster.wait(3, lambda _: (4, 0))
+    assert str(e.value) == ("the job needs 3 node(s) with 4 CPU and 0 GPU each but the cluster has "
+                            "3 node(s): 1 x (4 CPU, 1 GPU), 1 x (4 CPU, 0 GPU), 1 x (2 CPU, 0 GPU): "
+                            "ask for fewer (--nodes), or give --wait-for-nodes SECONDS to let it scale up")
+    assert cluster.now == 0 and cluster.notes == []
+
+
+def test_each_fix_fits_the_cluster_that_is_short():
+    cpus_only = Nodes([(1.0, 0.0)] * 3)
+    with pytest.raises(UserError, match=r"has 3 node\(s\): 3 x \(1 CPU, 0 GPU\): train on CPUs \(--cpu\)"):
+        cpus_only.wait(1, lambda _: (1, 1))
+    with pytest.raises(UserError, match=r"at http://h:8265 has .*`densenet-pipe cluster up --nodes 4 "
+                                        r"--cpus-per-node 1.5`$"):
+        cpus_only.wait(4, lambda _: (1.5, 0), cluster="the cluster at http://h:8265", local=True)
+    with pytest.raises(UserError, match=r"has 0 node\(s\): nothing"):
+        Nodes([]).wait(1, lambda _: (1, 0))
+
+
+def test_placement_waits_for_nodes_that_join_and_gives_up_at_its_deadline():
+    growing = Nodes([(2.0, 0.0)], [(2.0, 0.0), (2.0, 0.0)])
+    assert len(growing.wait(2, lambda _: (2, 0), wait_s=30)) == 2
+    assert growing.calls == 2 and 0 < growing.now < 30
+    assert growing.notes == ["waiting up to 30 s for 2 node(s) with 2 CPU and 0 GPU each "
+                             "(the cluster has 1) ..."]
+
+    never = Nodes([(2.0, 0.0)])
+    with pytest.raises(UserError, match=r"after waiting 5 s: "):
+        never.wait(2, lambda _: (2, 0), wait_s=5)
+    assert never.now >= 5 and len(never.notes) == 1
+
+
+def test_the_demand_may_follow_the_nodes_it_is_offered():
+    # One worker per GPU of the smallest GPU node: a 2-GPU node joining lowers every node's
+    # share to 2, and then both 2-GPU and 4-GPU nodes hold it.
+    def per_node(shapes):
+        wpn = runs.workers_per_node(None, True, [int(gpu) for _, gpu in shapes])
+        return wpn * 1.0, wpn
+
+    cluster = Nodes([(8.0, 4.0), (1.0, 0.0)], [(8.0, 4.0), (4.0, 2.0)])
+    assert cluster.wait(2, per_node, wait_s=10)[1] == (4.0, 2.0)

@@ -9,7 +9,6 @@ with several they are packed node by node, and the worker loop checks the node i
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,33 +50,27 @@ def connect() -> None:
         ray.init(log_to_driver=True)
 
 
-def _alive_nodes() -> list[dict[str, float]]:
+def plan_placement(cfg: Config) -> Placement:
+    """Workers per node, once the cluster can hold them (waiting if allowed): the rule
+    `submit` checked before submitting (`runs.await_placement`), now with Ray's own node list."""
     import ray
 
-    connect()
-    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-
-
-def plan_placement(cfg: Config) -> Placement:
-    """Workers per node and a check that the cluster can hold them, waiting if allowed."""
     c = cfg.cluster
-    deadline = time.monotonic() + c.wait_for_nodes
-    while True:
-        nodes = _alive_nodes()
-        wpn = runs.workers_per_node(c.workers_per_node, c.use_gpu, [int(n.get("GPU", 0)) for n in nodes])
+    connect()
+
+    def alive() -> list[runs.Shape]:
+        return [(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0))
+                for n in ray.nodes() if n.get("Alive")]
+
+    def per_node(shapes: list[runs.Shape]) -> runs.Shape:
+        wpn = runs.workers_per_node(c.workers_per_node, c.use_gpu, [int(gpu) for _, gpu in shapes])
         runs.per_worker_batch(cfg.optim.batch_size, c.nodes, wpn, cfg.optim.accumulate)
-        fits = [n for n in nodes
-                if n.get("CPU", 0) >= wpn * c.cpus_per_worker and (not c.use_gpu or n.get("GPU", 0) >= wpn)]
-        if len(fits) >= (c.min_nodes or c.nodes):
-            return Placement(c.nodes, wpn, c.cpus_per_worker, c.use_gpu, c.min_nodes)
-        if time.monotonic() >= deadline:
-            have = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes) or "none"
-            need = f"{wpn * c.cpus_per_worker:g} CPU" + (f" + {wpn} GPU" if c.use_gpu else "")
-            raise UserError(
-                f"the cluster cannot place {c.nodes} node(s) x {wpn} worker(s) ({need} a node): it has "
-                f"{len(nodes)} alive node(s) [{have}]; use fewer --nodes, add nodes, or "
-                "--wait-for-nodes SECONDS for an autoscaling cluster")
-        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+        return wpn * c.cpus_per_worker, wpn if c.use_gpu else 0
+
+    shapes = runs.await_placement(alive, c.min_nodes or c.nodes, per_node, c.wait_for_nodes,
+                                  note=lambda line: print(line, flush=True))
+    wpn = runs.workers_per_node(c.workers_per_node, c.use_gpu, [int(gpu) for _, gpu in shapes])
+    return Placement(c.nodes, wpn, c.cpus_per_worker, c.use_gpu, c.min_nodes)
 
 
 def check_nodes(cfg: Config, manifest_sha256: str, min_cpus: float) -> None:
