@@ -422,62 +422,44 @@ def worker_data(cfg: Config, device: torch.device) -> DataSection:
     return dataclasses.replace(cfg.data, loader_workers=min(cfg.data.loader_workers, worker_cpus(cfg)))
 
 
-def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) -> None:
-    from ..data.loaders import make_loader, ramp_resolution, set_train_resolution
+@dataclass
+class WorkerData:
+    """What one rank reads: its two loaders, the store's manifest, its share of a batch and
+    of the validation split."""
+
+    train: Any
+    val: Any
+    manifest: Any
+    per_worker: int
+    val_mine: int
+
+
+def open_data(cfg: Config, loop_config: dict[str, Any], device: torch.device, rank: int, world: int,
+              per_node: int, say) -> WorkerData:
+    from ..data.loaders import make_loader
     from ..data.staging import local_copy
 
-    cfg = Config.from_dict(loop_config["config"])
-    run_dir = loop_config["run_dir"]  # a path or a storage URI
-    rank, world = session.rank, session.world
-    primary = rank == 0
-    say = _say if primary else (lambda _line: None)
-    device = session.device
-    cpus = worker_cpus(cfg)
-    if device.type == "cpu":
-        torch.set_num_threads(cpus)
     data_cfg = worker_data(cfg, device)
-    elastic = cfg.cluster.min_nodes is not None
-    node_ids = check_placement(session, cfg.cluster.nodes, elastic)
-    # The batch and lr hold for the full size; an elastic run with fewer workers keeps each
-    # worker's batch, so the global batch and the lr shrink with it (runs.elastic_lr_scale).
-    per_node = loop_config.get("workers_per_node") or world // cfg.cluster.nodes
-    max_workers = cfg.cluster.nodes * per_node
     per_worker = runs.per_worker_batch(cfg.optim.batch_size, cfg.cluster.nodes, per_node, cfg.optim.accumulate)
     threads_before = torch.get_num_threads()
     # The driver checked the store (or each node its staged copy): no rank hashes it again.
     store = local_copy(cfg.data.store, loop_config.get("manifest_sha256", ""), cfg.data, say)
-    train_loader, manifest = make_loader(
-        store, "train", per_worker, data_cfg, distributed=world > 1,
-        seed=cfg.train.seed, channels_last=cfg.data.channels_last, verify=False)
-    val_loader, _ = make_loader(
-        store, "val", per_worker, data_cfg, distributed=world > 1,
-        seed=cfg.train.seed, channels_last=cfg.data.channels_last, verify=False)
+    loaders = [make_loader(store, split, per_worker, data_cfg, distributed=world > 1, seed=cfg.train.seed,
+                           channels_last=cfg.data.channels_last, verify=False) for split in ("train", "val")]
+    (train, manifest), (val, _) = loaders
     if data_cfg.loader_workers < cfg.data.loader_workers:
         say(f"data.loader_workers {cfg.data.loader_workers} -> {data_cfg.loader_workers}: "
-            f"a CPU worker decodes on at most its {cpus} CPU(s) (cluster.cpus_per_worker)")
+            f"a CPU worker decodes on at most its {worker_cpus(cfg)} CPU(s) (cluster.cpus_per_worker)")
     # Building an FFCV Loader sets torch's thread count to its worker count.
     torch.set_num_threads(threads_before)
     val_total = manifest.splits["val"].count
     val_mine = shard_size(val_total, rank, world) if world > 1 else val_total
+    return WorkerData(train, val, manifest, per_worker, val_mine)
 
-    spec = dataclasses.replace(cfg.model_spec(), num_classes=manifest.num_classes)
-    parts = build_parts(cfg, spec, device, len(train_loader), say,
-                        lr_scale=runs.elastic_lr_scale(world, max_workers) if elastic else 1.0)
-    precision = {None: "fp32", torch.bfloat16: "bf16 autocast",
-                 torch.float16: "fp16 autocast + grad scaler"}[parts.dtype]
-    if parts.dtype is None and cfg.train.amp == "auto" and device.type == "cpu":
-        precision += " (this CPU has no native bf16 kernels; --amp bf16 forces it)"
-    say(f"{world} worker(s) on {len(set(node_ids))} node(s) "
-        f"[{', '.join(f'rank {r}: {n[:8]}' for r, n in enumerate(node_ids))}], {device.type}, "
-        f"{precision}, {parts.steps} steps of {per_worker} per worker an epoch"
-        + (f"; elastic over {cfg.cluster.min_nodes}-{cfg.cluster.nodes} nodes: global batch "
-           f"{world * cfg.optim.batch_size // max_workers}, lr x{runs.elastic_lr_scale(world, max_workers):.3g}"
-           if elastic else ""))
 
-    start_epoch, history = restore(parts, session, cfg, run_dir, device, say,
-                                   max_workers=max_workers if elastic else None)
-    best = min((h["val_top1_error"] for h in history), default=math.inf)
-
+def wrap(parts: Parts, cfg: Config, device: torch.device, world: int, say) -> tuple[nn.Module, nn.Module, bool]:
+    """(the net that trains, the net that validates, whether the first is compiled): SyncBatchNorm,
+    DDP and torch.compile around the one unwrapped model that `parts` holds."""
     if cfg.train.sync_bn and world > 1:
         # New modules around the same Parameter objects: the optimizer still holds them, and
         # the keys stay those of BatchNorm2d (checkpoints load into a plain net).
@@ -489,16 +471,15 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
             parts.model, device_ids=[device.index] if device.type == "cuda" else None)
     compiled = compiling.decide(cfg.train.compile, device, parts.dtype, parts.steps * cfg.train.epochs)
     say(compiled.line())
-    val_net = net
-    if compiled.compile:
-        # Validation stays eager: eval mode and the short last batch would each be a graph
-        # of their own to compile, for a few seconds of work an epoch.
-        net = torch.compile(net)
+    if not compiled.compile:
+        return net, net, False
+    # Validation stays eager: eval mode and the short last batch would each be a graph of
+    # their own to compile, for a few seconds of work an epoch.
+    return torch.compile(net), net, True
 
-    def compile_time(seconds: float) -> None:
-        say(f"torch.compile: the first step took {seconds:.1f} s (compiling, or loading "
-            "the graphs from Inductor's cache on this node)")
 
+def start_tracking(cfg: Config, loop_config: dict[str, Any], primary: bool, parts: Parts, spec,
+                   manifest, world: int, node_ids: list[str]) -> Tracker | RemoteTracker:
     tracker = _open_tracker(cfg, loop_config, primary, manifest)
     if primary and tracker.active:
         if parts.init:
@@ -509,73 +490,142 @@ def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) 
         tracker.summary({"params": sum(p.numel() for p in parts.model.parameters()),
                          "macs": spec.complexity()["macs"], "workers": world,
                          "nodes": len(set(node_ids))})
+    return tracker
 
+
+def epoch_resolution(cfg: Config, loader, epoch: int, before: int | None, say) -> int | None:
+    """The training resolution of 0-based `epoch` under progressive resizing, set on the
+    loader (None without it); said when it changes."""
+    from ..data.loaders import ramp_resolution, set_train_resolution
+
+    res = ramp_resolution(cfg.data, epoch + 1)
+    if res is None:
+        return None
+    set_train_resolution(loader, res)
+    if res != before:
+        say(f"epoch {epoch + 1}/{cfg.train.epochs}: training at {res} px (progressive resizing, "
+            f"{cfg.data.min_res} -> {cfg.data.max_res} px over epochs "
+            f"{cfg.data.start_ramp + 1}-{cfg.data.end_ramp})")
+    return res
+
+
+def epoch_row(epoch: int, trained: Tally, val: Tally, ema_val: Tally | None, res: int | None,
+              train_time: float, started: float, parts: Parts, world: int, device: torch.device) -> dict[str, Any]:
+    """One epoch's line of the history: what every rank reports and W&B charts."""
+    averaged = {} if ema_val is None else {"val_ema_loss": ema_val.loss, "val_ema_top1_error": ema_val.top1_error,
+                                           "val_ema_top5_error": ema_val.top5_error}
+    return {
+        "epoch": epoch + 1,
+        "train_loss": trained.loss,
+        "train_top1_error": trained.top1_error,
+        "train_top5_error": trained.top5_error,
+        "val_loss": val.loss,
+        "val_top1_error": val.top1_error,
+        "val_top5_error": val.top5_error,
+        **averaged,
+        **({"train_resolution": res} if res is not None else {}),
+        "images_per_s": trained.n / train_time,
+        "epoch_time_s": time.perf_counter() - started,
+        "lr": parts.optimizer.param_groups[0]["lr"],
+        "workers": world,
+        "peak_memory_mib": max(_sum([_peak_memory_mib(device)], device)[0] / world, 0.0),
+        # Wall clock as the row is made: the gaps between rows are whole epochs, the
+        # previous report and checkpoint included.
+        "wall_time": time.time(),
+    }
+
+
+def _epoch_line(row: dict[str, Any], epochs: int) -> str:
+    ema = f" (EMA {row['val_ema_top1_error']:.4f})" if "val_ema_top1_error" in row else ""
+    return ("epoch {epoch}/{0}: train loss {train_loss:.4f} top-1 err {train_top1_error:.4f}"
+            " | val loss {val_loss:.4f} top-1 err {val_top1_error:.4f} top-5 err "
+            "{val_top5_error:.4f}{ema} | {images_per_s:,.0f} img/s, {epoch_time_s:.1f} s").format(
+                epochs, **row, ema=ema)
+
+
+def report_epoch(session: RaySession | LocalSession, row: dict[str, Any], state, save: bool,
+                 primary: bool) -> None:
+    """Every rank reports the row (a barrier); with `save`, the primary's report carries the
+    checkpoint that `state()` makes."""
+    name = f"epoch-{row['epoch']:04d}"
+    with tempfile.TemporaryDirectory(prefix="densenet-ckpt-") as tmp:
+        written = None
+        if save and primary:
+            checkpoint.save(Path(tmp), state())
+            written = Path(tmp)
+        session.report(row, written, name if save else None)
+
+
+def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) -> None:
+    cfg = Config.from_dict(loop_config["config"])
+    run_dir = loop_config["run_dir"]  # a path or a storage URI
+    rank, world = session.rank, session.world
+    primary = rank == 0
+    say = _say if primary else (lambda _line: None)
+    device = session.device
+    if device.type == "cpu":
+        torch.set_num_threads(worker_cpus(cfg))
+    elastic = cfg.cluster.min_nodes is not None
+    node_ids = check_placement(session, cfg.cluster.nodes, elastic)
+    # The batch and lr hold for the full size; an elastic run with fewer workers keeps each
+    # worker's batch, so the global batch and the lr shrink with it (runs.elastic_lr_scale).
+    per_node = loop_config.get("workers_per_node") or world // cfg.cluster.nodes
+    max_workers = cfg.cluster.nodes * per_node
+    data = open_data(cfg, loop_config, device, rank, world, per_node, say)
+    manifest = data.manifest
+
+    spec = dataclasses.replace(cfg.model_spec(), num_classes=manifest.num_classes)
+    parts = build_parts(cfg, spec, device, len(data.train), say,
+                        lr_scale=runs.elastic_lr_scale(world, max_workers) if elastic else 1.0)
+    precision = {None: "fp32", torch.bfloat16: "bf16 autocast",
+                 torch.float16: "fp16 autocast + grad scaler"}[parts.dtype]
+    if parts.dtype is None and cfg.train.amp == "auto" and device.type == "cpu":
+        precision += " (this CPU has no native bf16 kernels; --amp bf16 forces it)"
+    say(f"{world} worker(s) on {len(set(node_ids))} node(s) "
+        f"[{', '.join(f'rank {r}: {n[:8]}' for r, n in enumerate(node_ids))}], {device.type}, "
+        f"{precision}, {parts.steps} steps of {data.per_worker} per worker an epoch"
+        + (f"; elastic over {cfg.cluster.min_nodes}-{cfg.cluster.nodes} nodes: global batch "
+           f"{world * cfg.optim.batch_size // max_workers}, lr x{runs.elastic_lr_scale(world, max_workers):.3g}"
+           if elastic else ""))
+
+    start_epoch, history = restore(parts, session, cfg, run_dir, device, say,
+                                   max_workers=max_workers if elastic else None)
+    best = min((h["val_top1_error"] for h in history), default=math.inf)
+    net, val_net, compiled = wrap(parts, cfg, device, world, say)
+
+    def compile_time(seconds: float) -> None:
+        say(f"torch.compile: the first step took {seconds:.1f} s (compiling, or loading "
+            "the graphs from Inductor's cache on this node)")
+
+    tracker = start_tracking(cfg, loop_config, primary, parts, spec, manifest, world, node_ids)
     epochs = cfg.train.epochs
-    res_before = None
+    res = None
     for epoch in range(start_epoch, epochs):
         _seed(cfg.train.seed, epoch, rank)
-        train_loader.next_epoch = epoch
-        res = ramp_resolution(cfg.data, epoch + 1)
-        if res is not None:
-            set_train_resolution(train_loader, res)
-            if res != res_before:
-                say(f"epoch {epoch + 1}/{epochs}: training at {res} px (progressive resizing, "
-                    f"{cfg.data.min_res} -> {cfg.data.max_res} px over epochs "
-                    f"{cfg.data.start_ramp + 1}-{cfg.data.end_ramp})")
-            res_before = res
-        t0 = time.perf_counter()
+        data.train.next_epoch = epoch
+        res = epoch_resolution(cfg, data.train, epoch, res, say)
+        started = time.perf_counter()
         mine, train_time = train_one_epoch(
-            net, parts, train_loader, cfg, epoch, device, world, say, tracker,
-            on_first_step=compile_time if compiled.compile and epoch == start_epoch else None)
-        trained = mine.reduced(device)
-        val = validate(val_net, val_loader, val_mine, device, parts.dtype).reduced(device)
-        averaged = {}
-        if parts.ema is not None:
-            v = validate(parts.ema.module, val_loader, val_mine, device, parts.dtype).reduced(device)
-            averaged = {"val_ema_loss": v.loss, "val_ema_top1_error": v.top1_error,
-                        "val_ema_top5_error": v.top5_error}
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": trained.loss,
-            "train_top1_error": trained.top1_error,
-            "train_top5_error": trained.top5_error,
-            "val_loss": val.loss,
-            "val_top1_error": val.top1_error,
-            "val_top5_error": val.top5_error,
-            **averaged,
-            **({"train_resolution": res} if res is not None else {}),
-            "images_per_s": trained.n / train_time,
-            "epoch_time_s": time.perf_counter() - t0,
-            "lr": parts.optimizer.param_groups[0]["lr"],
-            "workers": world,
-            "peak_memory_mib": max(_sum([_peak_memory_mib(device)], device)[0] / world, 0.0),
-            # Wall clock as the row is made: the gaps between rows are whole epochs, the
-            # previous report and checkpoint included.
-            "wall_time": time.time(),
-        }
+            net, parts, data.train, cfg, epoch, device, world, say, tracker,
+            on_first_step=compile_time if compiled and epoch == start_epoch else None)
+        val = validate(val_net, data.val, data.val_mine, device, parts.dtype).reduced(device)
+        ema_val = None if parts.ema is None else validate(
+            parts.ema.module, data.val, data.val_mine, device, parts.dtype).reduced(device)
+        row = epoch_row(epoch, mine.reduced(device), val, ema_val, res, train_time, started, parts, world, device)
         history.append(row)
         is_best = row["val_top1_error"] < best
         best = min(best, row["val_top1_error"])
-        say("epoch {epoch}/{0}: train loss {train_loss:.4f} top-1 err {train_top1_error:.4f}"
-            " | val loss {val_loss:.4f} top-1 err {val_top1_error:.4f} top-5 err "
-            "{val_top5_error:.4f}{ema} | {images_per_s:,.0f} img/s, {epoch_time_s:.1f} s".format(
-                epochs, **row, ema=f" (EMA {row['val_ema_top1_error']:.4f})" if averaged else ""))
+        say(_epoch_line(row, epochs))
         parts.global_step += parts.steps
         tracker.log({f"epoch/{k}": v for k, v in row.items()}, step=parts.global_step)
 
-        save_now = (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == epochs
-        name = f"epoch-{epoch + 1:04d}"
-        with tempfile.TemporaryDirectory(prefix="densenet-ckpt-") as tmp:
-            written = None
-            if save_now and primary:
-                checkpoint.save(Path(tmp), checkpoint_state(parts, epoch + 1, history, cfg, spec,
-                                                            manifest, loop_config, node_ids))
-                written = Path(tmp)
-            session.report(row, written, name if save_now else None)
-        if primary and save_now and tracker.active:
-            aliases = ["latest"] + (["best"] if is_best else [])
+        save = (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == epochs
+        report_epoch(session, row, lambda: checkpoint_state(parts, epoch + 1, history, cfg, spec, manifest,
+                                                            loop_config, node_ids), save, primary)
+        if primary and save and tracker.active:
+            name = f"epoch-{epoch + 1:04d}"
             tracker.log_checkpoint(storage.join(run_dir, name), name=f"{loop_config['run_name']}-model",
-                                   aliases=aliases, metadata=row)
+                                   aliases=["latest"] + (["best"] if is_best else []), metadata=row)
         if epoch + 1 < epochs:
             hold(cfg.train.hold_file or storage.join(run_dir, "HOLD"), epoch + 1, device, say)
     tracker.finish(summary={"best_val_top1_error": best,
