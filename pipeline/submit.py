@@ -483,13 +483,17 @@ def worker_start_timeout(cfg: dict[str, Any]) -> int:
     return 60 if cluster.get("min_nodes") is not None else 300
 
 
+# `jobs stop` sends SIGTERM, then SIGKILL after STOP_GRACE_S (Ray's default is 3): time for
+# the driver to end its W&B runs and say how they ended. A stop is awaited a little longer.
+STOP_GRACE_S = 30
+STOP_WAIT_S = STOP_GRACE_S + 15
+
+
 def job_env(cfg: dict[str, Any], server: JobServer, job: str = "train") -> dict[str, str]:
     """Environment every job gets (see docs/orchestration.md for why each is set)."""
     # Worker prints go straight to the job log, not through Ray Train V2's logger.
     env = {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-           # `jobs stop` sends SIGTERM, then SIGKILL after this many seconds (Ray's default
-           # is 3): time for the driver to end its W&B runs and say how they ended.
-           "RAY_JOB_STOP_WAIT_TIME_S": "30",
+           "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S),
            # Ray Train gives up on a worker group that has not started in 60 s and counts it
            # as a failure. Workers start slower than that on a busy shared cluster, while an
            # autoscaler adds nodes, or while a sweep's stopped trial still holds its CPUs; a
@@ -724,7 +728,7 @@ def _interrupted(server: JobServer, job_id: str, stop: bool, address: str | None
             stop = False
     if stop:
         server.stop(job_id)
-        info = wait_terminal(server, job_id, timeout=45)
+        info = wait_terminal(server, job_id, timeout=STOP_WAIT_S)
         _note(f"job {job_id} {str(info.get('status')).lower()}")
         return 1
     _note(f"job {job_id} is still running: follow it with `{follow_command(job_id, address)}`, "

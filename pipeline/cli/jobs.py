@@ -104,7 +104,7 @@ def logs(
 
 @jobs_app.command("stop")
 def stop(job_id: JobId, address: Address = None) -> None:
-    """Stop a running job and wait (up to 30 s) until it has stopped."""
+    """Stop a running job and wait until it has stopped (it gets 30 s to end its W&B runs)."""
     from .. import submit
 
     server = submit.connect(address, start=False)
@@ -113,8 +113,8 @@ def stop(job_id: JobId, address: Address = None) -> None:
         output.info(f"job {job_id} already ended: {before}")
         return
     server.stop(job_id)
-    after = submit.wait_terminal(server, job_id, timeout=45).get("status")
+    after = submit.wait_terminal(server, job_id, timeout=submit.STOP_WAIT_S).get("status")
     if after not in submit.TERMINAL:
-        raise UserError(f"job {job_id} is still {after} 30 s after the stop request: "
+        raise UserError(f"job {job_id} is still {after} {submit.STOP_WAIT_S} s after the stop request: "
                         f"check `densenet-pipe jobs status {job_id}`")
     output.info(f"job {job_id} {after.lower()}")
