@@ -26,7 +26,7 @@ _RAY_LOG = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d+\s+(INFO|DEBUG)\b
 _RAY_MESSAGES = re.compile(
     r"^(Setting up process group|Checkpoint successfully created|Reporting training result|"
     r"Moving model to device|Wrapping provided model|Running entrypoint for job|"
-    r"Trial status:|Current time:|Logical resource usage:|View detailed results here|"
+    r"Trial status:|Current time:|Logical resource usage:|Current best trial:|View detailed results here|"
     r"To visualize your results|\s*tensorboard --logdir|Trial \S+ (started|completed|finished|"
     r"errored|terminated)|Training (started|finished)|wandb:|[╭╰│├┌└─]|\(raylet\)|"
     r"\S+ (dir|storage): |Done\. [\d.]+s$)")
@@ -45,8 +45,18 @@ class ConsoleFilter:
         # Sources inside a traceback: only its exception line is shown.
         self.in_traceback: set[str] = set()
         self.last = ""
+        # Whether the line before was shown and not blank: a blank line is shown only after
+        # one of ours, so the blank lines around dropped chatter go with it.
+        self.after_shown = False
 
     def __call__(self, line: str) -> str | None:
+        shown = self._keep(line)
+        if shown is not None and not shown.strip() and not self.after_shown:
+            shown = None
+        self.after_shown = bool(shown and shown.strip())
+        return shown
+
+    def _keep(self, line: str) -> str | None:
         line = _REPEATED.sub("", strip_ansi(line)).rstrip()
         match = _PREFIX.match(line)
         who = match.group("who") if match else ""

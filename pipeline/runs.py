@@ -175,6 +175,16 @@ def per_worker_batch(global_batch: int, nodes: int, per_node: int = 1, accumulat
     return global_batch // parts
 
 
+def check_new_or_resumed(kind: str, name: str, where: str, resume: bool, exists: bool) -> None:
+    """A new run or sweep must not be there yet (nothing of an earlier one is overwritten);
+    a resumed one must."""
+    if resume and not exists:
+        raise UserError(f"no {kind} {name!r} under {where} to resume: check --resume NAME and --storage")
+    if not resume and exists:
+        raise UserError(f"{kind} {name!r} already exists in {where}: pass --resume NAME to continue "
+                        f"it, or --name for a new {kind}")
+
+
 def check_private_folder(path: Path, what: str) -> None:
     """A local folder we are about to unpickle from must be ours and writable by us alone."""
     st = os.stat(path)

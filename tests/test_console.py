@@ -28,7 +28,14 @@ run r: 2 worker(s) on 2 node(s), global batch 64
 ╭──────────────────────────╮
 │ Trial name    status     │
 ╰──────────────────────────╯
+
 Trial status: 1 RUNNING
+Current best trial: 48668_00000 with val_top1_error=0.03 and params={'model.depth': 10}
+
+
+trial   k   L
+-----  --  --
+
 wandb: Generating checksum for up to 10000 files
 \x1b[36m(Recorder pid=19720)\x1b[0m Done. 0.0s
 done: best val top-1 error 0.0300 at epoch 3
@@ -47,6 +54,9 @@ def test_only_our_lines_and_the_useful_line_of_an_error_remain():
         "worker error: pipeline.train.loop.TrainingDiverged: the loss is nan at epoch 1 step 2",
         "Ray Train: a worker failed; restarting the worker group from the latest checkpoint",
         "epoch 2/3: train loss 1.2",
+        "trial   k   L",
+        "-----  --  --",
+        "",
         "done: best val top-1 error 0.0300 at epoch 3",
         "error: 1 trial(s) failed",
     ]

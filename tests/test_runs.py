@@ -167,3 +167,13 @@ def test_the_demand_may_follow_the_nodes_it_is_offered():
 
     cluster = Nodes([(8.0, 4.0), (1.0, 0.0)], [(8.0, 4.0), (4.0, 2.0)])
     assert cluster.wait(2, per_node, wait_s=10)[1] == (4.0, 2.0)
+
+
+def test_a_new_run_or_sweep_meets_nothing_and_a_resumed_one_exists():
+    runs.check_new_or_resumed("run", "a", "s3://b/runs", resume=False, exists=False)
+    runs.check_new_or_resumed("sweep", "s", "runs", resume=True, exists=True)
+    with pytest.raises(UserError, match=r"^sweep 's' already exists in runs: pass --resume NAME to "
+                                        r"continue it, or --name for a new sweep$"):
+        runs.check_new_or_resumed("sweep", "s", "runs", resume=False, exists=True)
+    with pytest.raises(UserError, match=r"^no run 'a' under s3://b/runs to resume: check --resume NAME and --storage$"):
+        runs.check_new_or_resumed("run", "a", "s3://b/runs", resume=True, exists=False)

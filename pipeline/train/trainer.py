@@ -94,12 +94,9 @@ def run_dir(cfg: Config) -> str:
 
 def check_run_dir(cfg: Config, resume: bool) -> str:
     folder = run_dir(cfg)
-    if resume and not storage.is_dir(folder):
-        raise UserError(f"no run {cfg.cluster.run_name!r} under {cfg.cluster.storage} to resume: "
-                        "check --resume NAME and --storage")
-    if not resume and storage.exists(folder):
-        raise UserError(f"run {cfg.cluster.run_name!r} already exists in {cfg.cluster.storage}: "
-                        "pass --resume NAME to continue it, or --name for a new run")
+    # Resuming needs the run's folder; a new run must not meet anything at its path.
+    there = storage.is_dir(folder) if resume else storage.exists(folder)
+    runs.check_new_or_resumed("run", cfg.cluster.run_name, cfg.cluster.storage, resume, there)
     return folder
 
 

@@ -14,9 +14,9 @@ import io
 import json
 from typing import Any
 
-from .. import storage
+from .. import runs, storage
 from ..config import Config, apply_overrides, validate
-from ..errors import JobFailed, UserError
+from ..errors import JobFailed
 from ..models import spec as model_spec
 from ..tracking import recorder_name
 from ..train.plots import save_png
@@ -126,17 +126,13 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
     for line in plan.dropped:
         print(line, flush=True)
     folder = storage.join(cfg.cluster.storage, s.name)
-    if s.resume and not tune.Tuner.can_restore(folder):
-        raise UserError(f"no sweep {s.name!r} under {cfg.cluster.storage} to resume: check --resume NAME")
+    # Resuming needs Tune's saved state; a new sweep must not meet anything at its path.
+    there = tune.Tuner.can_restore(folder) if s.resume else storage.exists(folder)
+    runs.check_new_or_resumed("sweep", s.name, cfg.cluster.storage, s.resume, there)
     if s.resume and not storage.is_uri(folder):
         from pathlib import Path
 
-        from ..runs import check_private_folder
-
-        check_private_folder(Path(folder), "sweep folder")
-    if not s.resume and storage.exists(folder):
-        raise UserError(f"sweep {s.name!r} already exists in {cfg.cluster.storage}: "
-                        "pass --resume NAME to continue it, or --name for a new sweep")
+        runs.check_private_folder(Path(folder), "sweep folder")
     base = base_config(cfg)
     from ..train.trainer import check_nodes
 
