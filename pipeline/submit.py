@@ -237,10 +237,14 @@ class JobServer:
 
         # asyncio.run turns Ctrl-C into cancelling its task, and aiohttp ends a cancelled
         # websocket read as a closed socket: the interrupt was lost and the follow went on.
-        # With a handler of our own, asyncio leaves SIGINT alone and it raises here.
+        # With a handler of our own, asyncio leaves SIGINT alone and it raises here. A
+        # process started with SIGINT ignored (in the background) keeps ignoring it, as it
+        # does while polling.
         def interrupt(signum, frame):
             raise KeyboardInterrupt
 
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            return asyncio.run(self._tail(job_id, on_text))
         previous = signal.signal(signal.SIGINT, interrupt)
         try:
             return asyncio.run(self._tail(job_id, on_text))

@@ -196,7 +196,10 @@ def test_ctrl_c_leaves_the_job_running_or_stops_it(ray_cluster, cli):
             [sys.executable, "-c", "from pipeline.cli import main; main()", "doctor", "--quick",
              "--burn-in", "600", *flag],
             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True)
+            text=True,
+            # As from a terminal: a suite started in the background (`make test &`) ignores
+            # SIGINT, and a child would inherit that and keep ignoring it.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         for line in proc.stdout:
             if line.startswith("doctor: started"):
                 break

@@ -93,9 +93,13 @@ def test_real_sweep_with_asha_table_plot_wandb_and_resume(ray_cluster, cli, hard
         # What each trial reported to Tune is in its W&B run, the scheduler's stop included.
         view = _wandb_run(folder / "trials" / row["trial"])
         reported = list(range(1, row["epochs_run"] + 1))
-        assert set(reported) <= set(view.epochs()), (row, view.epochs())
-        # At most the epoch that was running when the scheduler stopped the trial comes after.
-        assert len(view.epochs()) <= len(reported) + (1 if row["stopped_early"] else 0)
+        # Every epoch the trial trained is in its record once, in order: what Tune was told,
+        # and for a trial the scheduler stopped, the epochs its worker ran before the stop
+        # reached it (Ray Train's reports are asynchronous: under load that can be more than one).
+        assert view.epochs()[:len(reported)] == reported, (row, view.epochs())
+        assert view.epochs() == list(range(1, len(view.epochs()) + 1)) and len(view.epochs()) <= 4
+        if not row["stopped_early"]:
+            assert view.epochs() == reported
         assert view.config["tracking"]["group"] == "s1" and view.config["cluster"]["run_name"] == row["trial"]
         assert view.summary["stopped_early"] is row["stopped_early"]
         assert view.summary["ended"] == ("stopped_early" if row["stopped_early"] else "finished")
