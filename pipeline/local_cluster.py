@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from . import runs
 from .errors import UserError
 
 CLUSTER_DIR_ENV = "DENSENET_PIPE_CLUSTER_DIR"
@@ -136,7 +137,7 @@ def ensure(directory: Path | None = None, note: Callable[[str], None] | None = N
             note(f"growing the local cluster (started by an earlier command) to {nodes} nodes")
     elif note is not None and nodes > 1:
         note(f"no local cluster is up: starting one of {nodes} nodes"
-             + (f", {_number(cpus_per_node)} CPU(s) each" if cpus_per_node else ""))
+             + (f", {runs.number(cpus_per_node)} CPU(s) each" if cpus_per_node else ""))
     cluster, _ = up(nodes=nodes, cpus_per_node=cpus_per_node, gpus_per_node=gpus_per_node,
                     directory=directory, note=note, timeout=timeout, auto=True)
     return cluster
@@ -404,7 +405,7 @@ def _start_head(directory: Path, cpus: float | None, gpus: int | None,
             "--dashboard-agent-listen-port", str(_free_port()),
             "--temp-dir", str(temp), "--disable-usage-stats", *gpu_args]
     if cpus is not None:
-        args += ["--num-cpus", _number(cpus)]
+        args += ["--num-cpus", runs.number(cpus)]
     if object_store_memory:
         args += ["--object-store-memory", str(object_store_memory)]
     note(f"starting a local Ray cluster (state and logs in {directory}) ...")
@@ -433,15 +434,11 @@ def _start_worker(cluster: LocalCluster, index: int, cpus: float | None, gpus: i
             "--dashboard-agent-listen-port", str(_free_port()),
             "--temp-dir", str(temp), "--disable-usage-stats", *gpu_args]
     if cpus is not None:
-        args += ["--num-cpus", _number(cpus)]
+        args += ["--num-cpus", runs.number(cpus)]
     if object_store_memory:
         args += ["--object-store-memory", str(object_store_memory)]
     env = _node_env(Path(cluster.token_path), gpu_slice)
     return _spawn(Path(cluster.dir), "worker", index, args, env, cpus, gpus)
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 def _get_json(cluster: LocalCluster, path: str) -> dict | list:

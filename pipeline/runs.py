@@ -91,7 +91,8 @@ def workers_per_node(requested: int | None, use_gpu: bool, gpus: list[int]) -> i
 Shape = tuple[float, float]
 
 
-def _number(value: float) -> str:
+def number(value: float) -> str:
+    """`2` for 2.0, `1.5` for 1.5: resource counts as a user writes them."""
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
@@ -100,7 +101,7 @@ def shapes_text(shapes: list[Shape]) -> str:
     counts: dict[Shape, int] = {}
     for shape in shapes:
         counts[shape] = counts.get(shape, 0) + 1
-    return ", ".join(f"{count} x ({_number(cpu)} CPU, {_number(gpu)} GPU)"
+    return ", ".join(f"{count} x ({number(cpu)} CPU, {number(gpu)} GPU)"
                      for (cpu, gpu), count in sorted(counts.items(), reverse=True)) or "nothing"
 
 
@@ -125,16 +126,16 @@ def await_placement(alive: Callable[[], list[Shape]], nodes: int,
         if clock() >= deadline:
             break
         if not waited and note is not None:
-            note(f"waiting up to {wait_s:g} s for {nodes} node(s) with {_number(cpus)} CPU "
-                 f"and {_number(gpus)} GPU each ({cluster} has {fit}) ...")
+            note(f"waiting up to {wait_s:g} s for {nodes} node(s) with {number(cpus)} CPU "
+                 f"and {number(gpus)} GPU each ({cluster} has {fit}) ...")
         waited = True
         sleep(min(2.0, max(0.1, deadline - clock())))
-    wants = f"{nodes} node(s) with {_number(cpus)} CPU and {_number(gpus)} GPU each"
+    wants = f"{nodes} node(s) with {number(cpus)} CPU and {number(gpus)} GPU each"
     if gpus > 0 and not any(gpu for _, gpu in shapes):
         fix = "train on CPUs (--cpu) or point --address at a cluster with GPUs"
     elif local:
         fix = (f"ask for fewer (--nodes), or grow it: `densenet-pipe cluster up --nodes {nodes}"
-               + (f" --cpus-per-node {_number(cpus)}`" if cpus else "`"))
+               + (f" --cpus-per-node {number(cpus)}`" if cpus else "`"))
     else:
         fix = "ask for fewer (--nodes), or give --wait-for-nodes SECONDS to let it scale up"
     waited_text = f" after waiting {wait_s:g} s" if wait_s > 0 else ""
