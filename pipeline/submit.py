@@ -18,6 +18,7 @@ follow logs over the server's websocket. `run_job` streams the job's lines to `o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -45,6 +46,8 @@ from .errors import JobFailed, UserError
 MAX_WORKING_DIR_BYTES = 100 * 1024**2
 CONFIG_DIR = ".densenet-pipe"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# How often a followed job's status is checked while its log streams (JobServer.tail).
+TAIL_STATUS_POLL_S = 0.25
 # Folders that never belong in a job's code package, wherever they sit.
 _SKIP_DIRS = {".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".mypy_cache",
               ".ruff_cache", ".ipynb_checkpoints", "node_modules"}
@@ -252,19 +255,45 @@ class JobServer:
             signal.signal(signal.SIGINT, previous)
 
     async def _tail(self, job_id: str, on_text: Callable[[str], None]) -> int:
+        import asyncio
+
         import aiohttp
 
         url = self.address.replace("http", "ws", 1) + f"/api/jobs/{_quote(job_id)}/logs/tail"
         received = 0
+
+        async def read(ws) -> None:
+            nonlocal received
+            async for message in ws:
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    on_text(message.data)
+                    received += len(message.data)
+                elif message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    break
+
+        async def ended(session) -> None:
+            # The server closes the websocket 3-4 s after the job has ended (each hop between
+            # the head and the driver's node sleeps a second between reads of the log file);
+            # the job's status says so at once. Once it is terminal the log file is whole, and
+            # the caller reads its rest in one request.
+            status = f"{self.address}/api/jobs/{_quote(job_id)}"
+            while True:
+                await asyncio.sleep(TAIL_STATUS_POLL_S)
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                    async with session.get(status, timeout=aiohttp.ClientTimeout(total=10)) as reply:
+                        if reply.status == 200 and (await reply.json()).get("status") in TERMINAL:
+                            return
+
         try:
             async with aiohttp.ClientSession(headers=self.headers) as session:
                 async with session.ws_connect(url, heartbeat=30) as ws:
-                    async for message in ws:
-                        if message.type == aiohttp.WSMsgType.TEXT:
-                            on_text(message.data)
-                            received += len(message.data)
-                        elif message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                            break
+                    tasks = [asyncio.ensure_future(read(ws)), asyncio.ensure_future(ended(session))]
+                    try:
+                        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        for task in tasks:
+                            task.cancel()
+                        await asyncio.gather(*tasks, return_exceptions=True)
         except (aiohttp.ClientConnectionError, aiohttp.WSServerHandshakeError):
             # The caller checks the job and reconnects; Ctrl-C (cancellation) still propagates.
             pass

@@ -174,6 +174,23 @@ def test_detach_then_status_logs_and_list(ray_cluster, cli):
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
+def test_following_over_the_websocket_gets_every_line_once_to_the_last(ray_cluster, cli):
+    """Past the polling seconds the log streams over the websocket, which the follow leaves as
+    soon as the job's status is terminal, reading the rest of the log in one request: the
+    lines printed just before the driver exits still arrive, each once, in order."""
+    result = cli("doctor", "--quick", "--detach")
+    assert result.exit_code == 0, result.output
+    job_id = result.stdout.strip()
+    server = submit.connect(None, start=False)
+    lines: list[str] = []
+    assert submit.follow(server, job_id, lines.append, poll_seconds=0) == 0
+    text = server.logs(job_id)
+    assert lines == [submit.clean_line(line) for line in text.rstrip("\n").split("\n")]
+    assert any(line.startswith("doctor: started") for line in lines) and "doctor: all 3 node(s) ready" in lines
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
 def test_stop_a_running_job(ray_cluster, cli):
     result = cli("doctor", "--quick", "--burn-in", "600", "--detach")
     assert result.exit_code == 0, result.output
