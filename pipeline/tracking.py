@@ -22,10 +22,12 @@ before the next step. The driver, which outlives the workers, ends the run and s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,18 @@ ENDED = {"finished": 0, "stopped_early": 0, "stopped_by_user": 143, "failed": 1}
 # W&B's own step must only grow; a worker restarted from a checkpoint logs earlier steps
 # again. Our step is a metric that the charts use as their x axis instead.
 STEP_KEY = "trainer/global_step"
+# How often the W&B files of a run kept in an object store are checked for changes to copy.
+MIRROR_EVERY_S = 5.0
+
+
+def _flush_settings(wandb, upload_to: str | None) -> dict[str, float]:
+    """wandb-core writes a run's `.wandb` file every 15 s; a run copied into an object store
+    has it written as often as the copies are made (a private setting, passed only where this
+    W&B version has it)."""
+    name = "x_transaction_log_flush_interval"
+    if upload_to and name in getattr(wandb.Settings, "model_fields", {}):
+        return {name: MIRROR_EVERY_S}
+    return {}
 
 
 class Tracker:
@@ -79,6 +93,16 @@ class Tracker:
         self.where: str | None = None
         self.best = math.inf
         self.epochs_done = 0
+        self._copying = threading.Lock()
+        self._stop_mirror = threading.Event()
+        self._mirror: threading.Thread | None = None
+        if run is not None and upload_to and local_dir is not None:
+            # wandb-core writes the record after a checkpoint's copy has been made, so a copy
+            # made only at checkpoints lags one epoch behind: a run that is held, or killed,
+            # would leave its last epoch out of the object store. Copy changes as they come.
+            self._mirror = threading.Thread(target=self._mirror_changes, daemon=True,
+                                            name="densenet-pipe-wandb-mirror")
+            self._mirror.start()
 
     @classmethod
     def start(cls, cfg: Config, *, run_id: str, run_dir: str | Path, job_type: str = "train",
@@ -106,7 +130,7 @@ class Tracker:
                 group=group or cfg.tracking.group, tags=cfg.tracking.tags or None,
                 job_type=job_type, name=name or run_id, id=_safe_id(run_id), resume="allow",
                 dir=str(run_dir), mode=mode, config=cfg.to_dict(),
-                settings=wandb.Settings(silent=True, console="off"),
+                settings=wandb.Settings(silent=True, console="off", **_flush_settings(wandb, upload_to)),
             )
             run.define_metric(STEP_KEY)
             for prefix in ("step/*", "epoch/*"):
@@ -215,10 +239,27 @@ class Tracker:
         """Copy the W&B files of a run kept in an object store out of the local scratch folder."""
         if self.run is None or not self.upload_to or self.local_dir is None:
             return
-        try:
-            storage.upload_dir(self.local_dir / "wandb", self.upload_to)
-        except Exception as e:  # noqa: BLE001
-            _warn(f"copying its files to {self.upload_to}", e)
+        with self._copying:
+            try:
+                storage.upload_dir(self.local_dir / "wandb", self.upload_to)
+            except Exception as e:  # noqa: BLE001
+                _warn(f"copying its files to {self.upload_to}", e)
+
+    def _files_state(self) -> set[tuple[str, int, int]]:
+        found = set()
+        for file in (self.local_dir / "wandb").rglob("*"):
+            with contextlib.suppress(OSError):
+                st = file.stat()
+                found.add((str(file), st.st_size, st.st_mtime_ns))
+        return found
+
+    def _mirror_changes(self) -> None:
+        copied = self._files_state()
+        while not self._stop_mirror.wait(MIRROR_EVERY_S):
+            now = self._files_state()
+            if now != copied:
+                self.sync()
+                copied = now
 
     def log_export(self, files: list[Path], name: str, aliases: list[str], metadata: dict[str, Any],
                    registry: str | None = None) -> None:
@@ -253,6 +294,9 @@ class Tracker:
         self._guard("finish", self.run.finish, exit_code=ENDED[ended])
         if record is not None:
             _wait_for_exit_record(record)
+        if self._mirror is not None:
+            self._stop_mirror.set()
+            self._mirror.join()
         self.sync()
         self.run = None
 

@@ -62,6 +62,47 @@ def test_offline_run_records_config_metrics_and_artifacts(no_key, tmp_path, caps
     assert (run_dir / "wandb" / "data").exists() or (run_dir / "wandb" / "cache").exists()
 
 
+@pytest.mark.timeout(120)
+def test_a_run_in_object_storage_reaches_it_without_waiting_for_a_checkpoint(no_key, s3_bucket, tmp_path,
+                                                                            monkeypatch):
+    """A run held after its first epoch, or killed there, has that epoch in the bucket: the
+    W&B files are copied as they change, not only at checkpoints and at the end."""
+    import time
+
+    from pipeline import storage, tracking
+
+    monkeypatch.setattr(tracking, "MIRROR_EVERY_S", 0.5)
+
+    cfg = C.load_recipe("smoke")
+    run = storage.join(s3_bucket, "tracked")
+    tracker = Tracker.start(cfg, run_id="tracked", run_dir=run, announce=False)
+    assert tracker.active and tracker.where.startswith("s3://")
+    tracker.log({"epoch/epoch": 1, "epoch/val_top1_error": 0.5}, step=8)
+
+    def in_bucket() -> RunView | None:
+        for folder in storage.listdir(storage.join(run, "wandb")) if storage.exists(storage.join(run, "wandb")) else []:
+            for name in storage.listdir(storage.join(run, "wandb", folder)):
+                if name.endswith(".wandb"):
+                    local = tmp_path / name
+                    local.write_bytes(storage.read_bytes(storage.join(run, "wandb", folder, name)))
+                    try:
+                        return RunView.read(local)
+                    except NotAWandbFile:
+                        return None
+        return None
+
+    try:
+        # A guard, not a timing: the copy comes within seconds.
+        deadline = time.monotonic() + 90
+        while (view := in_bucket()) is None or view.epochs() != [1]:
+            assert time.monotonic() < deadline, "epoch 1 never reached the bucket while the run went on"
+            time.sleep(0.5)
+        assert view.exit_code is None and view.config["model"]["name"] == "densenet_simple"
+    finally:
+        tracker.finish(ended="stopped_by_user")
+    assert in_bucket().exit_code == ENDED["stopped_by_user"]
+
+
 def test_a_torn_or_empty_file_reads_as_what_was_written(no_key, tmp_path):
     tracker = Tracker.start(C.load_recipe("smoke"), run_id="torn", run_dir=tmp_path)
     for step in range(1, 200):
@@ -120,3 +161,4 @@ def test_an_unwritable_wandb_folder_is_one_warning(no_key, tmp_path, capsys):
     tracker.log({"epoch/epoch": 1}, step=1)
     tracker.finish(ended="finished")
     assert blocker.read_text().startswith("a file")
+
