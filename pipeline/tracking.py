@@ -235,15 +235,18 @@ class Tracker:
         self._guard("checkpoint artifact", log)
         self.sync()
 
-    def sync(self) -> None:
-        """Copy the W&B files of a run kept in an object store out of the local scratch folder."""
+    def sync(self) -> bool:
+        """Copy the W&B files of a run kept in an object store out of the local scratch folder;
+        False when the copy failed (with a warning)."""
         if self.run is None or not self.upload_to or self.local_dir is None:
-            return
+            return True
         with self._copying:
             try:
                 storage.upload_dir(self.local_dir / "wandb", self.upload_to)
             except Exception as e:  # noqa: BLE001
                 _warn(f"copying its files to {self.upload_to}", e)
+                return False
+        return True
 
     def _files_state(self) -> set[tuple[str, int, int]]:
         found = set()
@@ -258,7 +261,8 @@ class Tracker:
         while not self._stop_mirror.wait(MIRROR_EVERY_S):
             now = self._files_state()
             if now != copied:
-                self.sync()
+                if not self.sync():
+                    return  # one warning, not one every few seconds; checkpoints and the end still copy
                 copied = now
 
     def log_export(self, files: list[Path], name: str, aliases: list[str], metadata: dict[str, Any],

@@ -305,20 +305,23 @@ def _parent(pid: int) -> int:
 
 
 @pytest.mark.timeout(900)
-def test_a_whole_node_killed_mid_run_restarts_on_the_nodes_left(ray_cluster, cli, store, runs):
+def test_a_whole_node_killed_mid_run_restarts_on_the_nodes_left(ray_cluster, cli, store, runs, tmp_path):
     """--nodes 2 on the 3-node cluster: one worker's node (raylet, its workers, its agents) is
-    SIGKILLed after epoch 1; the run restarts from its latest checkpoint on the two nodes
-    left and finishes, each epoch once, its W&B run (held on the driver's node) whole."""
+    SIGKILLed after epoch 1 (the run holds there until then); the run restarts from its latest
+    checkpoint on the two nodes left and finishes, each epoch once, its W&B run (held on the
+    driver's node) whole."""
     from pipeline import local_cluster
 
     folder = runs / "node-lost"
+    hold = tmp_path / "HOLD"
+    hold.touch()
     r = cli("train", "densenet_simple", "--data", store, "--storage", runs, "--name", "node-lost",
-            "--epochs", "3", *TRAIN, "--detach")
+            "--epochs", "3", "--set", f"train.hold_file={hold}", *TRAIN, "--detach")
     assert r.exit_code == 0, r.output
     job_id = r.stdout.strip().splitlines()[-1]
     _wait_for(folder / "epoch-0001" / "checkpoint.done", 300)
-    # Killed before Ray Train's controller has recorded epoch 1 (it polls every ~2 s), the run
-    # would restart from scratch; wait until its record names the checkpoint.
+    # Killed before Ray Train's controller has recorded epoch 1 (it sees reports when it polls
+    # its workers), the run would restart from scratch; wait until its record names the checkpoint.
     snapshot = folder / "checkpoint_manager_snapshot.json"
     deadline = time.monotonic() + 120
     while "epoch-0001" not in (snapshot.read_text() if snapshot.exists() else ""):
@@ -342,6 +345,7 @@ def test_a_whole_node_killed_mid_run_restarts_on_the_nodes_left(ray_cluster, cli
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass  # a short-lived child of the raylet that ended on its own
+    hold.unlink()
     try:
         r = cli("jobs", "logs", job_id, "--follow")
         assert r.exit_code == 0, r.output
