@@ -20,8 +20,9 @@ import re
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?")
 _REPEATED = re.compile(r"\s*\[repeated \d+x across cluster\].*$")
 _PREFIX = re.compile(r"^\((?P<who>[A-Za-z_][\w.:-]*|pid=\w+)(?: pid=\w+)?(?:, ip=[\w.:-]+)?\)\s?")
-# The processes whose lines are ours: the training workers and the W&B recorders.
-_OURS = {"RayTrainWorker", "Recorder"}
+# The processes whose lines are ours: the training workers, the sweep trials that train in
+# their own process (pipeline/tune/sweep.py) and the W&B recorders.
+_OURS = {"RayTrainWorker", "trial", "Recorder"}
 _RAY_LOG = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d+\s+(INFO|DEBUG)\b|\[\d{4}-\d\d-\d\d )")
 _RAY_MESSAGES = re.compile(
     r"^(Setting up process group|Checkpoint successfully created|Reporting training result|"
@@ -44,6 +45,7 @@ class ConsoleFilter:
     def __init__(self) -> None:
         # Sources inside a traceback: only its exception line is shown.
         self.in_traceback: set[str] = set()
+        self.ignored: set[str] = set()
         self.last = ""
         # Whether the line before was shown and not blank: a blank line is shown only after
         # one of ours, so the blank lines around dropped chatter go with it.
@@ -73,9 +75,18 @@ class ConsoleFilter:
         if text.startswith(("Traceback (most recent call last)", "Error in training function")):
             self.in_traceback.add(who)
             return None
+        if text.startswith("Exception ignored in"):
+            # Python's own word that it went on (a trial stopped by the scheduler meets
+            # Ray's SIGTERM handler mid-cleanup): neither the traceback nor its exception.
+            self.in_traceback.add(who)
+            self.ignored.add(who)
+            return None
         if who in self.in_traceback:
             if _EXCEPTION.match(text):
                 self.in_traceback.discard(who)
+                if who in self.ignored:
+                    self.ignored.discard(who)
+                    return None
                 return f"worker error: {text}" if who else text
             return None
         if not text.strip() and who:

@@ -91,6 +91,14 @@ def workers_per_node(requested: int | None, use_gpu: bool, gpus: list[int]) -> i
 Shape = tuple[float, float]
 
 
+def trial_in_process(nodes: int, workers_per_node: int | None, use_gpu: bool, min_nodes: int | None) -> bool:
+    """Whether a sweep trial is one worker, run in the Tune trial's own process: one node,
+    one worker on it (a GPU trial only when asked for one worker: auto means one per GPU),
+    not elastic. Every other trial is a Ray Train run of its own."""
+    one = workers_per_node == 1 or (workers_per_node is None and not use_gpu)
+    return nodes == 1 and one and min_nodes is None
+
+
 def number(value: float) -> str:
     """`2` for 2.0, `1.5` for 1.5: resource counts as a user writes them."""
     return str(int(value)) if float(value).is_integer() else f"{value:g}"

@@ -210,6 +210,21 @@ def delete(location: str | os.PathLike) -> None:
         pass
 
 
+@_remote
+def delete_tree(location: str | os.PathLike) -> None:
+    """Remove a folder and all under it; nothing when it is not there."""
+    if not is_uri(location):
+        import shutil
+
+        shutil.rmtree(location, ignore_errors=True)
+        return
+    fs, path = _fs(str(location))
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+
+
 def check_writable(location: str) -> None:
     """Write and remove a small object under `location`: a UserError naming the location and
     where credentials come from when this process cannot (run on each node before training)."""

@@ -31,6 +31,11 @@ run r: 2 worker(s) on 2 node(s), global batch 64
 
 Trial status: 1 RUNNING
 Current best trial: 48668_00000 with val_top1_error=0.03 and params={'model.depth': 10}
+\x1b[36m(trial pid=21676)\x1b[0m epoch 1/4: train loss 2.2986 top-1 err 0.8945
+\x1b[36m(trial pid=22179)\x1b[0m Exception ignored in: <function WeakSet.__init__.<locals>._remove at 0x7f>
+\x1b[36m(trial pid=22179)\x1b[0m Traceback (most recent call last):
+\x1b[36m(trial pid=22179)\x1b[0m   File "ray/_private/worker.py", line 1063, in sigterm_handler
+\x1b[36m(trial pid=22179)\x1b[0m SystemExit: 1
 
 
 trial   k   L
@@ -54,6 +59,9 @@ def test_only_our_lines_and_the_useful_line_of_an_error_remain():
         "worker error: pipeline.train.loop.TrainingDiverged: the loss is nan at epoch 1 step 2",
         "Ray Train: a worker failed; restarting the worker group from the latest checkpoint",
         "epoch 2/3: train loss 1.2",
+        # A sweep trial of one worker trains in Tune's trial process; one the scheduler
+        # stopped leaves Python's "Exception ignored" behind, which is not an error.
+        "epoch 1/4: train loss 2.2986 top-1 err 0.8945",
         "trial   k   L",
         "-----  --  --",
         "",

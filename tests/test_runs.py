@@ -177,3 +177,13 @@ def test_a_new_run_or_sweep_meets_nothing_and_a_resumed_one_exists():
         runs.check_new_or_resumed("sweep", "s", "runs", resume=False, exists=True)
     with pytest.raises(UserError, match=r"^no run 'a' under s3://b/runs to resume: check --resume NAME and --storage$"):
         runs.check_new_or_resumed("run", "a", "s3://b/runs", resume=True, exists=False)
+
+
+def test_a_sweep_trial_trains_in_its_own_process_only_when_it_is_one_worker():
+    assert runs.trial_in_process(1, None, False, None)
+    assert runs.trial_in_process(1, 1, True, None)
+    # A GPU node's workers default to one per GPU: that may be several.
+    assert not runs.trial_in_process(1, None, True, None)
+    assert not runs.trial_in_process(2, 1, False, None)
+    assert not runs.trial_in_process(1, 2, False, None)
+    assert not runs.trial_in_process(1, 1, False, 1)  # elastic

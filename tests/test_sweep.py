@@ -137,12 +137,14 @@ def _wait(what, seconds: float = 300):
 @pytest.mark.timeout(900)
 def test_a_failed_trial_and_a_stopped_sweep_keep_their_wandb_record(ray_cluster, cli, hard_store, tmp_path):
     # One trial at a time: the first diverges at once (lr 1e30), the second holds after its
-    # first epoch (the hold file) until `jobs stop` lands.
+    # first epoch (the hold file) until `jobs stop` lands. Each trial spans 2 nodes: a Ray
+    # Train run inside its Tune trial (the sweep above trains one-worker trials in the
+    # trial's own process).
     hold = tmp_path / "HOLD"
     hold.touch()
     args = ["sweep", "densenet_bc", "--data", hard_store, "--growth-rate", "4", "--depth", "10",
             "--space", "optim.lr=grid:1.0e+30,0.05", "--scheduler", "fifo", "--recipe", "smoke",
-            "--epochs", "3", "--batch-size", "32", "--storage", tmp_path, "--wandb", "offline",
+            "--epochs", "3", "--batch-size", "32", "--nodes", "2", "--storage", tmp_path, "--wandb", "offline",
             "--set", "cluster.max_failures=0", "--set", "sweep.max_concurrent=1",
             "--set", f"train.hold_file={hold}"]
     r = cli(*args, "--name", "s2", "--detach")

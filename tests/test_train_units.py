@@ -147,3 +147,24 @@ def test_a_checkpoint_cut_short_is_skipped_for_the_newest_whole_one(tmp_path, cl
         checkpoint.epoch_folder(tmp_path, 2)
     r = cli("evaluate", tmp_path, "--epoch", "3", "--data", tmp_path)
     assert r.exit_code == 2 and "no complete checkpoint of epoch 3" in r.stderr
+
+
+def test_a_published_checkpoint_is_whole_and_retention_keeps_the_best_and_the_newest(tmp_path):
+    run = tmp_path / "run"
+    scores = {}
+    for epoch, err in enumerate([0.5, 0.2, 0.4, 0.3], start=1):
+        name = f"epoch-{epoch:04d}"
+        local = tmp_path / "tmp" / name
+        checkpoint.save(local, {"epoch": epoch, "history": []})
+        checkpoint.publish(local, str(run / name))
+        assert checkpoint.complete(run / name)
+        scores[name] = err
+        checkpoint.prune(str(run), 2, scores, newest=name)
+    # Ray Train's rule: the 2 best by val error (epochs 2 and 4), and the newest always.
+    assert sorted(p.name for p in run.iterdir()) == ["epoch-0002", "epoch-0004"]
+    # A folder the session has no score for (written before a restart) is kept.
+    (run / "epoch-0001").mkdir()
+    del scores["epoch-0001"]
+    scores["epoch-0004"] = 0.1
+    assert checkpoint.prune(str(run), 1, scores, newest="epoch-0004") == ["epoch-0002"]
+    assert sorted(p.name for p in run.iterdir()) == ["epoch-0001", "epoch-0004"]

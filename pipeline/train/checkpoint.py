@@ -48,6 +48,26 @@ def save(folder: Path, state: dict[str, Any]) -> Path:
     return folder / FILE
 
 
+def publish(folder: Path, location: str) -> None:
+    """Copy a checkpoint folder `save` wrote to `location` (a path or URI), its marker last:
+    a copy cut short is not a checkpoint (`complete`)."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
+    for file in sorted(files, key=lambda p: p.name == DONE):
+        storage.upload_file(file, storage.join(location, file.name))
+
+
+def prune(run_dir: str, keep: int, scores: dict[str, float], newest: str) -> list[str]:
+    """Ray Train's retention, for checkpoints written without it: the `keep` best of a run
+    folder's checkpoints by val error (`scores`, by folder name) and always the newest; the
+    rest are deleted. Returns the names deleted."""
+    ranked = sorted((n for n in storage.listdir(run_dir) if n.startswith("epoch-") and n in scores),
+                    key=lambda n: (scores[n], n))
+    gone = [n for n in ranked[keep:] if n != newest]
+    for name in gone:
+        storage.delete_tree(storage.join(run_dir, name))
+    return gone
+
+
 def find(path: str | os.PathLike) -> str:
     """The checkpoint file for a file, a checkpoint folder, or a run folder (its newest).
 

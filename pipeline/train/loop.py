@@ -1,7 +1,8 @@
 """The Ray Train worker loop: one process per DDP rank.
 
 `train_worker` is what `TorchTrainer` runs on every worker; `train_loop` is the loop itself,
-given a session (Ray Train's, or `LocalSession` for a plain one-process baseline).
+given a session (Ray Train's; `TuneSession` for a sweep trial of one worker; or
+`LocalSession` for a plain one-process baseline).
 Distributed code lives here and nowhere else: one unwrapped-model handle, one `primary`
 gate for side effects (printing, W&B, writing checkpoints), and every rank reports once
 per epoch (it is a barrier). Determinism: each epoch re-seeds torch from (seed, epoch, rank) and the loader
@@ -143,6 +144,49 @@ class LocalSession:
             raise self.Stopped(f"stopped after epoch {row['epoch']}")
 
 
+class TuneSession:
+    """A sweep trial of one worker (`runs.trial_in_process`), run in the Tune trial's own
+    process: a Ray Train run there would start a controller and a worker process, each
+    importing torch, to train on one worker.
+
+    What Ray Train's storage does for a run, done here: each checkpoint is copied into the
+    run folder (a path or URI), and the best `keep` by val error and the newest are kept.
+    A trial started again resumes from its folder's newest whole checkpoint (the sweep sets
+    `train.resume`); checkpoints from before that start are kept, as their scores are not known here.
+    """
+
+    rank, world = 0, 1
+
+    def __init__(self, run_dir: str, keep: int, use_gpu: bool) -> None:
+        self.run_dir, self.keep = run_dir, keep
+        self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+        if use_gpu:
+            torch.cuda.set_device(self.device)
+        self.scores: dict[str, float] = {}
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[Path | None]:
+        yield None
+
+    def report(self, row: dict[str, Any], folder: Path | None, name: str | None) -> None:
+        import ray.tune
+
+        if folder is not None and name is not None:
+            checkpoint.publish(folder, storage.join(self.run_dir, name))
+            self.scores[name] = row["val_top1_error"]
+            checkpoint.prune(self.run_dir, self.keep, self.scores, newest=name)
+        ray.tune.report(row)
+
+
+# What `train_loop` is given: rank, world, device, node_id, restored and report.
+Session = RaySession | LocalSession | TuneSession
+
+
 class TrainingDiverged(RuntimeError):
     pass
 
@@ -191,7 +235,7 @@ class Parts:
     global_step: int = 0
 
 
-def check_placement(session: RaySession | LocalSession, nodes: int, elastic: bool = False) -> list[str]:
+def check_placement(session: Session, nodes: int, elastic: bool = False) -> list[str]:
     """Every rank's node id; the run must span exactly `nodes` nodes (an elastic run spans
     what Ray gave it)."""
     node_ids = [session.node_id()]
@@ -229,7 +273,7 @@ def build_parts(cfg: Config, spec, device: torch.device, batches: int, say=lambd
                  amp.grad_scaler(device, dtype), dtype, steps, init, ema)
 
 
-def restore(parts: Parts, session: RaySession | LocalSession, cfg: Config, run_dir: str,
+def restore(parts: Parts, session: Session, cfg: Config, run_dir: str,
             device: torch.device, say, max_workers: int | None = None) -> tuple[int, list[dict[str, Any]]]:
     """Load the checkpoint to continue from (Ray's, else with --resume the run folder's newest
     whole one) into `parts`; returns (epochs done, history). An elastic run that comes back
@@ -543,7 +587,7 @@ def _epoch_line(row: dict[str, Any], epochs: int) -> str:
                 epochs, **row, ema=ema)
 
 
-def report_epoch(session: RaySession | LocalSession, row: dict[str, Any], state, save: bool,
+def report_epoch(session: Session, row: dict[str, Any], state, save: bool,
                  primary: bool) -> None:
     """Every rank reports the row (a barrier); with `save`, the primary's report carries the
     checkpoint that `state()` makes."""
@@ -556,7 +600,7 @@ def report_epoch(session: RaySession | LocalSession, row: dict[str, Any], state,
         session.report(row, written, name if save else None)
 
 
-def train_loop(loop_config: dict[str, Any], session: RaySession | LocalSession) -> None:
+def train_loop(loop_config: dict[str, Any], session: Session) -> None:
     cfg = Config.from_dict(loop_config["config"])
     run_dir = loop_config["run_dir"]  # a path or a storage URI
     rank, world = session.rank, session.world

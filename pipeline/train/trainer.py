@@ -118,6 +118,13 @@ def strategy(placement: Placement) -> str:
     return "STRICT_SPREAD" if placement.workers_per_node == 1 else "PACK"
 
 
+def loop_config(cfg: Config, folder: str, manifest_sha256: str, tracker: str | None,
+                workers_per_node: int) -> dict[str, Any]:
+    """What `train_loop` is given, however it runs."""
+    return {"config": cfg.to_dict(), "run_dir": str(folder), "run_name": cfg.cluster.run_name,
+            "manifest_sha256": manifest_sha256, "tracker": tracker, "workers_per_node": workers_per_node}
+
+
 def build_trainer(cfg: Config, placement: Placement, folder: str, manifest_sha256: str = "",
                   callbacks: list | None = None, tracker: str | None = None):
     """The TorchTrainer for one run; `folder` is storage/run_name."""
@@ -128,9 +135,7 @@ def build_trainer(cfg: Config, placement: Placement, folder: str, manifest_sha25
 
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": str(folder),
-                           "run_name": cfg.cluster.run_name, "manifest_sha256": manifest_sha256,
-                           "tracker": tracker, "workers_per_node": placement.workers_per_node},
+        train_loop_config=loop_config(cfg, folder, manifest_sha256, tracker, placement.workers_per_node),
         torch_config=TorchConfig(backend="nccl" if placement.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=placement.num_workers, use_gpu=placement.use_gpu,

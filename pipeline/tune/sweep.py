@@ -1,4 +1,5 @@
-"""Runs a sweep inside the sweep job: a Tune function per trial, each a Ray Train run.
+"""Runs a sweep inside the sweep job: a Tune function per trial, each a Ray Train run, or
+for a trial of one worker the worker loop in the trial's own process (`runs.trial_in_process`).
 
     folder = run(cfg)   # cfg.sweep filled and checked; cfg.cluster.storage and a sweep name set
 
@@ -35,24 +36,36 @@ def base_config(cfg: Config) -> Config:
                                  "tracking.group": s.name})
 
 
+def in_process(cfg: Config) -> bool:
+    c = cfg.cluster
+    return runs.trial_in_process(c.nodes, c.workers_per_node, c.use_gpu, c.min_nodes)
+
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What Tune reserves for a trial's own process: the worker's share when the loop runs
+    there, else TRIAL_CPU (it only waits on its TorchTrainer)."""
+    c = cfg.cluster
+    if in_process(cfg):
+        return {"cpu": c.cpus_per_worker, **({"gpu": 1} if c.use_gpu else {})}
+    return {"cpu": TRIAL_CPU}
+
+
 def trial_config(base: Config, overrides: dict[str, Any], trial_name: str, trials_dir: str) -> Config:
-    # The trial function holds TRIAL_CPU on some node; its workers ask for that much less, so
-    # a node with a whole number of CPUs still fits its share of workers beside the trial.
-    cpus = max(TRIAL_CPU, base.cluster.cpus_per_worker - TRIAL_CPU)
-    cfg = apply_overrides(base, {**overrides, "cluster.run_name": trial_name,
-                                 "cluster.storage": str(trials_dir), "train.resume": False,
-                                 "cluster.cpus_per_worker": cpus})
-    return validate(cfg)
+    changes = {**overrides, "cluster.run_name": trial_name, "cluster.storage": str(trials_dir),
+               "train.resume": False}
+    if not in_process(base):
+        # The trial function holds TRIAL_CPU on some node; its workers ask for that much less,
+        # so a node with a whole number of CPUs still fits its share of workers beside the trial.
+        changes["cluster.cpus_per_worker"] = max(TRIAL_CPU, base.cluster.cpus_per_worker - TRIAL_CPU)
+    return validate(apply_overrides(base, changes))
 
 
 def _trial_fn(base_dict: dict[str, Any], trials_dir: str, manifest_sha256: str, tracked: bool):
     def trial(params: dict[str, Any]) -> None:
         import ray.tune
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        from ..train.trainer import build_trainer, finish_run, plan_placement
 
         from ..train import checkpoint
+        from ..train.trainer import finish_run, loop_config
 
         name = ray.tune.get_context().get_trial_name()
         cfg = trial_config(Config.from_dict(base_dict), params, name, trials_dir)
@@ -65,10 +78,19 @@ def _trial_fn(base_dict: dict[str, Any], trials_dir: str, manifest_sha256: str, 
         storage.makedirs(folder)
         cfg.save(storage.join(folder, "config.json"))
         # The sweep driver's TrialRecorders callback holds this trial's W&B run.
-        trainer = build_trainer(cfg, plan_placement(cfg), folder, manifest_sha256,
-                                callbacks=[TuneReportCallback()],
-                                tracker=recorder_name(name) if tracked else None)
-        trainer.fit()
+        tracker = recorder_name(name) if tracked else None
+        if in_process(cfg):
+            from ..train.loop import TuneSession, train_loop
+
+            train_loop(loop_config(cfg, folder, manifest_sha256, tracker, 1),
+                       TuneSession(folder, cfg.train.keep_checkpoints, cfg.cluster.use_gpu))
+        else:
+            from ray.tune.integration.ray_train import TuneReportCallback
+
+            from ..train.trainer import build_trainer, plan_placement
+
+            build_trainer(cfg, plan_placement(cfg), folder, manifest_sha256,
+                          callbacks=[TuneReportCallback()], tracker=tracker).fit()
         finish_run(cfg, folder)
 
     return trial
@@ -140,7 +162,7 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
     trials_dir = storage.join(folder, "trials")
     tracked = resolve_mode(cfg.tracking.wandb) != "disabled"
     trial = tune.with_resources(_trial_fn(base.to_dict(), trials_dir, manifest_sha256, tracked),
-                                {"cpu": TRIAL_CPU})
+                                trial_resources(base))
     callbacks = [_trial_recorders(base, trials_dir, cfg.train.epochs, dataset_artifact(manifest))] if tracked else []
     if s.resume:
         print(f"resuming sweep {s.name}: finished and failed trials are kept", flush=True)
