@@ -90,6 +90,10 @@ def test_prepare_official_formats_as_ray_jobs(ray_cluster, tmp_path):
         assert [(s["start"], s["stop"]) for s in shards] == shard_bounds(one.splits[split].count
                                                                          + (split == "train"), 3)
     assert three.writer.nodes == 3 and three.skipped == one.skipped
+    # The shard on the driver's node was read from its disk, in the store's temporary folder:
+    # nothing of it is left in the store.
+    assert "(this one)" in r.output
+    assert sorted(p.name for p in sharded.iterdir()) == ["manifest.json", "train.beton", "val.beton"]
     r = run("imagenet", "--source", str(tmp_path / "ilsvrc"), "--out", str(tmp_path / "s" / "x"),
             "--nodes", "4")
     assert r.exit_code == 2 and "--nodes 4 needs 4 nodes with CPUs; the cluster has 3" in r.output

@@ -76,17 +76,20 @@ def read_layout(path: Path) -> Layout:
                   header_dtype=header_t, alloc_dtype=alloc_t, metadata_dtype=r.metadata.dtype)
 
 
-def data_chunks(path: Path, layout: Layout, size: int = CHUNK) -> Iterator[bytes]:
-    """The shard's pages, in order, `size` bytes at a time."""
+def data_chunks(path: Path, layout: Layout, size: int = CHUNK) -> Iterator[np.ndarray]:
+    """The shard's pages, in order, `size` bytes at a time, as uint8 arrays: Ray stores an
+    array's buffer as it is and hands the reader a view of it, where bytes are copied on
+    both sides."""
     with open(path, "rb") as f:
         f.seek(layout.data_start)
         left = layout.data_bytes
         while left:
-            chunk = f.read(min(size, left))
-            if not chunk:
+            chunk = np.empty(min(size, left), dtype=np.uint8)
+            got = f.readinto(memoryview(chunk))
+            if not got:
                 raise MergeError(f"{path} ends {left} bytes before its allocation table")
-            left -= len(chunk)
-            yield chunk
+            left -= got
+            yield chunk[:got]
 
 
 def _fields_prefix(layout: Layout) -> bytes:
@@ -102,9 +105,9 @@ def _shift_pointers(meta: np.ndarray, delta: int) -> None:
                 meta[name][column] += np.uint64(delta) if delta >= 0 else -np.uint64(-delta)
 
 
-def merge_betons(out: Path, shards: Iterable[tuple[Layout, Iterable[bytes]]]) -> int:
-    """Write `out` from `shards` (each a Layout and its pages' bytes in order); returns the
-    number of samples."""
+def merge_betons(out: Path, shards: Iterable[tuple[Layout, Iterable[bytes | np.ndarray]]]) -> int:
+    """Write `out` from `shards` (each a Layout and its pages' bytes in order, as bytes or
+    uint8 arrays); returns the number of samples."""
     shards = list(shards)
     if not shards:
         raise MergeError("nothing to merge")

@@ -7,7 +7,8 @@ Runs in the prepare job's driver. Each node runs one Ray task pinned to it that 
 the node's CPUs and writes samples [start, stop) of each split with that many writer
 processes into the node's temporary folder, exactly as a 1-node prepare would write them (one
 task for both splits: a task start costs seconds of imports). The task then streams its
-files' pages back in 32 MiB objects, and the driver merges the shards in
+files' pages back in 32 MiB objects (the shard on the driver's own node leaves its files
+where the driver reads them), and the driver merges the shards in
 order (`merge.py`), so the store's samples are in the same order as a 1-node prepare's and its
 images are byte-identical (for the deterministic write modes: raw, jpg, smart). Every node must
 see the same --source (a shared mount or the same copy on each), which each shard checks.
@@ -67,9 +68,11 @@ def pick_nodes(count: int) -> list[tuple[str, int]]:
 
 
 def _write_shard(cfg_dict: dict[str, Any], bounds: dict[str, tuple[int, int]],
-                 expected: dict[str, int], workers: int) -> Iterator[Any]:
+                 expected: dict[str, int], workers: int, keep_dir: str | None = None) -> Iterator[Any]:
     """On a node: write each split's [start, stop) slice; yield a head (per split its Layout,
-    page size and skipped images), then every split's pages in order."""
+    page size and skipped images), then every split's pages in order. With `keep_dir` (the
+    shard on the driver's own node) the files are written there and left for the driver to
+    read: only the head is yielded."""
     from .prepare import write_indices, writer_settings
     from .readers import read_source
 
@@ -82,7 +85,11 @@ def _write_shard(cfg_dict: dict[str, Any], bounds: dict[str, tuple[int, int]],
                             f"the driver {n:,}: with --nodes every node must see the same --source "
                             "(a shared mount)")
     settings = writer_settings(cfg, src)
-    tmp = Path(tempfile.mkdtemp(prefix="densenet-pipe-shard-"))
+    if keep_dir is not None:
+        tmp = Path(keep_dir)
+        tmp.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="densenet-pipe-shard-"))
     try:
         head, paths = {}, {}
         for name, (start, stop) in bounds.items():
@@ -94,10 +101,12 @@ def _write_shard(cfg_dict: dict[str, Any], bounds: dict[str, tuple[int, int]],
                 label=f"{name}[{start:,}:{stop:,}] on {host}")
             head[name] = {"layout": read_layout(paths[name]), "page": page, "skipped": skipped}
         yield {"splits": head, "host": host}
-        for name in bounds:
-            yield from data_chunks(paths[name], head[name]["layout"], CHUNK)
+        if keep_dir is None:
+            for name in bounds:
+                yield from data_chunks(paths[name], head[name]["layout"], CHUNK)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if keep_dir is None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _unwrap(e: Exception, shard: str) -> Exception:
@@ -122,15 +131,21 @@ def write_splits_sharded(cfg: PrepareConfig, src: Source, settings: WriteSetting
     bounds = {name: shard_bounds(n, len(nodes)) for name, n in sizes.items()}
     # A split smaller than the node count has fewer shards; its last nodes write none of it.
     task = ray.remote(_write_shard)
+    # The shard on this node writes into `tmp` and the merge reads it from the disk: its
+    # pages need not pass through the object store.
+    here = ray.get_runtime_context().get_node_id()
+    local: dict[int, Path] = {}
     gens = []
     for i, (node, cpus) in enumerate(nodes):
         mine = {name: b[i] for name, b in bounds.items() if i < len(b)}
-        log(f"shard {i} on node {node[:8]} with {cpus} writer(s): "
+        if node == here:
+            local[i] = tmp / f".shard-{i}"
+        log(f"shard {i} on node {node[:8]}{' (this one)' if i in local else ''} with {cpus} writer(s): "
             + ", ".join(f"{name} [{a:,}, {z:,})" for name, (a, z) in mine.items()))
         gens.append(task.options(
             num_cpus=cpus, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
             _generator_backpressure_num_objects=AHEAD,
-        ).remote(cfg.to_dict(), mine, sizes, cpus))
+        ).remote(cfg.to_dict(), mine, sizes, cpus, str(local[i]) if i in local else None))
 
     def get(i: int, ref: Any) -> Any:
         try:
@@ -138,7 +153,11 @@ def write_splits_sharded(cfg: PrepareConfig, src: Source, settings: WriteSetting
         except ray.exceptions.RayTaskError as e:
             raise _unwrap(e, f"shard {i}") from None
 
-    def pages(i: int, nbytes: int) -> Iterator[bytes]:
+    def pages(i: int, name: str, layout) -> Iterator[Any]:
+        if i in local:
+            yield from data_chunks(local[i] / f"{name}.beton", layout, CHUNK)
+            return
+        nbytes = layout.data_bytes
         while nbytes > 0:
             chunk = get(i, next(gens[i]))
             nbytes -= len(chunk)
@@ -151,7 +170,7 @@ def write_splits_sharded(cfg: PrepareConfig, src: Source, settings: WriteSetting
         for name in names:
             parts = [(i, h["splits"][name]) for i, h in enumerate(heads) if name in h["splits"]]
             merge_betons(tmp / f"{name}.beton",
-                         [(p["layout"], pages(i, p["layout"].data_bytes)) for i, p in parts])
+                         [(p["layout"], pages(i, name, p["layout"])) for i, p in parts])
             skipped: dict[int, str] = {}
             for _, p in parts:
                 skipped.update(p["skipped"])
@@ -167,4 +186,6 @@ def write_splits_sharded(cfg: PrepareConfig, src: Source, settings: WriteSetting
                 ray.cancel(gen)
             except Exception:  # noqa: BLE001  (a finished task cannot be cancelled; fine)
                 pass
+        for folder in local.values():
+            shutil.rmtree(folder, ignore_errors=True)
     return out
