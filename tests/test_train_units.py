@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,21 @@ def test_a_published_checkpoint_is_whole_and_retention_keeps_the_best_and_the_ne
     scores["epoch-0004"] = 0.1
     assert checkpoint.prune(str(run), 1, scores, newest="epoch-0004") == ["epoch-0002"]
     assert sorted(p.name for p in run.iterdir()) == ["epoch-0001", "epoch-0004"]
+
+
+def test_checkpoint_scratch_of_a_dead_worker_is_removed_and_a_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = tmp_path / f"{checkpoint.SCRATCH_PREFIX}{gone.pid}-abc"
+    mine = tmp_path / f"{checkpoint.SCRATCH_PREFIX}{os.getpid()}-def"
+    unknown = tmp_path / f"{checkpoint.SCRATCH_PREFIX}xyz"
+    for folder in (dead, mine, unknown):
+        folder.mkdir()
+        (folder / "checkpoint.pt").write_bytes(b"x")
+    assert checkpoint.remove_dead_scratch(tmp_path) == [dead.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, unknown.name])
+    with checkpoint.scratch_dir() as scratch:
+        assert Path(scratch).name.startswith(f"{checkpoint.SCRATCH_PREFIX}{os.getpid()}-")

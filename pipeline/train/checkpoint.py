@@ -68,6 +68,45 @@ def prune(run_dir: str, keep: int, scores: dict[str, float], newest: str) -> lis
     return gone
 
 
+# A worker writes each checkpoint into a scratch folder named for its pid before Ray copies
+# it to storage; a worker killed meanwhile (a lost node, `jobs stop`) leaves it behind.
+SCRATCH_PREFIX = "densenet-ckpt-"
+
+
+def scratch_dir():
+    """A TemporaryDirectory for one checkpoint, named for this process."""
+    import tempfile
+
+    return tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
+
+
+def remove_dead_scratch(root: str | os.PathLike | None = None) -> list[str]:
+    """Remove the scratch folders in `root` (the temp folder) of processes that are gone;
+    returns their names. A pid in use again keeps its folder: nothing of another process is
+    removed."""
+    import shutil
+    import tempfile
+
+    removed = []
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = folder.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def find(path: str | os.PathLike) -> str:
     """The checkpoint file for a file, a checkpoint folder, or a run folder (its newest).
 

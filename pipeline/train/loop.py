@@ -21,7 +21,6 @@ import random
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -592,7 +591,7 @@ def report_epoch(session: Session, row: dict[str, Any], state, save: bool,
     """Every rank reports the row (a barrier); with `save`, the primary's report carries the
     checkpoint that `state()` makes."""
     name = f"epoch-{row['epoch']:04d}"
-    with tempfile.TemporaryDirectory(prefix="densenet-ckpt-") as tmp:
+    with checkpoint.scratch_dir() as tmp:
         written = None
         if save and primary:
             checkpoint.save(Path(tmp), state())
@@ -609,6 +608,7 @@ def train_loop(loop_config: dict[str, Any], session: Session) -> None:
     device = session.device
     if device.type == "cpu":
         torch.set_num_threads(worker_cpus(cfg))
+    checkpoint.remove_dead_scratch()
     elastic = cfg.cluster.min_nodes is not None
     node_ids = check_placement(session, cfg.cluster.nodes, elastic)
     # The batch and lr hold for the full size; an elastic run with fewer workers keeps each
