@@ -309,3 +309,21 @@ def test_a_sigkilled_prepare_leaves_nothing_after_the_next_one(tmp_path):
     assert f"pid {proc.pid}" in r.stdout and "left by an interrupted prepare" in r.stdout
     assert sorted(p.name for p in out.parent.iterdir()) == ["syn"]
     assert open_store(out).splits["train"].count == 40
+
+
+@pytest.mark.timeout(120)
+def test_a_prepared_store_is_hashed_once(tmp_path, no_compile, monkeypatch):
+    # Each .beton is read for its sha256 once, when written; the checks of the written store
+    # and of the published one (the same files, renamed) use that hash. A later change to a
+    # file is still caught (the test above).
+    from pipeline.data import store
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    hashed = []
+    real = store.sha256_file
+    monkeypatch.setattr(store, "sha256_file", lambda path, *a: hashed.append(Path(path).name) or real(path, *a))
+    cfg = PrepareConfig(dataset="synthetic", out=str(tmp_path / "syn"))
+    cfg.synthetic.train_size, cfg.synthetic.val_size = 40, 10
+    m = prepare(cfg, log=quiet)
+    assert sorted(hashed) == ["train.beton", "val.beton"]
+    assert m.splits["train"].sha256 == real(tmp_path / "syn" / "train.beton")

@@ -25,7 +25,8 @@ from ..errors import UserError
 from .publish import check_out, publish, publishing
 from .prepare_config import PrepareConfig, validate_prepare
 from .readers import ArraySplit, FileSplit, Source, Split, read_source
-from .store import FORMAT_VERSION, MANIFEST, Manifest, SplitInfo, WriterInfo, md5_file, open_store, sha256_file, write_manifest
+from .store import (FORMAT_VERSION, MANIFEST, Manifest, SplitInfo, WriterInfo, hash_file, md5_file, open_store,
+                    remember_moved, write_manifest)
 from .writer import DISK_FULL, WriteFailed, WriteSettings, read_labels, write_beton
 
 Log = Callable[[str], None]
@@ -143,7 +144,7 @@ def _check_split(name: str, split: Split, path: Path, skipped: dict[int, str],
         count, labels = len(metadata), np.asarray(metadata["f1"]).astype(np.int64)
     if count != len(expected) or not np.array_equal(labels, expected):
         raise RuntimeError(f"{path} verification failed: {count} samples, expected {len(expected)}")
-    info = SplitInfo(file=path.name, count=count, sha256=sha256_file(path), bytes=path.stat().st_size)
+    info = SplitInfo(file=path.name, count=count, sha256=hash_file(path), bytes=path.stat().st_size)
     skipped_list = [dict(zip(("path", "reason"), skipped[i].split("\t", 1)), split=name) for i in sorted(skipped)]
     return info, skipped_list
 
@@ -252,6 +253,8 @@ def prepare(cfg: PrepareConfig, log: Log = print) -> Manifest:
         with publishing(out, log) as tmp:
             splits = _write_store(tmp, src, settings, cfg, log)
             publish(tmp, out, cfg.force)
+        for info in splits.values():
+            remember_moved(out / info.file, info.sha256)
     except WriteFailed as e:
         if e.disk_full:
             raise UserError(f"disk full while writing {out} ({e.message}): free some space or "

@@ -125,6 +125,20 @@ def _stamp(path: Path) -> str:
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
 
 
+def hash_file(path: Path) -> str:
+    """sha256 of a .beton just written, remembered: the check that follows need not read it
+    again (a store's files are hashed once, not once per check)."""
+    digest = sha256_file(path)
+    _remember(_stamp(path), digest)
+    return digest
+
+
+def remember_moved(path: Path, digest: str) -> None:
+    """A file hashed by this process under another name and renamed to `path` (a rename
+    keeps the inode and its bytes): known by `open_store` without hashing it again."""
+    _remember(_stamp(path), digest)
+
+
 def _read_cache() -> dict[str, str]:
     try:
         data = json.loads(_cache_file().read_text())
