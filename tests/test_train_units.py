@@ -187,3 +187,18 @@ def test_checkpoint_scratch_of_a_dead_worker_is_removed_and_a_live_ones_kept(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, unknown.name])
     with checkpoint.scratch_dir() as scratch:
         assert Path(scratch).name.startswith(f"{checkpoint.SCRATCH_PREFIX}{os.getpid()}-")
+
+
+def test_a_restarted_in_process_trial_scores_the_checkpoints_it_resumes_with(tmp_path):
+    from pipeline.train.loop import TuneSession
+
+    run = tmp_path / "trial"
+    for epoch in (1, 2, 3):
+        checkpoint.save(run / f"epoch-{epoch:04d}", {"epoch": epoch, "history": []})
+    session = TuneSession(str(run), keep=1, use_gpu=False)
+    session.resumed([{"epoch": 1, "val_top1_error": 0.5}, {"epoch": 2, "val_top1_error": 0.2},
+                     {"epoch": 3, "val_top1_error": 0.4}])
+    # Epoch 1 is neither the best nor the newest: retention removes it, as it would have
+    # before the restart.
+    assert checkpoint.prune(str(run), 1, session.scores, newest="epoch-0003") == ["epoch-0001"]
+    assert sorted(p.name for p in run.iterdir()) == ["epoch-0002", "epoch-0003"]

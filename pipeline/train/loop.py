@@ -151,7 +151,7 @@ class TuneSession:
     What Ray Train's storage does for a run, done here: each checkpoint is copied into the
     run folder (a path or URI), and the best `keep` by val error and the newest are kept.
     A trial started again resumes from its folder's newest whole checkpoint (the sweep sets
-    `train.resume`); checkpoints from before that start are kept, as their scores are not known here.
+    `train.resume`); the history it resumes with scores the checkpoints written before.
     """
 
     rank, world = 0, 1
@@ -171,6 +171,9 @@ class TuneSession:
     @contextlib.contextmanager
     def restored(self) -> Iterator[Path | None]:
         yield None
+
+    def resumed(self, history: list[dict[str, Any]]) -> None:
+        self.scores.update({f"epoch-{h['epoch']:04d}": h["val_top1_error"] for h in history})
 
     def report(self, row: dict[str, Any], folder: Path | None, name: str | None) -> None:
         import ray.tune
@@ -634,6 +637,8 @@ def train_loop(loop_config: dict[str, Any], session: Session) -> None:
 
     start_epoch, history = restore(parts, session, cfg, run_dir, device, say,
                                    max_workers=max_workers if elastic else None)
+    if isinstance(session, TuneSession):
+        session.resumed(history)
     best = min((h["val_top1_error"] for h in history), default=math.inf)
     net, val_net, compiled = wrap(parts, cfg, device, world, say)
 
