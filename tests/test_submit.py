@@ -208,7 +208,7 @@ def test_stop_a_running_job(ray_cluster, cli):
 @pytest.mark.timeout(300)
 def test_ctrl_c_leaves_the_job_running_or_stops_it(ray_cluster, cli):
     """stdin is not a terminal: Ctrl-C leaves the job running; --stop-on-interrupt stops it."""
-    def interrupted(*flag: str, after: float) -> tuple[int, str, str]:
+    def started(*flag: str) -> tuple[subprocess.Popen, float]:
         proc = subprocess.Popen(
             [sys.executable, "-c", "from pipeline.cli import main; main()", "doctor", "--quick",
              "--burn-in", "600", *flag],
@@ -220,24 +220,37 @@ def test_ctrl_c_leaves_the_job_running_or_stops_it(ray_cluster, cli):
         for line in proc.stdout:
             if line.startswith("doctor: started"):
                 break
-        time.sleep(after)
+        return proc, time.monotonic()
+
+    def interrupted(proc: subprocess.Popen) -> tuple[int, str, str]:
         proc.send_signal(signal.SIGINT)
         # A guard against a hang, not a timing: the stopped job gets up to 30 s to end.
         out, err = proc.communicate(timeout=150)
         return proc.returncode, err + out, err.split("submitted job ")[1].split()[0]
 
-    # Past the first 10 s of polling (`submit.follow`): the interrupt lands while following
-    # the websocket, where it was once lost.
-    code, err, job_id = interrupted(after=12)
-    assert code == 130, err
-    assert f"stop it with `densenet-pipe jobs stop {job_id}`" in err
-    assert _wait_status(cli, job_id, {"RUNNING"}) == "RUNNING"
-    assert cli("jobs", "stop", job_id).exit_code == 0
+    # Two CLIs at once, so the second case runs while the first waits out its polling phase.
+    following, since = started()
+    polling, _ = started("--stop-on-interrupt")
+    try:
+        # Within the polling seconds: one place an interrupt can land.
+        time.sleep(1)
+        code, err, job_id = interrupted(polling)
+        assert code == 1, err + cli("jobs", "logs", job_id).stdout
+        assert _wait_status(cli, job_id, {"STOPPED"}, timeout=5) == "STOPPED"
 
-    # Within the polling seconds: the other place an interrupt can land.
-    code, err, job_id = interrupted("--stop-on-interrupt", after=1)
-    assert code == 1, err + cli("jobs", "logs", job_id).stdout
-    assert _wait_status(cli, job_id, {"STOPPED"}, timeout=5) == "STOPPED"
+        # Past the first 10 s of polling (`submit.follow`): the interrupt lands while following
+        # the websocket, where it was once lost.
+        time.sleep(max(0.0, since + 12 - time.monotonic()))
+        code, err, job_id = interrupted(following)
+        assert code == 130, err
+        assert f"stop it with `densenet-pipe jobs stop {job_id}`" in err
+        assert _wait_status(cli, job_id, {"RUNNING"}) == "RUNNING"
+        assert cli("jobs", "stop", job_id).exit_code == 0
+    finally:
+        for proc in (following, polling):
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
 
 
 @pytest.mark.ray
