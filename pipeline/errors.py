@@ -11,3 +11,10 @@ class JobFailed(Exception):
     """A job ran and failed or was stopped: exit 1."""
 
     exit_code = 1
+
+
+def last_line(error: BaseException | str, limit: int = 300) -> str:
+    """The last non-empty line of an error's text: Ray's errors print their own frames first
+    and end with the cause's `Type: message`, the line a user can act on."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:limit]

@@ -180,7 +180,9 @@ def test_a_failed_trial_and_a_stopped_sweep_keep_their_wandb_record(ray_cluster,
     before = checkpoint.load(trials / stopped.config["cluster"]["run_name"])["history"]
     hold.unlink()
     r = cli(*args, "--resume", "s2")
-    assert r.exit_code == 1 and "1 trial(s) failed" in r.output, r.output
+    assert r.exit_code == 1 and "1 trial(s) failed, the first with" in r.output, r.output
+    # The one line names why: the diverged loss, not the Ray actor it happened in.
+    assert "training diverged; lower optim.lr" in r.output.split("trial(s) failed")[1], r.output
     resumed = checkpoint.load(trials / stopped.config["cluster"]["run_name"])
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     # Continued from a checkpoint, not started again: epoch 1 is the row made before the stop.
@@ -199,3 +201,15 @@ def test_optuna_search_builds_from_the_plan():
     searcher = OptunaSearch(space=space, metric="val_top1_error", mode="min")
     suggestion = searcher.suggest("t1")
     assert suggestion["model.growth_rate"] in (12, 24) and 0.01 <= suggestion["optim.lr"] <= 0.3
+
+
+def test_the_table_explains_its_star_only_when_a_row_has_one(capsys):
+    from pipeline.tune.sweep import print_table
+
+    row = {"trial": "t0", "growth_rate": 12, "depth": 40, "params": 1.0e6, "macs": 5.0e8,
+           "best_val_top1_error": 0.25, "epochs_run": 3, "stopped_early": False, "time_s": 1.0}
+    print_table([row])
+    assert "*" not in capsys.readouterr().out
+    print_table([row, {**row, "trial": "t1", "epochs_run": 1, "stopped_early": True}])
+    out = capsys.readouterr().out
+    assert " 1*" in out and "* stopped early by the scheduler" in out

@@ -202,3 +202,21 @@ def test_a_restarted_in_process_trial_scores_the_checkpoints_it_resumes_with(tmp
     # before the restart.
     assert checkpoint.prune(str(run), 1, session.scores, newest="epoch-0003") == ["epoch-0001"]
     assert sorted(p.name for p in run.iterdir()) == ["epoch-0002", "epoch-0003"]
+
+
+def test_a_failure_from_inside_ray_is_told_by_its_cause_not_the_actor():
+    import traceback
+
+    from ray.exceptions import RayTaskError
+
+    from pipeline.errors import last_line
+    from pipeline.train.loop import TrainingDiverged
+
+    try:
+        raise TrainingDiverged("the loss is nan at epoch 1 step 1: training diverged; lower optim.lr")
+    except TrainingDiverged as cause:
+        error = RayTaskError("ImplicitFunc.train", traceback.format_exc(), cause)
+    assert str(error).splitlines()[0].startswith("\x1b[36m") or "pid=" in str(error).splitlines()[0]
+    assert last_line(error) == ("pipeline.train.loop.TrainingDiverged: the loss is nan at epoch 1 "
+                                "step 1: training diverged; lower optim.lr")
+    assert last_line(RuntimeError()) == "RuntimeError"

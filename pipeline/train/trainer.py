@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import runs, storage
 from ..config import Config
-from ..errors import JobFailed, UserError
+from ..errors import JobFailed, UserError, last_line
 
 
 @dataclass
@@ -206,7 +206,7 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
         build_trainer(cfg, placement, folder, manifest_sha256, tracker=recorder).fit()
         ended = "finished"
     except ray.train.TrainingFailedError as e:
-        raise JobFailed(f"training failed: {str(e).strip().splitlines()[-1][:300]}") from e
+        raise JobFailed(f"training failed: {last_line(e)}") from e
     except (SystemExit, KeyboardInterrupt):
         # `jobs stop`: Ray's driver turns SIGTERM into SystemExit.
         ended = "stopped_by_user"

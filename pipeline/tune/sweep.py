@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import runs, storage
 from ..config import Config, apply_overrides, validate
-from ..errors import JobFailed
+from ..errors import JobFailed, last_line
 from ..models import spec as model_spec
 from ..tracking import recorder_name
 from ..train.plots import save_png
@@ -213,7 +213,7 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
     log_table(cfg, folder, rows)
     errors = [r for r in grid if r.error]
     if errors:
-        raise JobFailed(f"{len(errors)} trial(s) failed: {str(errors[0].error).splitlines()[0][:200]}")
+        raise JobFailed(f"{len(errors)} trial(s) failed, the first with {last_line(errors[0].error)}")
     return folder
 
 
@@ -285,7 +285,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         [[r["trial"], r["growth_rate"], r["depth"], f"{r['params'] / 1e6:.2f}M", f"{r['macs'] / 1e9:.3f}G",
           f"{r['best_val_top1_error']:.4f}", f"{r['epochs_run']}{'*' if r['stopped_early'] else ''}",
           f"{r['time_s']:.1f}"] for r in rows]), flush=True)
-    print("* stopped early by the scheduler", flush=True)
+    if any(r["stopped_early"] for r in rows):
+        print("* stopped early by the scheduler", flush=True)
 
 
 def log_table(cfg: Config, folder: str, rows: list[dict[str, Any]]) -> None:
