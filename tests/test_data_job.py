@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -10,7 +12,6 @@ from fixtures_data import make_cifar, make_ilsvrc, make_svhn
 from test_merge import samples
 from pipeline.cli import app
 from pipeline.config import DataSection
-from pipeline.data.sharded import shard_bounds
 from pipeline.data.store import open_store
 
 pytestmark = [pytest.mark.ray, pytest.mark.ffcv]
@@ -76,23 +77,35 @@ def test_prepare_official_formats_as_ray_jobs(ray_cluster, tmp_path):
     assert r.exit_code == 0, r.output
     assert len(open_store(out).skipped) == 1
 
-    # The same source on every node of the cluster, a contiguous shard each, merged: the
-    # same samples in the same order, the same encoded bytes, the unreadable image skipped
-    # in the shard that holds it.
+    # The same source on every node of the cluster, in contiguous pieces handed to the nodes
+    # as they free up, merged as they finish: the same samples in the same order, the same
+    # encoded bytes, the unreadable image skipped in the piece that holds it. As on a cluster
+    # of one node a machine, the pieces of the driver's node are copied from its disk and the
+    # others' stream through Ray's object store.
+    one = open_store(out)
     sharded = tmp_path / "sharded" / "imagenet"
-    r = run("imagenet", "--source", str(tmp_path / "ilsvrc"), "--out", str(sharded),
-            "--max-resolution", "48", "--skip-bad", "--write-mode", "jpg", "--nodes", "3")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DENSENET_PIPE_PIECES", "node")
+        r = run("imagenet", "--source", str(tmp_path / "ilsvrc"), "--out", str(sharded),
+                "--max-resolution", "48", "--skip-bad", "--write-mode", "jpg", "--nodes", "3")
     assert r.exit_code == 0, r.output
-    one, three = open_store(out), open_store(sharded)
+    three = open_store(sharded)
+    here = re.search(r"node (\w{8}) \(this one\)", r.output)[1]
     for split in ("train", "val"):
         assert samples(three.beton(split)) == samples(one.beton(split))
-        shards = three.writer.shards[split]
-        assert [(s["start"], s["stop"]) for s in shards] == shard_bounds(one.splits[split].count
-                                                                         + (split == "train"), 3)
+        pieces = three.writer.shards[split]
+        bounds = [(s["start"], s["stop"]) for s in pieces]
+        assert bounds[0][0] == 0 and bounds[-1][1] == one.splits[split].count + (split == "train")
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        ways = re.search(rf"{split}: \d+ pieces .* (\d+) copied on this machine, (\d+) streamed", r.output)
+        assert ways is not None, r.output
+        assert (int(ways[1]), int(ways[2])) == (sum(s["node"] == here for s in pieces),
+                                                 sum(s["node"] != here for s in pieces))
+    # Each node took a piece first thing, so both ways ran.
+    assert {s["node"] for split in ("train", "val") for s in three.writer.shards[split]} != {here}
+    assert len({s["node"] for split in ("train", "val") for s in three.writer.shards[split]}) == 3
     assert three.writer.nodes == 3 and three.skipped == one.skipped
-    # The shard on the driver's node was read from its disk, in the store's temporary folder:
-    # nothing of it is left in the store.
-    assert "(this one)" in r.output
+    # Nothing of the pieces is left in the store.
     assert sorted(p.name for p in sharded.iterdir()) == ["manifest.json", "train.beton", "val.beton"]
     r = run("imagenet", "--source", str(tmp_path / "ilsvrc"), "--out", str(tmp_path / "s" / "x"),
             "--nodes", "4")

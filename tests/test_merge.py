@@ -97,3 +97,67 @@ def test_merge_refuses_shards_of_other_layouts(tmp_path):
         merge_betons(tmp_path / "m.beton", [(la, []), (lb, [])])
     with pytest.raises(MergeError, match="bytes of pages"):
         merge_betons(tmp_path / "m.beton", [(la, [b"x"])])
+
+
+@pytest.mark.timeout(120)
+def test_shards_appended_as_they_finish_read_back_in_order_with_room_for_skipped_images(tmp_path):
+    from ffcv.reader import Reader
+
+    from pipeline.data.merge import MergedFile
+
+    split = SyntheticSplit(SyntheticSpec(train_size=30, num_classes=3, resolution=48, min_size=20), "train")
+    settings = WriteSettings("jpg", jpeg_quality=90)
+    whole = tmp_path / "whole.beton"
+    write_beton(whole, split, settings, workers=1, log=lambda _: None)
+    # Room for 5 samples that never came (images a shard skipped): FFCV reads only the rows
+    # the header counts, and finds every page by its pointer.
+    merged = MergedFile(tmp_path / "merged.beton", capacity=35)
+    # Appended in the order they finished, not in sample order: the rows still come in order.
+    for i, (a, b) in [(2, (8, 30)), (0, (0, 7)), (1, (7, 8))]:
+        p = tmp_path / f"part{i}.beton"
+        write_beton(p, split, settings, workers=1, indices=range(a, b), log=lambda _: None)
+        if i == 2:  # a shard on this machine's disk: the kernel copies its pages
+            merged.append_file(read_layout(p), p, position=i)
+        else:
+            merged.append(read_layout(p), data_chunks(p, read_layout(p), size=1 << 12), position=i)
+    assert merged.close() == 30
+    assert samples(tmp_path / "merged.beton") == samples(whole)
+    assert len(Reader(str(tmp_path / "merged.beton")).metadata) == 30
+    over = MergedFile(tmp_path / "over.beton", capacity=6)
+    with pytest.raises(MergeError, match="past the 6 samples"):
+        over.append(read_layout(tmp_path / "part0.beton"), [])
+    over.discard()
+
+
+def test_pieces_cover_each_split_in_order_large_first_and_small_splits_spread():
+    from pipeline.data.sharded import Pieces
+
+    plan = Pieces({"train": 27_000, "val": 3_375}, nodes=2, smallest=512)
+    pieces = list(iter(plan.take, None))
+    for split, n in (("train", 27_000), ("val", 3_375)):
+        mine = [p for p in pieces if p.split == split]
+        assert [p.index for p in mine] == list(range(len(mine)))
+        assert mine[0].start == 0 and mine[-1].stop == n
+        assert all(a.stop == b.start for a, b in zip(mine, mine[1:]))
+    sizes = [p.stop - p.start for p in pieces]
+    # At most a quarter of a node's share, then half of what is left each time: the pieces
+    # that end last are small, so the nodes end together and little is left to merge.
+    # (train's last piece is what train has left; val's then halve down to 512.)
+    assert sizes == [3_797] * 7 + [421] + [1_688, 844, 512, 331]
+    # A split smaller than SMALLEST per node still spreads over the nodes.
+    tiny = list(iter(Pieces({"train": 9, "val": 3}, nodes=3, smallest=512).take, None))
+    assert len([p for p in tiny if p.split == "val"]) == 3
+    assert len([p for p in tiny if p.split == "train"]) >= 3
+
+
+def test_a_node_copies_its_pieces_only_on_the_drivers_machine_and_in_its_folder(tmp_path):
+    from pipeline.data.sharded import machine_id, on_drivers_machine
+
+    (tmp_path / ".token").write_text("abc")
+    assert on_drivers_machine(str(tmp_path), "abc", machine_id())
+    # Another machine that sees the folder (a network filesystem) streams.
+    assert not on_drivers_machine(str(tmp_path), "abc", "another-boot-id")
+    # A folder that is not the driver's (another mount at the same path), or none at all.
+    assert not on_drivers_machine(str(tmp_path), "xyz", machine_id())
+    assert not on_drivers_machine(str(tmp_path / "absent"), "abc", machine_id())
+    assert not on_drivers_machine(str(tmp_path), None, machine_id())

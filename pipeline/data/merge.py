@@ -14,9 +14,10 @@ shards, in the shards' order. Pages stay page-aligned, which FFCV's page-wise re
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -105,65 +106,155 @@ def _shift_pointers(meta: np.ndarray, delta: int) -> None:
                 meta[name][column] += np.uint64(delta) if delta >= 0 else -np.uint64(-delta)
 
 
+def _check_like(first: Layout, lay: Layout, i: int) -> None:
+    if (lay.page_size != first.page_size or _fields_prefix(lay) != _fields_prefix(first)
+            or lay.metadata_dtype != first.metadata_dtype):
+        raise MergeError(f"shard {i} was written with other fields or page size than shard 0")
+    if len(lay.metadata) != lay.num_samples * lay.metadata_dtype.itemsize:
+        raise MergeError(f"shard {i}: metadata size does not match its {lay.num_samples} samples")
+
+
+class MergedFile:
+    """One .beton built from shards appended as they arrive, in any order.
+
+    The pages go first, from where the metadata of `capacity` samples ends (the split's size:
+    images skipped while writing only leave that region a few rows short, which FFCV never
+    reads, since it reads `num_samples` rows). Each shard says its `position` among the
+    split's shards; `close` writes the metadata rows and the allocation table in that order,
+    so the samples come in order wherever their pages landed (FFCV finds a sample's pages by
+    pointer). A merge can then run while later shards are still being written.
+    """
+
+    def __init__(self, out: Path, capacity: int):
+        self.out, self.capacity = out, capacity
+        self.first: Layout | None = None
+        self.file: BinaryIO | None = None
+        self.parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.samples = 0
+        self.data_start = 0
+
+    def append(self, layout: Layout, chunks: Iterable[bytes | np.ndarray], position: int | None = None) -> None:
+        """Append a shard whose pages come as `chunks` (bytes or uint8 arrays, in order)."""
+        def copy(f: BinaryIO) -> int:
+            written = 0
+            for chunk in chunks:
+                f.write(chunk)
+                written += len(chunk)
+            return written
+
+        self._append(layout, position, copy)
+
+    def append_file(self, layout: Layout, path: Path, position: int | None = None) -> None:
+        """Append a shard from its file on this machine: the kernel copies the pages
+        (copy_file_range), so they need not pass through this process."""
+        def copy(f: BinaryIO) -> int:
+            with open(path, "rb") as src:
+                return _copy_range(src, f, layout.data_start, layout.data_bytes)
+
+        self._append(layout, position, copy)
+
+    def _append(self, layout: Layout, position: int | None, copy: Callable[[BinaryIO], int]) -> None:
+        position = len(self.parts) if position is None else position
+        if position in self.parts:
+            raise MergeError(f"shard {position} was merged already")
+        if self.first is None:
+            self.first = layout
+            self.data_start = _align(len(layout.prefix) + self.capacity * layout.metadata_dtype.itemsize,
+                                     layout.page_size)
+            # Unbuffered: pages arrive in large chunks or are copied by the kernel, and the
+            # file's offset is then the one place that says where the next shard starts.
+            self.file = open(self.out, "wb", buffering=0)
+            self.file.seek(self.data_start)
+        _check_like(self.first, layout, position)
+        if self.samples + layout.num_samples > self.capacity:
+            raise MergeError(f"shard {position} brings the split past the {self.capacity} samples it has")
+        base = self.file.tell()
+        delta = base - layout.data_start
+        meta = np.frombuffer(layout.metadata, dtype=layout.metadata_dtype).copy()
+        _shift_pointers(meta, delta)
+        alloc = np.frombuffer(layout.alloc_table, dtype=layout.alloc_dtype).copy()
+        if len(alloc):
+            alloc["ptr"] = (alloc["ptr"].astype(np.int64) + delta).astype(np.uint64)
+        written = copy(self.file)
+        if written != layout.data_bytes:
+            raise MergeError(f"a shard sent {written} bytes of pages, its layout says {layout.data_bytes}")
+        self.parts[position] = (meta, alloc)
+        self.samples += layout.num_samples
+
+    def close(self) -> int:
+        """Write what points into the pages; returns the number of samples."""
+        if self.first is None or self.file is None:
+            raise MergeError("nothing to merge")
+        first, f = self.first, self.file
+        metas, allocs, first_sample = [], [], 0
+        for position in sorted(self.parts):
+            meta, alloc = self.parts[position]
+            alloc = alloc.copy()
+            alloc["sample_id"] += np.uint64(first_sample)
+            metas.append(meta)
+            allocs.append(alloc)
+            first_sample += len(meta)
+        alloc_ptr = f.tell()
+        all_metas, all_allocs = np.concatenate(metas), np.concatenate(allocs)
+        _check_pointers(all_metas, all_allocs, self.data_start, alloc_ptr)
+        f.write(all_allocs.tobytes())
+        header = np.frombuffer(first.prefix[:first.header_dtype.itemsize], dtype=first.header_dtype).copy()[0]
+        header["num_samples"] = self.samples
+        header["alloc_table_ptr"] = alloc_ptr
+        f.seek(0)
+        f.write(header.tobytes())
+        f.write(_fields_prefix(first))
+        f.write(all_metas.tobytes())
+        f.close()
+        self.file = None
+        return self.samples
+
+    def discard(self) -> None:
+        """Close without finishing (the caller removes the file with its temporary folder)."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
 def merge_betons(out: Path, shards: Iterable[tuple[Layout, Iterable[bytes | np.ndarray]]]) -> int:
     """Write `out` from `shards` (each a Layout and its pages' bytes in order, as bytes or
     uint8 arrays); returns the number of samples."""
     shards = list(shards)
     if not shards:
         raise MergeError("nothing to merge")
-    layouts = [s[0] for s in shards]
-    first = layouts[0]
-    header_t, alloc_t, metadata_dtype = first.header_dtype, first.alloc_dtype, first.metadata_dtype
-    for i, lay in enumerate(layouts):
-        if (lay.page_size != first.page_size or _fields_prefix(lay) != _fields_prefix(first)
-                or lay.metadata_dtype != metadata_dtype):
-            raise MergeError(f"shard {i} was written with other fields or page size than shard 0")
-        if len(lay.metadata) != lay.num_samples * metadata_dtype.itemsize:
-            raise MergeError(f"shard {i}: metadata size does not match its {lay.num_samples} samples")
-    page = first.page_size
-    total = sum(lay.num_samples for lay in layouts)
-    metadata_start = len(first.prefix)
-    data_start = _align(metadata_start + total * metadata_dtype.itemsize, page)
+    for i, (lay, _) in enumerate(shards):
+        _check_like(shards[0][0], lay, i)
+    merged = MergedFile(out, sum(lay.num_samples for lay, _ in shards))
+    try:
+        for lay, chunks in shards:
+            merged.append(lay, chunks)
+        return merged.close()
+    finally:
+        merged.discard()
 
-    metas, allocs, bases = [], [], []
-    base, first_sample = data_start, 0
-    for lay in layouts:
-        delta = base - lay.data_start
-        meta = np.frombuffer(lay.metadata, dtype=metadata_dtype).copy()
-        _shift_pointers(meta, delta)
-        alloc = np.frombuffer(lay.alloc_table, dtype=alloc_t).copy()
-        if len(alloc):
-            alloc["ptr"] = (alloc["ptr"].astype(np.int64) + delta).astype(np.uint64)
-            alloc["sample_id"] += np.uint64(first_sample)
-        metas.append(meta)
-        allocs.append(alloc)
-        bases.append(base)
-        base += lay.data_bytes
-        first_sample += lay.num_samples
-    alloc_ptr = base
-    all_allocs = np.concatenate(allocs) if allocs else np.zeros(0, alloc_t)
-    _check_pointers(np.concatenate(metas), all_allocs, data_start, alloc_ptr)
 
-    header = np.frombuffer(first.prefix[:header_t.itemsize], dtype=header_t).copy()[0]
-    header["num_samples"] = total
-    header["alloc_table_ptr"] = alloc_ptr
-    with open(out, "wb") as f:
-        f.write(header.tobytes())
-        f.write(_fields_prefix(first))
-        for meta in metas:
-            f.write(meta.tobytes())
-        _pad_to(f, data_start)
-        for (lay, chunks), want in zip(shards, bases):
-            if f.tell() != want:
-                raise MergeError(f"shard pages would start at {f.tell()}, not {want}")
-            written = 0
-            for chunk in chunks:
-                f.write(chunk)
-                written += len(chunk)
-            if written != lay.data_bytes:
-                raise MergeError(f"a shard sent {written} bytes of pages, its layout says {lay.data_bytes}")
-        f.write(all_allocs.tobytes())
-    return total
+def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, count: int) -> int:
+    """Copy `count` bytes from `offset` in `src` to where `dst` stands; returns bytes copied.
+    In the kernel where it can (same filesystem), else through a buffer."""
+    start = dst.tell()
+    done = 0
+    try:
+        while done < count:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), count - done, offset + done, start + done)
+            if n == 0:
+                break
+            done += n
+    except (OSError, AttributeError):  # another filesystem, an old kernel, not Linux
+        src.seek(offset + done)
+        dst.seek(start + done)
+        while done < count:
+            chunk = src.read(min(CHUNK, count - done))
+            if not chunk:
+                break
+            dst.write(chunk)
+            done += len(chunk)
+    dst.seek(start + done)
+    return done
 
 
 def read_metadata(path: Path, layout: Layout) -> np.ndarray:
@@ -172,10 +263,6 @@ def read_metadata(path: Path, layout: Layout) -> np.ndarray:
     header = np.fromfile(path, dtype=layout.header_dtype, count=1)[0]
     return np.fromfile(path, dtype=layout.metadata_dtype, count=int(header["num_samples"]),
                        offset=len(layout.prefix))
-
-
-def _pad_to(f: BinaryIO, offset: int) -> None:
-    f.write(b"\0" * (offset - f.tell()))
 
 
 def _check_pointers(meta: np.ndarray, alloc: np.ndarray, lo: int, hi: int) -> None:

@@ -20,6 +20,12 @@ from ..parsing import ConfigError, parse_dataclass
 DATASETS = ("cifar10", "cifar100", "svhn", "imagenet", "imagefolder", "synthetic")
 
 
+# How `prepare --nodes` moves pieces (sharded.py). Unset: nodes on the driver's machine write
+# into the store's folder and the others stream; `node`: only the driver's own node does, as
+# on a cluster of one node a machine. The job gets it from the environment `prepare` ran in.
+PIECES_ENV = "DENSENET_PIPE_PIECES"
+
+
 @dataclass
 class SyntheticSpec:
     train_size: int = 2000

@@ -1,42 +1,60 @@
-"""`prepare --nodes N`: each split written as N contiguous shards, one per node, then merged.
+"""`prepare --nodes N`: each split written in contiguous pieces by N nodes, merged as they come.
 
     written = write_splits_sharded(cfg, src, settings, Path("tmp"), log)
     page, skipped, shards, metadata = written["train"]
 
-Runs in the prepare job's driver. Each node runs one Ray task pinned to it that holds all of
-the node's CPUs and writes samples [start, stop) of each split with that many writer
-processes into the node's temporary folder, exactly as a 1-node prepare would write them (one
-task for both splits: a task start costs seconds of imports). The task then streams its
-files' pages back in 32 MiB objects (the shard on the driver's own node leaves its files
-where the driver reads them), and the driver merges the shards in
-order (`merge.py`), so the store's samples are in the same order as a 1-node prepare's and its
-images are byte-identical (for the deterministic write modes: raw, jpg, smart). Every node must
-see the same --source (a shared mount or the same copy on each), which each shard checks.
+Runs in the prepare job's driver. Each node runs one writer actor pinned to it that holds all
+of the node's CPUs (FFCV is imported once per node) and writes whatever piece of a split the
+driver hands it, with that many writer processes, exactly as a 1-node prepare would write those
+samples. Pieces are handed out as nodes free up, each the work left divided by the node count
+(guided self-scheduling): the first pieces are large, the last ones small, so a slow or busy
+node takes less and the nodes finish within a small piece of each other.
 
-A node's shard waits on its disk, not in Ray's object store, until the driver reaches it: the
+The driver appends each finished piece's pages to the split's file as soon as it is done, in
+whatever order pieces finish (FFCV finds a sample's pages by pointer, not by position), and
+writes the metadata rows in sample order at the end (`merge.MergedFile`). The merge so runs
+behind the writing instead of after it, and the store's samples are in the same order as a
+1-node prepare's, their images byte-identical (for the deterministic write modes: raw, jpg,
+smart). Pages of a piece on another node stream back in 32 MiB objects; a piece written on the
+driver's own node is read from its disk. Every node must see the same --source (a shared mount
+or the same copy on each), which each writer checks.
+
+A piece waits on its node's disk, not in Ray's object store, until the driver takes it: a
 stream holds at most a few chunks ahead of the merge.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import secrets
 import shutil
 import socket
 import tempfile
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..errors import UserError
 import numpy as np
 
-from .merge import CHUNK, data_chunks, merge_betons, read_layout, read_metadata
-from .prepare_config import PrepareConfig
+from .merge import CHUNK, Layout, MergedFile, data_chunks, read_layout, read_metadata
+from .prepare_config import PIECES_ENV, PrepareConfig
 from .readers import Source
 from .writer import WriteSettings
 
 Log = Callable[[str], None]
-# Chunks a shard may stream ahead of the merge: memory held per node is this times CHUNK.
+# Chunks a piece may stream ahead of the merge: memory held per node is this times CHUNK.
 AHEAD = 4
+# The smallest piece handed out (fewer when a split is smaller than this per node): each piece
+# costs a writer start, a file and a round trip to the driver.
+SMALLEST = 512
+# No piece is more than this fraction of a node's share of the whole job: a piece's pages are
+# merged when it ends, so the pieces that end last, which are merged after all writing is
+# done, should be small. Pure guided self-scheduling hands the first node half the job on 2
+# nodes, which it finishes last.
+LARGEST_SHARE = 4
 
 
 def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
@@ -50,6 +68,46 @@ def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
         bounds.append((start, stop))
         start = stop
     return bounds
+
+
+@dataclass(frozen=True)
+class Piece:
+    split: str
+    index: int   # its place among the split's pieces, in sample order
+    start: int
+    stop: int
+
+    def __str__(self) -> str:
+        return f"{self.split}[{self.start:,}:{self.stop:,}]"
+
+
+class Pieces:
+    """The splits' samples in contiguous pieces, in order, each sized when a node asks for it:
+    the samples not yet handed out over the node count, at most a LARGEST_SHARE-th of a node's
+    share of the job, at least SMALLEST (or a split's share per node, when that is less, so a
+    small split still spreads over every node)."""
+
+    def __init__(self, sizes: dict[str, int], nodes: int, smallest: int = SMALLEST):
+        self.sizes, self.nodes = dict(sizes), max(1, nodes)
+        self.next = {name: 0 for name in sizes}
+        self.count = {name: 0 for name in sizes}
+        self.left = sum(sizes.values())
+        self.cap = max(1, -(-self.left // (self.nodes * LARGEST_SHARE)))
+        self.floor = {name: max(1, min(smallest, -(-n // self.nodes))) for name, n in sizes.items()}
+
+    def take(self) -> Piece | None:
+        for name, n in self.sizes.items():
+            start = self.next[name]
+            if start < n:
+                break
+        else:
+            return None
+        stop = min(n, start + max(self.floor[name], min(self.cap, -(-self.left // self.nodes))))
+        piece = Piece(name, self.count[name], start, stop)
+        self.next[name] = stop
+        self.count[name] += 1
+        self.left -= stop - start
+        return piece
 
 
 def pick_nodes(count: int) -> list[tuple[str, int]]:
@@ -67,125 +125,213 @@ def pick_nodes(count: int) -> list[tuple[str, int]]:
     return nodes[:count]
 
 
-def _write_shard(cfg_dict: dict[str, Any], bounds: dict[str, tuple[int, int]],
-                 expected: dict[str, int], workers: int, keep_dir: str | None = None) -> Iterator[Any]:
-    """On a node: write each split's [start, stop) slice; yield a head (per split its Layout,
-    page size and skipped images), then every split's pages in order. With `keep_dir` (the
-    shard on the driver's own node) the files are written there and left for the driver to
-    read: only the head is yielded."""
-    from .prepare import write_indices, writer_settings
-    from .readers import read_source
-
-    cfg = PrepareConfig.from_dict(cfg_dict)
-    host = socket.gethostname()
-    src = read_source(cfg)
-    for name, n in expected.items():
-        if len(src.splits[name]) != n:
-            raise UserError(f"{host} sees {len(src.splits[name]):,} {name} images in {cfg.source}, "
-                            f"the driver {n:,}: with --nodes every node must see the same --source "
-                            "(a shared mount)")
-    settings = writer_settings(cfg, src)
-    if keep_dir is not None:
-        tmp = Path(keep_dir)
-        tmp.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = Path(tempfile.mkdtemp(prefix="densenet-pipe-shard-"))
+def machine_id() -> str:
+    """This machine's boot id: Ray nodes started on one machine share it."""
     try:
-        head, paths = {}, {}
-        for name, (start, stop) in bounds.items():
-            paths[name] = tmp / f"{name}.beton"
-            page, skipped = write_indices(
-                paths[name], src.splits[name], settings, workers=workers,
-                indices=list(range(start, stop)), skip_bad=cfg.skip_bad, bad_dir=tmp / f"bad-{name}",
-                name=name, log=lambda s: print(s, flush=True),
-                label=f"{name}[{start:,}:{stop:,}] on {host}")
-            head[name] = {"layout": read_layout(paths[name]), "page": page, "skipped": skipped}
-        yield {"splits": head, "host": host}
-        if keep_dir is None:
-            for name in bounds:
-                yield from data_chunks(paths[name], head[name]["layout"], CHUNK)
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+def on_drivers_machine(shared_dir: str, token: str | None, machine: str) -> bool:
+    """Whether this node can write pieces where the driver reads them from its own disk: it
+    runs on the driver's machine (`machine`, the driver's boot id) and reads the driver's
+    `token` in `shared_dir` (a container on that machine with other mounts does not). Another
+    machine that sees the folder does so over a network filesystem: streaming moves each byte
+    over the network once, writing there and copying back three times."""
+    if token is None or machine != machine_id():
+        return False
+    try:
+        return (Path(shared_dir) / ".token").read_text() == token
+    except OSError:
+        return False
+
+
+class NodeWriter:
+    """On one node: writes the pieces it is handed. A node on the driver's machine that sees
+    the driver's piece folder (`shared_dir`, holding `token`) writes there and the driver
+    copies its pieces from the disk; any other writes into its own temporary folder and its
+    pieces stream to the driver (`_stream`)."""
+
+    def __init__(self, cfg_dict: dict[str, Any], expected: dict[str, int], workers: int,
+                 shared_dir: str, token: str | None, machine: str):
+        self.args = (cfg_dict, expected, shared_dir, token, machine)
+        self.workers = workers
+        self.host = socket.gethostname()
+        self.src: Source | None = None
+        self.keep = False
+        self.dir: Path | None = None
+
+    def _setup(self) -> None:
+        """On the first piece, not in __init__: an error here then reaches the driver as the
+        piece's error, one line, where a failed actor start is a dead actor."""
+        from .prepare import writer_settings
+        from .readers import read_source
+
+        cfg_dict, expected, shared_dir, token, machine = self.args
+        self.cfg = PrepareConfig.from_dict(cfg_dict)
+        src = read_source(self.cfg)
+        for name, n in expected.items():
+            if len(src.splits[name]) != n:
+                raise UserError(f"{self.host} sees {len(src.splits[name]):,} {name} images in "
+                                f"{self.cfg.source}, the driver {n:,}: with --nodes every node must see "
+                                "the same --source (a shared mount)")
+        self.settings = writer_settings(self.cfg, src)
+        self.keep = on_drivers_machine(shared_dir, token, machine)
+        self.dir = Path(shared_dir) if self.keep else Path(tempfile.mkdtemp(prefix="densenet-pipe-shard-"))
+        self.src = src
+
+    def write(self, piece: Piece) -> dict[str, Any]:
+        from .prepare import write_indices
+
+        if self.src is None:
+            self._setup()
+        path = self.dir / f"{piece.split}-{piece.index:05d}.beton"
+        page, skipped = write_indices(
+            path, self.src.splits[piece.split], self.settings, workers=self.workers,
+            indices=list(range(piece.start, piece.stop)), skip_bad=self.cfg.skip_bad,
+            bad_dir=self.dir / f"bad-{piece.split}-{piece.index:05d}", name=piece.split,
+            log=lambda line: print(line, flush=True), label=f"{piece} on {self.host}")
+        return {"layout": read_layout(path), "page": page, "skipped": skipped, "host": self.host,
+                "path": str(path), "shared": self.keep}
+
+    def close(self) -> None:
+        if self.dir is not None and not self.keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _stream(path: str, layout: Layout) -> Iterator[np.ndarray]:
+    """On a writer's node: a written piece's pages, then the file is removed. A task of its own
+    (no CPU asked for), so the node's writer goes on with its next piece meanwhile: the writer
+    forks its processes, which a writer actor serving two calls at once on threads cannot do."""
+    try:
+        yield from data_chunks(Path(path), layout, CHUNK)
     finally:
-        if keep_dir is None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        Path(path).unlink(missing_ok=True)
 
 
-def _unwrap(e: Exception, shard: str) -> Exception:
+def _unwrap(e: Exception, where: str) -> Exception:
     cause = getattr(e, "cause", None)
     if isinstance(cause, UserError):
-        return UserError(f"{shard}: {cause}")
+        return UserError(f"{where}: {cause}")
     return e
 
 
 def write_splits_sharded(cfg: PrepareConfig, src: Source, settings: WriteSettings, tmp: Path,
                          log: Log) -> dict[str, tuple[int, dict[int, str], list[dict], np.ndarray]]:
     """Write every split of `src` into `tmp` across `cfg.nodes` nodes; returns per split
-    (page size, skipped images by index, one record per shard for the manifest, the merged
+    (page size, skipped images by index, one record per piece for the manifest, the merged
     file's metadata read back). The driver never imports FFCV: its import costs seconds that
-    would come after the shards, on the critical path."""
+    would come after the pieces, on the critical path."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     names = list(src.splits)
     nodes = pick_nodes(cfg.nodes)
     sizes = {name: len(src.splits[name]) for name in names}
-    bounds = {name: shard_bounds(n, len(nodes)) for name, n in sizes.items()}
-    # A split smaller than the node count has fewer shards; its last nodes write none of it.
-    task = ray.remote(_write_shard)
-    # The shard on this node writes into `tmp` and the merge reads it from the disk: its
-    # pages need not pass through the object store.
+    for name, n in sizes.items():
+        if not n:
+            raise UserError(f"{cfg.source} has no {name} images: check --source")
     here = ray.get_runtime_context().get_node_id()
-    local: dict[int, Path] = {}
-    gens = []
-    for i, (node, cpus) in enumerate(nodes):
-        mine = {name: b[i] for name, b in bounds.items() if i < len(b)}
-        if node == here:
-            local[i] = tmp / f".shard-{i}"
-        log(f"shard {i} on node {node[:8]}{' (this one)' if i in local else ''} with {cpus} writer(s): "
-            + ", ".join(f"{name} [{a:,}, {z:,})" for name, (a, z) in mine.items()))
-        gens.append(task.options(
-            num_cpus=cpus, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-            _generator_backpressure_num_objects=AHEAD,
-        ).remote(cfg.to_dict(), mine, sizes, cpus, str(local[i]) if i in local else None))
+    local_dir = tmp / ".pieces"
+    local_dir.mkdir()
+    token = secrets.token_hex(16)
+    (local_dir / ".token").write_text(token)
+    # `node`: only this node's writer uses the folder, as on a cluster of one node a machine.
+    only_here = os.environ.get(PIECES_ENV) == "node"
+    writer_cls = ray.remote(NodeWriter)
+    stream_task = ray.remote(_stream)
+    writers = []
+    for node, cpus in nodes:
+        writers.append(writer_cls.options(
+            num_cpus=cpus,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+        ).remote(cfg.to_dict(), sizes, cpus, str(local_dir),
+                 None if only_here and node != here else token, machine_id()))
+    log(f"writing {' and '.join(names)} in pieces handed to {len(nodes)} nodes as each frees up: "
+        + ", ".join(f"node {node[:8]}{' (this one)' if node == here else ''} with {cpus} writer(s)"
+                    for node, cpus in nodes))
 
-    def get(i: int, ref: Any) -> Any:
-        try:
-            return ray.get(ref)
-        except ray.exceptions.RayTaskError as e:
-            raise _unwrap(e, f"shard {i}") from None
+    merged = {name: MergedFile(tmp / f"{name}.beton", n) for name, n in sizes.items()}
+    heads: dict[Piece, tuple[int, dict[str, Any]]] = {}
+    done: queue.Queue = queue.Queue()
+    failed: list[BaseException] = []
 
-    def pages(i: int, name: str, layout) -> Iterator[Any]:
-        if i in local:
-            yield from data_chunks(local[i] / f"{name}.beton", layout, CHUNK)
-            return
-        nbytes = layout.data_bytes
-        while nbytes > 0:
-            chunk = get(i, next(gens[i]))
-            nbytes -= len(chunk)
-            yield chunk
+    def where(i: int, piece: Piece | None = None) -> str:
+        return f"{piece} on node {nodes[i][0][:8]}" if piece else f"node {nodes[i][0][:8]}"
 
+    def merge() -> None:
+        # Appends each piece as it is done, while the nodes write the next ones.
+        while (item := done.get()) is not None:
+            piece, i, head = item
+            try:
+                if head["shared"]:
+                    merged[piece.split].append_file(head["layout"], Path(head["path"]), position=piece.index)
+                    Path(head["path"]).unlink(missing_ok=True)
+                else:
+                    stream = stream_task.options(
+                        num_cpus=0, _generator_backpressure_num_objects=AHEAD,
+                        scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i][0], soft=False),
+                    ).remote(head["path"], head["layout"])
+                    merged[piece.split].append(head["layout"], (ray.get(ref) for ref in stream),
+                                               position=piece.index)
+            except BaseException as e:  # noqa: BLE001  (raised by the driver's loop below)
+                failed.append(_unwrap(e, where(i, piece)) if isinstance(e, ray.exceptions.RayTaskError) else e)
+                return
+
+    merger = threading.Thread(target=merge, name="merge", daemon=True)
+    merger.start()
+    plan = Pieces(sizes, len(nodes))
+    busy: dict[Any, tuple[int, Piece]] = {}
     out: dict[str, tuple[int, dict[int, str], list[dict], np.ndarray]] = {}
     try:
-        heads = [get(i, next(gen)) for i, gen in enumerate(gens)]
-        log(f"{len(heads)} shards written; merging them in order")
+        for i, writer in enumerate(writers):
+            piece = plan.take()
+            if piece is not None:
+                busy[writer.write.remote(piece)] = (i, piece)
+        while busy and not failed:
+            ready, _ = ray.wait(list(busy), num_returns=1, timeout=1.0)
+            for ref in ready:
+                i, piece = busy.pop(ref)
+                try:
+                    head = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    raise _unwrap(e, where(i, piece)) from None
+                except ray.exceptions.RayActorError as e:
+                    raise RuntimeError(f"the writer on {where(i)} died writing {piece}: {e}") from None
+                nxt = plan.take()
+                if nxt is not None:
+                    busy[writers[i].write.remote(nxt)] = (i, nxt)
+                heads[piece] = (i, head)
+                done.put((piece, i, head))
+        done.put(None)
+        merger.join()
+        if failed:
+            raise failed[0]
         for name in names:
-            parts = [(i, h["splits"][name]) for i, h in enumerate(heads) if name in h["splits"]]
-            merge_betons(tmp / f"{name}.beton",
-                         [(p["layout"], pages(i, name, p["layout"])) for i, p in parts])
+            pieces = sorted((p for p in heads if p.split == name), key=lambda p: p.index)
+            merged[name].close()
             skipped: dict[int, str] = {}
-            for _, p in parts:
-                skipped.update(p["skipped"])
-            records = [{"start": a, "stop": z, "host": heads[i]["host"], "samples": p["layout"].num_samples}
-                       for (i, p), (a, z) in zip(parts, bounds[name])]
-            log(f"{name}: merged {len(parts)} shards into {name}.beton "
-                f"({os.path.getsize(tmp / f'{name}.beton') / 2**20:,.1f} MiB)")
-            meta = read_metadata(tmp / f"{name}.beton", parts[0][1]["layout"])
-            out[name] = (parts[0][1]["page"], skipped, records, meta)
+            for p in pieces:
+                skipped.update(heads[p][1]["skipped"])
+            records = [{"start": p.start, "stop": p.stop, "node": nodes[heads[p][0]][0][:8],
+                        "host": heads[p][1]["host"], "samples": heads[p][1]["layout"].num_samples}
+                       for p in pieces]
+            copied = sum(1 for p in pieces if heads[p][1]["shared"])
+            log(f"{name}: {len(pieces)} pieces from {len({r['node'] for r in records})} node(s) merged "
+                f"into {name}.beton ({os.path.getsize(tmp / f'{name}.beton') / 2**20:,.1f} MiB; "
+                f"{copied} copied on this machine, {len(pieces) - copied} streamed)")
+            first = heads[pieces[0]][1]
+            out[name] = (first["page"], skipped, records, read_metadata(tmp / f"{name}.beton", first["layout"]))
     finally:
-        for gen in gens:
+        done.put(None)
+        for m in merged.values():
+            m.discard()
+        for writer in writers:
             try:
-                ray.cancel(gen)
-            except Exception:  # noqa: BLE001  (a finished task cannot be cancelled; fine)
+                ray.get(writer.close.remote(), timeout=30)
+            except Exception:  # noqa: BLE001  (a dead writer has nothing left to remove)
                 pass
-        for folder in local.values():
-            shutil.rmtree(folder, ignore_errors=True)
+            ray.kill(writer)
+        shutil.rmtree(local_dir, ignore_errors=True)
     return out
