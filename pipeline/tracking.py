@@ -295,7 +295,13 @@ class Tracker:
         record = None
         if self.mode == "offline" and self.active:
             record = Path(self.run.dir).parent / f"run-{self.run.id}.wandb"
-        self._guard("finish", self.run.finish, exit_code=ENDED[ended])
+        if self.active:
+            self._guard("finish", self.run.finish, exit_code=ENDED[ended])
+        else:
+            # W&B failed earlier and was warned about once: the run is still ended, quietly,
+            # or this process keeps an unfinished run that its next `wandb.init` gets back.
+            with contextlib.suppress(Exception):
+                self.run.finish(exit_code=ENDED[ended])
         if record is not None:
             _wait_for_exit_record(record)
         if self._mirror is not None:
