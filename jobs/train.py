@@ -15,14 +15,14 @@ def prepare_config(data: dict[str, Any]):
     from pipeline.config import Config, apply_overrides, validate
     from pipeline.data.staging import locate
     from pipeline.errors import UserError
-    from pipeline.runs import check_classes, check_resizing, default_storage
+    from pipeline.runs import check_classes, check_resizing, default_storage, resumed
     from pipeline.storage import check
 
     cfg = validate(Config.from_dict(data))
     # The CLI fills in ./runs for the embedded cluster; a remote cluster's default is its own.
     storage = check(cfg.cluster.storage or default_storage(local_cluster=False))
     if cfg.train.resume:
-        cfg = _resumed(cfg, common.resolve_path(storage))
+        cfg = resumed(cfg, common.resolve_path(storage))
     if not cfg.data.store:
         raise UserError("no training data: pass --data STORE (a folder made by `densenet-pipe prepare`)")
     manifest, digest = locate(common.resolve_path(cfg.data.store))
@@ -44,27 +44,6 @@ def _check_init(cfg):
     location = resolve(cfg.model.init_from, cfg.model.name)
     load_into(build(cfg.model_spec()), location, say=lambda line: print(line, flush=True))
     return apply_overrides(cfg, {"model.init_from": location})
-
-
-def _resumed(cfg, storage: str):
-    """The run's saved config with the changes a resume may make (`runs.resume_config`)."""
-    import json
-
-    from pipeline import storage as store_io
-    from pipeline.config import Config, validate
-    from pipeline.errors import UserError
-    from pipeline.runs import resume_config
-
-    name = cfg.cluster.run_name
-    saved_at = store_io.join(storage, name, "config.json")
-    try:
-        saved = json.loads(store_io.read_text(saved_at))
-    except FileNotFoundError:
-        raise UserError(f"no run {name!r} under {storage} to resume: check --resume NAME and --storage") from None
-    except ValueError as e:
-        raise UserError(f"{saved_at} is not valid JSON ({e}): the run's config is damaged") from None
-    merged = resume_config(saved, cfg.to_dict(), cfg.train.resume_changes, name)
-    return validate(Config.from_dict(merged))
 
 
 def run(data: dict[str, Any]) -> None:

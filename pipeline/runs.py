@@ -226,6 +226,25 @@ def _set(d: dict, key: str, value) -> None:
     d[last] = value
 
 
+def resumed(cfg, storage: str):
+    """The config a resumed run trains with: its saved config.json under `storage`, with the
+    changes a resume may make (`resume_config`). The CLI calls it for an early answer when it
+    sees the run's storage; the job as the final word."""
+    from . import storage as store_io
+    from .config import Config, validate
+
+    name = cfg.cluster.run_name
+    saved_at = store_io.join(storage, name, "config.json")
+    try:
+        saved = json.loads(store_io.read_text(saved_at))
+    except FileNotFoundError:
+        raise UserError(f"no run {name!r} under {storage} to resume: check --resume NAME and --storage") from None
+    except ValueError as e:
+        raise UserError(f"{saved_at} is not valid JSON ({e}): the run's config is damaged") from None
+    merged = resume_config(saved, cfg.to_dict(), cfg.train.resume_changes, name)
+    return validate(Config.from_dict(merged))
+
+
 def resume_config(saved: dict, asked: dict, changed: list[str], run: str) -> dict:
     """The config a resumed run trains with: the run's saved config, plus the few changes
     allowed (`RESUME_MAY_CHANGE`) among the keys the user gave (`changed`). Any other key

@@ -187,6 +187,8 @@ def finalize_paths(cfg: C.Config, address: str | None) -> C.Config:
         from ..train.trainer import check_run_dir
 
         check_run_dir(cfg, cfg.train.resume)
+        if cfg.train.resume:
+            runs.resumed(cfg, cfg.cluster.storage)  # a change a resume may not make: say so now
     return cfg
 
 
