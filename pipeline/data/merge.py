@@ -2,13 +2,15 @@
 
     layout = read_layout(Path("part-0.beton"))          # what a merge needs from one shard
     merge_betons(Path("train.beton"), [(layout0, chunks0), (layout1, chunks1)])
+    merged = MergedFile(Path("train.beton"), capacity=n)  # or shard by shard, as they finish:
+    merged.append_file(layout1, Path("part-1.beton"), position=1); ...; merged.close()
 
 A shard is an ordinary FFCV file: header, field descriptors, one metadata row per sample,
 page-aligned data pages, then the allocation table. The merge copies every shard's pages as
-they are, one after the other, and rewrites only what points into them: the pointer columns
-of the metadata and the allocation table, each moved by where its shard's pages now start.
-No image is decoded or encoded again, so a merged store reads back pixel-identical to its
-shards, in the shards' order. Pages stay page-aligned, which FFCV's page-wise readers
+they are, one shard after the other in the order they come, and rewrites only what points
+into them: the pointer columns of the metadata and the allocation table, each moved by where
+its shard's pages now start. No image is decoded or encoded again, so a merged store reads
+back pixel-identical to its shards, its samples in the shards' order. Pages stay page-aligned, which FFCV's page-wise readers
 (QUASI_RANDOM order, OS-cache mode) rely on.
 """
 
