@@ -327,3 +327,30 @@ def test_a_prepared_store_is_hashed_once(tmp_path, no_compile, monkeypatch):
     m = prepare(cfg, log=quiet)
     assert sorted(hashed) == ["train.beton", "val.beton"]
     assert m.splits["train"].sha256 == real(tmp_path / "syn" / "train.beton")
+
+
+@pytest.mark.timeout(120)
+def test_the_sources_are_checksummed_beside_the_writing_not_before_it(tmp_path, monkeypatch):
+    import hashlib
+
+    from pipeline.data import prepare as prepare_module
+    from pipeline.data import store as store_module
+
+    path, _ = make_cifar(tmp_path / "src", 10)
+    in_process: list[str] = []
+    for module in (store_module, prepare_module):
+        monkeypatch.setattr(module, "md5_file", lambda p, *a: in_process.append(str(p)) or "x", raising=False)
+    lines: list[str] = []
+    real_write = prepare_module.write_indices
+
+    def write(*args, **kwargs):
+        lines.append("writing")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "write_indices", write)
+    m = prepare(PrepareConfig(dataset="cifar10", source=str(path), out=str(tmp_path / "out")), log=lines.append)
+    # Announced, then handed to a process of its own before the first split is written; this
+    # process never reads the archive for it, and the manifest has its true md5.
+    assert lines.index(f"checksumming {path} (while the splits are written)") < lines.index("writing")
+    assert in_process == []
+    assert m.sources[0]["md5"] == hashlib.md5(path.read_bytes()).hexdigest()

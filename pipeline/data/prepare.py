@@ -25,7 +25,7 @@ from ..errors import UserError
 from .publish import check_out, publish, publishing
 from .prepare_config import PrepareConfig, validate_prepare
 from .readers import ArraySplit, FileSplit, Source, Split, read_source
-from .store import (FORMAT_VERSION, MANIFEST, Manifest, SplitInfo, WriterInfo, hash_file, md5_file, open_store,
+from .store import (FORMAT_VERSION, MANIFEST, Manifest, SplitInfo, WriterInfo, hash_file, open_store,
                     remember_moved, write_manifest)
 from .writer import DISK_FULL, WriteFailed, WriteSettings, read_labels, write_beton
 
@@ -149,18 +149,50 @@ def _check_split(name: str, split: Split, path: Path, skipped: dict[int, str],
     return info, skipped_list
 
 
-def _sources(src: Source, log: Log) -> list[dict]:
-    card_md5 = {f.name: f.md5 for f in src.card.files if f.md5}
-    out = []
-    for f in src.files:
-        log(f"checksumming {f}")
-        digest = md5_file(f)
-        want = card_md5.get(f.name)
-        if want and want != digest:
-            src.notes.append(f"md5 of {f.name} is {digest}, the card says {want} (a different release?)")
-        out.append({"name": f.name, "path": str(f), "bytes": f.stat().st_size, "md5": digest,
-                    "matches_card": None if not want else want == digest})
-    return out
+class _Checksums:
+    """The sources' md5s, worked out by a process of their own while the splits are written:
+    ImageNet's tars are 150 GB, minutes of reading that used to come before any writing. A
+    process rather than a thread: the writer forks its workers from this one, which a thread
+    holding a lock at that moment would leave locked in them."""
+
+    def __init__(self, src: Source, log: Log):
+        import subprocess
+        import sys
+
+        self.src = src
+        for f in src.files:
+            log(f"checksumming {f} (while the splits are written)")
+        root = str(Path(__file__).resolve().parents[2])
+        code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from pipeline.data.store import md5_file; "
+                "print(json.dumps([md5_file(p) for p in sys.argv[2:]]))")
+        self.proc = (subprocess.Popen([sys.executable, "-c", code, root, *map(str, src.files)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     if src.files else None)
+
+    def result(self) -> list[dict]:
+        import json
+
+        digests: list[str] = []
+        if self.proc is not None:
+            out, err = self.proc.communicate()
+            if self.proc.returncode != 0:
+                last = err.strip().splitlines()[-1] if err.strip() else f"exit code {self.proc.returncode}"
+                raise UserError(f"cannot checksum the source files: {last}")
+            digests = json.loads(out)
+        card_md5 = {f.name: f.md5 for f in self.src.card.files if f.md5}
+        out_rows = []
+        for f, digest in zip(self.src.files, digests):
+            want = card_md5.get(f.name)
+            if want and want != digest:
+                self.src.notes.append(f"md5 of {f.name} is {digest}, the card says {want} (a different release?)")
+            out_rows.append({"name": f.name, "path": str(f), "bytes": f.stat().st_size, "md5": digest,
+                             "matches_card": None if not want else want == digest})
+        return out_rows
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
 
 
 def _largest_side(beton: Path, meta: np.ndarray | None = None) -> int:
@@ -179,17 +211,21 @@ def _largest_side(beton: Path, meta: np.ndarray | None = None) -> int:
 def _write_store(tmp: Path, src: Source, settings: WriteSettings, cfg: PrepareConfig,
                  log: Log) -> dict[str, SplitInfo]:
     """Both splits and the manifest into `tmp`, checked as a reader will check them."""
-    sources = _sources(src, log)
+    checksums = _Checksums(src, log)
     splits, skipped, page, shards = {}, [], 0, {}
-    if cfg.nodes > 1:
-        from .sharded import write_splits_sharded
+    try:
+        if cfg.nodes > 1:
+            from .sharded import write_splits_sharded
 
-        written = write_splits_sharded(cfg, src, settings, tmp, log)
-    else:
-        written = {name: (*write_indices(tmp / f"{name}.beton", src.splits[name], settings,
-                                         workers=cfg.workers, indices=None, skip_bad=cfg.skip_bad,
-                                         bad_dir=tmp / f".bad-{name}", name=name, log=log), [], None)
-                   for name in ("train", "val")}
+            written = write_splits_sharded(cfg, src, settings, tmp, log)
+        else:
+            written = {name: (*write_indices(tmp / f"{name}.beton", src.splits[name], settings,
+                                             workers=cfg.workers, indices=None, skip_bad=cfg.skip_bad,
+                                             bad_dir=tmp / f".bad-{name}", name=name, log=log), [], None)
+                       for name in ("train", "val")}
+        sources = checksums.result()
+    finally:
+        checksums.stop()
     for name, (page, bad, split_shards, meta) in written.items():
         splits[name], bad_list = _check_split(name, src.splits[name], tmp / f"{name}.beton", bad, meta)
         skipped += bad_list
