@@ -190,8 +190,7 @@ class MergedFile:
         first, f = self.first, self.file
         metas, allocs, first_sample = [], [], 0
         for position in sorted(self.parts):
-            meta, alloc = self.parts[position]
-            alloc = alloc.copy()
+            meta, alloc = self.parts[position]  # `alloc` is this file's own copy
             alloc["sample_id"] += np.uint64(first_sample)
             metas.append(meta)
             allocs.append(alloc)

@@ -276,7 +276,7 @@ def write_splits_sharded(cfg: PrepareConfig, src: Source, settings: WriteSetting
                     merged[piece.split].append(head["layout"], (ray.get(ref) for ref in stream),
                                                position=piece.index)
             except BaseException as e:  # noqa: BLE001  (raised by the driver's loop below)
-                failed.append(_unwrap(e, where(i, piece)) if isinstance(e, ray.exceptions.RayTaskError) else e)
+                failed.append(_unwrap(e, where(i, piece)))
                 return
 
     merger = threading.Thread(target=merge, name="merge", daemon=True)
