@@ -105,6 +105,16 @@ def test_prepare_official_formats_as_ray_jobs(ray_cluster, tmp_path):
     assert {s["node"] for split in ("train", "val") for s in three.writer.shards[split]} != {here}
     assert len({s["node"] for split in ("train", "val") for s in three.writer.shards[split]}) == 3
     assert three.writer.nodes == 3 and three.skipped == one.skipped
+    # The console tells the job's progress as each piece lands (the writers' own lines stay in
+    # the job's log): every piece once, on the node the manifest names, the count rising to all.
+    told = re.findall(r"^(train|val)\[([\d,]+):([\d,]+)\] written on node (\w{8}) in [\d.]+ s: "
+                      r"([\d,]+) of ([\d,]+) images", r.output, re.M)
+    number = lambda text: int(text.replace(",", ""))  # noqa: E731
+    assert sorted((t[0], number(t[1]), number(t[2]), t[3]) for t in told) == sorted(
+        (split, s["start"], s["stop"], s["node"]) for split in ("train", "val") for s in three.writer.shards[split])
+    counts = [number(t[4]) for t in told]
+    everything = one.splits["train"].count + 1 + one.splits["val"].count
+    assert counts == sorted(counts) and counts[-1] == everything and {number(t[5]) for t in told} == {everything}
     # Nothing of the pieces is left in the store.
     assert sorted(p.name for p in sharded.iterdir()) == ["manifest.json", "train.beton", "val.beton"]
     r = run("imagenet", "--source", str(tmp_path / "ilsvrc"), "--out", str(tmp_path / "s" / "x"),

@@ -32,6 +32,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -282,17 +283,18 @@ def write_splits_sharded(cfg: PrepareConfig, src: Source, settings: WriteSetting
     merger = threading.Thread(target=merge, name="merge", daemon=True)
     merger.start()
     plan = Pieces(sizes, len(nodes))
-    busy: dict[Any, tuple[int, Piece]] = {}
+    busy: dict[Any, tuple[int, Piece, float]] = {}
     out: dict[str, tuple[int, dict[int, str], list[dict], np.ndarray]] = {}
+    total, written, began = sum(sizes.values()), 0, time.monotonic()
     try:
         for i, writer in enumerate(writers):
             piece = plan.take()
             if piece is not None:
-                busy[writer.write.remote(piece)] = (i, piece)
+                busy[writer.write.remote(piece)] = (i, piece, time.monotonic())
         while busy and not failed:
             ready, _ = ray.wait(list(busy), num_returns=1, timeout=1.0)
             for ref in ready:
-                i, piece = busy.pop(ref)
+                i, piece, handed = busy.pop(ref)
                 try:
                     head = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:
@@ -301,9 +303,15 @@ def write_splits_sharded(cfg: PrepareConfig, src: Source, settings: WriteSetting
                     raise RuntimeError(f"the writer on {where(i)} died writing {piece}: {e}") from None
                 nxt = plan.take()
                 if nxt is not None:
-                    busy[writers[i].write.remote(nxt)] = (i, nxt)
+                    busy[writers[i].write.remote(nxt)] = (i, nxt, time.monotonic())
                 heads[piece] = (i, head)
                 done.put((piece, i, head))
+                # The job's progress, in the driver's own words: the writers' lines are theirs
+                # (one per node every few seconds), kept in the job's log, not on the console.
+                now = time.monotonic()
+                written += piece.stop - piece.start
+                log(f"{piece} written on {where(i)} in {now - handed:.1f} s: {written:,} of {total:,} "
+                    f"images ({written / total:.0%}, {written / max(now - began, 1e-9):,.0f}/s)")
         done.put(None)
         merger.join()
         if failed:
