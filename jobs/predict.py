@@ -13,9 +13,10 @@ image that does not decode is a row with its error.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from jobs import common
 
@@ -105,7 +106,8 @@ def run(data: dict[str, Any]) -> None:
     else:
         files = infer.image_files(inputs)
         items = [{"order": i, "path": str(p)} for i, p in enumerate(files)]
-        what = f"{len(files):,} image(s)"
+        count = len(files)
+        what = f"{count:,} image(s)"
     actors = max(1, min(conf.actors, len(items)))
     print(f"predicting {what} with {actors} actor(s) on Ray Data{' (GPUs)' if gpu else ''}", flush=True)
     ray.init(log_to_driver=True)
@@ -119,7 +121,7 @@ def run(data: dict[str, Any]) -> None:
                                            "digest": digest, "weights": weights},
         batch_size=1 if store is not None else batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1, num_gpus=1 if gpu else 0)
-    rows = [json.loads(r["row"]) for r in sorted(dataset.iter_rows(), key=lambda r: int(r["order"]))]
+    rows = [json.loads(r["row"]) for r in sorted(_told(dataset.iter_rows(), count), key=lambda r: int(r["order"]))]
     text = infer.render(rows, fmt, min(top_k, len(net.classes)))
     out = Path(common.resolve_path(conf.out))
     tmp = out.with_name(f".{out.name}.tmp")
@@ -128,6 +130,23 @@ def run(data: dict[str, Any]) -> None:
     bad = sum(1 for r in rows if r["error"])
     print(f"wrote {len(rows):,} row(s) to {out}" + (f"; {bad} image(s) could not be read" if bad else ""),
           flush=True)
+
+
+def _told(rows: Iterable[dict], count: int) -> Iterator[dict]:
+    """`rows` as they come, with a progress line when another tenth of `count` is in (at most
+    one every 2 s) and when all are: a folder of a million images is minutes of work that Ray
+    Data's own bars (Ray's chatter on the console) would leave silent."""
+    began = last = time.monotonic()
+    done, told = 0, 0
+    for row in rows:
+        done += 1
+        yield row
+        now = time.monotonic()
+        tenth = done * 10 // max(count, 1)
+        if done == count or (tenth > told and now - last >= 2.0):
+            told, last = tenth, now
+            print(f"predicted {done:,} of {count:,} images ({done / max(count, 1):.0%}, "
+                  f"{done / max(now - began, 1e-9):,.0f}/s)", flush=True)
 
 
 if __name__ == "__main__":

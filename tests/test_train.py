@@ -397,6 +397,9 @@ def test_predict_a_store_and_a_folder_as_ray_data_jobs(trained, cli, store, tmp_
     rows = json.loads(out.read_text())
     here = infer.predict_store(infer.load(run), store, top_k=5)
     assert len(rows) == len(here) == 128
+    # Progress as each tenth of the images is in, ending with all of them.
+    told = re.findall(r"^predicted ([\d,]+) of 128 images \((\d+)%", r.output, re.M)
+    assert told and told[-1] == ("128", "100") and [int(n) for n, _ in told] == sorted(int(n) for n, _ in told)
     assert [row["input"] for row in rows] == [row["input"] for row in here]
     assert [row["top"][0]["class"] for row in rows] == [row["top"][0]["class"] for row in here]
     assert all(row["label"] for row in rows)
