@@ -21,8 +21,11 @@ _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"
 _REPEATED = re.compile(r"\s*\[repeated \d+x across cluster\].*$")
 _PREFIX = re.compile(r"^\((?P<who>[A-Za-z_][\w.:-]*|pid=\w+)(?: pid=\w+)?(?:, ip=[\w.:-]+)?\)\s?")
 # The processes whose lines are ours: the training workers, the sweep trials that train in
-# their own process (pipeline/tune/sweep.py) and the W&B recorders.
-_OURS = {"RayTrainWorker", "trial", "Recorder"}
+# their own process (pipeline/tune/sweep.py), the W&B recorders and the tasks that stage a
+# store on each node before a job's work starts (pipeline/data/staging.py: minutes of
+# download for a large store, silent otherwise). A prepare's node writers are left out: a
+# line a node every 5 s; the driver tells a line a piece instead.
+_OURS = {"RayTrainWorker", "trial", "Recorder", "_stage_here"}
 _RAY_LOG = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d+\s+(INFO|DEBUG)\b|\[\d{4}-\d\d-\d\d )")
 _RAY_MESSAGES = re.compile(
     r"^(Setting up process group|Checkpoint successfully created|Reporting training result|"

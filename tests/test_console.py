@@ -10,6 +10,8 @@ Running entrypoint for job train-1: python -m jobs.train --config c.json
 train: started, config 8af9defc4e97
 2026-12-02 10:23:03,622\tINFO worker.py:2029 -- Connected to Ray cluster.
 run r: 2 worker(s) on 2 node(s), global batch 64
+\x1b[36m(_stage_here pid=19701, ip=10.0.0.2)\x1b[0m node 1a2b3c4d: store s3://b/x: staging 120/480 MB, 24.0 MB/s
+\x1b[36m(NodeWriter pid=19702)\x1b[0m train[0:3,375] on vm: 1,200/3,375 images (239/s)
 \x1b[36m(TrainController pid=19714)\x1b[0m Requesting resources: {'CPU': 1.0} * 2
 \x1b[36m(Recorder pid=19720)\x1b[0m warning: W&B init failed, training goes on: OSError: disk full
 \x1b[36m(RayTrainWorker pid=19802)\x1b[0m Setting up process group for: env:// [rank=0, world_size=2]
@@ -54,6 +56,8 @@ def test_only_our_lines_and_the_useful_line_of_an_error_remain():
     assert shown == [
         "train: started, config 8af9defc4e97",
         "run r: 2 worker(s) on 2 node(s), global batch 64",
+        # A store staged on each node before the work: its download's progress, by node.
+        "node 1a2b3c4d: store s3://b/x: staging 120/480 MB, 24.0 MB/s",
         "warning: W&B init failed, training goes on: OSError: disk full",
         "epoch 1/3: train loss 1.7616 top-1 err 0.5605",
         "worker error: pipeline.train.loop.TrainingDiverged: the loss is nan at epoch 1 step 2",

@@ -301,7 +301,12 @@ def prestage(location: str, digest: str, data_cfg: Any, say: Callable[[str], Non
 
 
 def _stage_here(location: str, digest: str, data_cfg: Any) -> list[str]:
+    import ray
+
     lines: list[str] = []
-    # Progress goes out as it happens (Ray forwards a task's prints to the job log).
-    local_copy(location, digest, data_cfg, say=lines.append, progress=lambda line: print(line, flush=True))
+    node = ray.get_runtime_context().get_node_id()[:8]
+    # Progress goes out as it happens (Ray forwards a task's prints to the job log, and the
+    # console shows this task's lines: pipeline/console.py).
+    local_copy(location, digest, data_cfg, say=lines.append,
+               progress=lambda line: print(f"node {node}: {line}", flush=True))
     return lines
