@@ -121,7 +121,8 @@ def run(data: dict[str, Any]) -> None:
                                            "digest": digest, "weights": weights},
         batch_size=1 if store is not None else batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1, num_gpus=1 if gpu else 0)
-    rows = [json.loads(r["row"]) for r in sorted(_told(dataset.iter_rows(), count), key=lambda r: int(r["order"]))]
+    arrived = _told(dataset.iter_rows(), count)
+    rows = [json.loads(r["row"]) for r in sorted(arrived, key=lambda r: int(r["order"]))]
     text = infer.render(rows, fmt, min(top_k, len(net.classes)))
     out = Path(common.resolve_path(conf.out))
     tmp = out.with_name(f".{out.name}.tmp")
