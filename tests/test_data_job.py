@@ -127,3 +127,63 @@ def test_prepare_official_formats_as_ray_jobs(ray_cluster, tmp_path):
     assert r.exit_code == 2 and "truncated or not a tar archive" in r.output
     assert not (tmp_path / "s" / "bad").exists()
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["cifar10", "imagenet", "svhn"]
+
+
+@pytest.mark.timeout(300)
+def test_a_writer_lost_mid_piece_hands_its_piece_to_the_nodes_left(ray_cluster, tmp_path, monkeypatch):
+    """`prepare --nodes 3` with every writer held at its first piece; one writer is killed
+    there (as a reclaimed spot node or the OOM killer would). Its piece goes to the nodes
+    left, and the store is the 1-node store sample by sample."""
+    import os
+    import signal
+    import time
+
+    from PIL import Image
+
+    from pipeline import submit
+    from pipeline.data.prepare import prepare
+    from pipeline.data.prepare_config import HOLD_ENV, PrepareConfig
+
+    rng = np.random.default_rng(3)
+    for split, n in (("train", 24), ("val", 9)):
+        for i in range(n):
+            folder = tmp_path / "src" / split / f"c{i % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    one = prepare(PrepareConfig.from_dict({"dataset": "imagefolder", "source": str(tmp_path / "src"),
+                                           "out": str(tmp_path / "one"), "write_mode": "jpg", "workers": 1}),
+                  log=lambda _line: None)
+
+    hold = tmp_path / "HOLD"
+    hold.touch()
+    monkeypatch.setenv(HOLD_ENV, str(hold))
+    r = run("imagefolder", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "three"),
+            "--write-mode", "jpg", "--nodes", "3", "--detach")
+    assert r.exit_code == 0, r.output
+    job_id = r.stdout.strip().splitlines()[-1]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("HOLD.*"))) < 3:
+        assert time.monotonic() < deadline, "the writers never reached their first piece"
+        time.sleep(0.2)
+    server = submit.connect(None, start=False, note=lambda _m: None)
+    writers = [a for a in server.actors(job_id) if a["class_name"] == "NodeWriter"]
+    assert len(writers) == 3, writers
+    victim = writers[0]
+    os.kill(int(victim["pid"]), signal.SIGKILL)
+    hold.unlink()
+
+    r = CliRunner().invoke(app, ["jobs", "logs", job_id, "--follow"])
+    assert r.exit_code == 0, r.output
+    lost = re.search(r"warning: the writer on node (\w{8}) died writing ((?:train|val)\[[\d,]+:[\d,]+\]); "
+                     r"the piece goes to the 2 node\(s\) left", r.output)
+    assert lost is not None and lost[1] == victim["node_id"][:8], r.output
+    three = open_store(tmp_path / "three")
+    records = {(split, s["start"], s["stop"]): s["node"] for split in ("train", "val")
+               for s in three.writer.shards[split]}
+    # The lost piece was written again elsewhere, and nothing else came from the lost writer.
+    split, bounds = lost[2].split("[")
+    start, stop = (int(b.replace(",", "")) for b in bounds.rstrip("]").split(":"))
+    assert records[(split, start, stop)] != lost[1]
+    assert lost[1] not in records.values()
+    for split in ("train", "val"):
+        assert samples(three.beton(split)) == samples(one.beton(split))

@@ -150,6 +150,21 @@ def test_pieces_cover_each_split_in_order_large_first_and_small_splits_spread():
     assert len([p for p in tiny if p.split == "train"]) >= 3
 
 
+def test_a_piece_given_back_is_handed_out_again_whole_before_new_ones():
+    from pipeline.data.sharded import Pieces
+
+    plan = Pieces({"train": 27_000, "val": 3_375}, nodes=2, smallest=512)
+    first, second = plan.take(), plan.take()
+    plan.give_back(first)
+    assert plan.take() == first
+    # What is left to hand out counts the piece again: the next new piece is sized as if the
+    # lost one had never been handed out, and the pieces still cover each split once.
+    rest = list(iter(plan.take, None))
+    assert [second.stop - second.start, *(p.stop - p.start for p in rest)] == [3_797] * 6 + [421] + [1_688, 844, 512, 331]
+    train = sorted([first, second, *(p for p in rest if p.split == "train")], key=lambda p: p.index)
+    assert [p.index for p in train] == list(range(len(train))) and train[-1].stop == 27_000
+
+
 def test_a_node_copies_its_pieces_only_on_the_drivers_machine_and_in_its_folder(tmp_path):
     from pipeline.data.sharded import machine_id, on_drivers_machine
 

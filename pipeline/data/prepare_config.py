@@ -24,6 +24,9 @@ DATASETS = ("cifar10", "cifar100", "svhn", "imagenet", "imagefolder", "synthetic
 # into the store's folder and the others stream; `node`: only the driver's own node does, as
 # on a cluster of one node a machine. The job gets it from the environment `prepare` ran in.
 PIECES_ENV = "DENSENET_PIPE_PIECES"
+# A file: while it exists, each node's writer waits before writing a piece and leaves
+# `<file>.<pid>` to say so (how a test meets a writer in the middle of its work).
+HOLD_ENV = "DENSENET_PIPE_HOLD_PIECES"
 
 
 @dataclass

@@ -8,7 +8,8 @@ of the node's CPUs (FFCV is imported once per node) and writes whatever piece of
 driver hands it, with that many writer processes, exactly as a 1-node prepare would write those
 samples. Pieces are handed out as nodes free up, each the work left divided by the node count
 (guided self-scheduling): the first pieces are large, the last ones small, so a slow or busy
-node takes less and the nodes finish within a small piece of each other.
+node takes less and the nodes finish within a small piece of each other. A node whose writer
+dies in the middle of a piece loses that piece only: it is handed whole to the nodes left.
 
 The driver appends each finished piece's pages to the split's file as soon as it is done, in
 whatever order pieces finish (FFCV finds a sample's pages by pointer, not by position), and
@@ -37,11 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .. import errors
 from ..errors import UserError
 import numpy as np
 
 from .merge import CHUNK, Layout, MergedFile, data_chunks, read_layout, read_metadata
-from .prepare_config import PIECES_ENV, PrepareConfig
+from .prepare_config import HOLD_ENV, PIECES_ENV, PrepareConfig
 from .readers import Source
 from .writer import WriteSettings
 
@@ -95,8 +97,19 @@ class Pieces:
         self.left = sum(sizes.values())
         self.cap = max(1, -(-self.left // (self.nodes * LARGEST_SHARE)))
         self.floor = {name: max(1, min(smallest, -(-n // self.nodes))) for name, n in sizes.items()}
+        self.again: list[Piece] = []
+
+    def give_back(self, piece: Piece) -> None:
+        """A piece whose node died before it was written: the next `take` hands it out again,
+        whole (its place among the split's pieces is already fixed)."""
+        self.again.append(piece)
+        self.left += piece.stop - piece.start
 
     def take(self) -> Piece | None:
+        if self.again:
+            piece = self.again.pop(0)
+            self.left -= piece.stop - piece.start
+            return piece
         for name, n in self.sizes.items():
             start = self.next[name]
             if start < n:
@@ -187,14 +200,26 @@ class NodeWriter:
 
         if self.src is None:
             self._setup()
-        path = self.dir / f"{piece.split}-{piece.index:05d}.beton"
+        self._hold()
+        # The writer's pid in the name: a piece given to another node after this one was lost
+        # never meets a file this one may still be writing (a node unreachable, not dead).
+        path = self.dir / f"{piece.split}-{piece.index:05d}-{os.getpid()}.beton"
         page, skipped = write_indices(
             path, self.src.splits[piece.split], self.settings, workers=self.workers,
             indices=list(range(piece.start, piece.stop)), skip_bad=self.cfg.skip_bad,
-            bad_dir=self.dir / f"bad-{piece.split}-{piece.index:05d}", name=piece.split,
+            bad_dir=self.dir / f"bad-{piece.split}-{piece.index:05d}-{os.getpid()}", name=piece.split,
             log=lambda line: print(line, flush=True), label=f"{piece} on {self.host}")
         return {"layout": read_layout(path), "page": page, "skipped": skipped, "host": self.host,
                 "path": str(path), "shared": self.keep}
+
+    @staticmethod
+    def _hold() -> None:
+        hold = os.environ.get(HOLD_ENV)
+        if not hold or not os.path.exists(hold):
+            return
+        Path(f"{hold}.{os.getpid()}").touch()
+        while os.path.exists(hold):
+            time.sleep(0.1)
 
     def close(self) -> None:
         if self.dir is not None and not self.keep:
@@ -284,13 +309,18 @@ def write_splits_sharded(cfg: PrepareConfig, src: Source, settings: WriteSetting
     merger.start()
     plan = Pieces(sizes, len(nodes))
     busy: dict[Any, tuple[int, Piece, float]] = {}
+    alive = set(range(len(writers)))
     out: dict[str, tuple[int, dict[int, str], list[dict], np.ndarray]] = {}
     total, written, began = sum(sizes.values()), 0, time.monotonic()
+
+    def hand(i: int) -> None:
+        piece = plan.take()
+        if piece is not None:
+            busy[writers[i].write.remote(piece)] = (i, piece, time.monotonic())
+
     try:
-        for i, writer in enumerate(writers):
-            piece = plan.take()
-            if piece is not None:
-                busy[writer.write.remote(piece)] = (i, piece, time.monotonic())
+        for i in range(len(writers)):
+            hand(i)
         while busy and not failed:
             ready, _ = ray.wait(list(busy), num_returns=1, timeout=1.0)
             for ref in ready:
@@ -300,10 +330,20 @@ def write_splits_sharded(cfg: PrepareConfig, src: Source, settings: WriteSetting
                 except ray.exceptions.RayTaskError as e:
                     raise _unwrap(e, where(i, piece)) from None
                 except ray.exceptions.RayActorError as e:
-                    raise RuntimeError(f"the writer on {where(i)} died writing {piece}: {e}") from None
-                nxt = plan.take()
-                if nxt is not None:
-                    busy[writers[i].write.remote(nxt)] = (i, nxt, time.monotonic())
+                    # A node lost (a spot node reclaimed, a writer killed for memory): its
+                    # piece goes to the nodes left, whole; the pieces it finished are merged.
+                    alive.discard(i)
+                    ray.kill(writers[i])  # unreachable rather than dead: it writes nothing more
+                    if not alive:
+                        raise RuntimeError(f"the writer on {where(i)} died writing {piece}, the last "
+                                           f"node left: {errors.last_line(e)}") from None
+                    plan.give_back(piece)
+                    log(f"warning: the writer on {where(i)} died writing {piece}; the piece goes to "
+                        f"the {len(alive)} node(s) left")
+                    for j in alive - {b[0] for b in busy.values()}:
+                        hand(j)
+                    continue
+                hand(i)
                 heads[piece] = (i, head)
                 done.put((piece, i, head))
                 # The job's progress, in the driver's own words: the writers' lines are theirs
