@@ -138,15 +138,15 @@ def _told(rows: Iterable[dict], count: int) -> Iterator[dict]:
     one every 2 s) and when all are: a folder of a million images is minutes of work that Ray
     Data's own bars (Ray's chatter on the console) would leave silent."""
     began = last = time.monotonic()
-    done, told = 0, 0
+    done, told, whole = 0, 0, max(count, 1)
     for row in rows:
         done += 1
         yield row
         now = time.monotonic()
-        tenth = done * 10 // max(count, 1)
+        tenth = done * 10 // whole
         if done == count or (tenth > told and now - last >= 2.0):
             told, last = tenth, now
-            print(f"predicted {done:,} of {count:,} images ({done / max(count, 1):.0%}, "
+            print(f"predicted {done:,} of {count:,} images ({done / whole:.0%}, "
                   f"{done / max(now - began, 1e-9):,.0f}/s)", flush=True)
 
 

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from .. import storage
+from .. import errors, storage
 from ..errors import UserError
 from .publish import check_out, publish, publishing
 from .prepare_config import PrepareConfig, validate_prepare
@@ -176,7 +176,7 @@ class _Checksums:
         if self.proc is not None:
             out, err = self.proc.communicate()
             if self.proc.returncode != 0:
-                last = err.strip().splitlines()[-1] if err.strip() else f"exit code {self.proc.returncode}"
+                last = errors.last_line(err) if err.strip() else f"exit code {self.proc.returncode}"
                 raise UserError(f"cannot checksum the source files: {last}")
             digests = json.loads(out)
         card_md5 = {f.name: f.md5 for f in self.src.card.files if f.md5}
