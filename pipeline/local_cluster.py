@@ -174,9 +174,10 @@ def up(nodes: int = 1, cpus_per_node: float | None = None, gpus_per_node: int | 
         cluster = running(directory)
         if cluster is None:
             _stop_leftovers(load(directory))
-            cluster = _start_head(directory, cpus_per_node, gpus_per_node,
-                                  object_store_memory, note, timeout)
-            _wait_for_nodes(cluster, 1, timeout)
+            with _starting():
+                cluster = _start_head(directory, cpus_per_node, gpus_per_node,
+                                      object_store_memory, note, timeout)
+                _wait_for_nodes(cluster, 1, timeout)
             started = 1
         else:
             cluster.nodes = cluster.alive()
@@ -187,10 +188,11 @@ def up(nodes: int = 1, cpus_per_node: float | None = None, gpus_per_node: int | 
         # is named, not lost among several.
         for index in range(len(cluster.nodes), nodes):
             note(f"starting node {index + 1} of {nodes} ...")
-            cluster.nodes.append(_start_worker(cluster, index, cpus_per_node, gpus_per_node,
-                                               object_store_memory))
-            _save(cluster)
-            _wait_for_nodes(cluster, index + 1, timeout)
+            with _starting():
+                cluster.nodes.append(_start_worker(cluster, index, cpus_per_node, gpus_per_node,
+                                                   object_store_memory))
+                _save(cluster)
+                _wait_for_nodes(cluster, index + 1, timeout)
             started += 1
         return cluster, started
 
@@ -248,9 +250,11 @@ def node_alive(node: Node) -> bool:
 
 
 @contextlib.contextmanager
-def _locked(directory: Path, wait: float = 180.0) -> Iterator[None]:
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as handle:
+def _flocked(path: Path, wait: float, busy: str) -> Iterator[None]:
+    """Holds an exclusive lock on `path` (created if absent), waiting up to `wait` seconds."""
+    # Read-only is enough for flock, and lets users of a shared machine lock one file.
+    handle = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -258,13 +262,29 @@ def _locked(directory: Path, wait: float = 180.0) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise UserError(f"another densenet-pipe command has held {directory} for "
-                                    f"{wait:.0f} s: wait for it or end it") from None
+                    raise UserError(busy) from None
                 time.sleep(0.2)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        os.close(handle)
+
+
+def _locked(directory: Path, wait: float = 180.0) -> contextlib.AbstractContextManager[None]:
+    directory.mkdir(parents=True, exist_ok=True)
+    return _flocked(directory / ".lock", wait, f"another densenet-pipe command has held {directory} "
+                                               f"for {wait:.0f} s: wait for it or end it")
+
+
+def _starting(wait: float = 300.0) -> contextlib.AbstractContextManager[None]:
+    """One node start at a time on this machine, whatever its cluster. A node's ports are
+    found free here and bound by Ray seconds later: two clusters starting at once (two users,
+    two terminals) both found the dashboard's 8265 free, and one of them never came up."""
+    return _flocked(Path(tempfile.gettempdir()) / "densenet-pipe-node-start.lock", wait,
+                    f"another local Ray node on this machine has been starting for {wait:.0f} s: "
+                    "wait for it or stop it")
 
 
 def _save(cluster: LocalCluster) -> None:

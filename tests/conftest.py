@@ -4,8 +4,14 @@
   `RAY_ADDRESS`: tests never touch a developer's `.cluster/` or cluster.
 - `ray_cluster`: one real local Ray cluster for the whole session, started the way users
   start it (`densenet-pipe cluster up --nodes 3 --cpus-per-node 1`) and stopped with
-  `cluster down`; anything submitted without `--address` lands on it. Tests that use it
-  run last, together. Mark them `@pytest.mark.ray`.
+  `cluster down`; anything submitted without `--address` lands on it. Mark the tests that
+  start Ray `@pytest.mark.ray`.
+- The suite runs on two pytest-xdist workers (pyproject's `-n 2 --dist loadgroup`): the
+  tests on the session's cluster all go to one of them, one after another in file order as
+  they would run alone, so that cluster is started once; the other worker runs the
+  in-process tests beside them, then the two tests that start clusters of their own. On 2
+  cores the Ray tests alone leave a quarter to half of the CPU idle (they wait on Ray's
+  starts and their jobs' logs), which the other worker uses.
 - `cli`: runs `densenet-pipe ARGS...` in-process and returns click's Result.
 - `s3_bucket`: a real S3 server on localhost (moto's) with an empty bucket; the URI of a
   folder in it, for `--storage s3://...`.
@@ -28,6 +34,59 @@ from typing import Callable, Iterator
 
 import pytest
 from typer.testing import CliRunner, Result
+
+
+def _cluster(item: pytest.Item) -> str | None:
+    """Which Ray cluster a test runs on: "shared" (the session's `ray_cluster`), "own" (a
+    `ray` test that starts a cluster of its own), None (in-process)."""
+    if "ray_cluster" in getattr(item, "fixturenames", ()):
+        return "shared"
+    return "own" if item.get_closest_marker("ray") is not None else None
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """The Ray tests in xdist groups (marked as collected: xdist reads the groups in its own
+    `pytest_collection_modifyitems`)."""
+    if (cluster := _cluster(item)) is not None:
+        item.add_marker(pytest.mark.xdist_group(f"ray-{cluster}"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The shared cluster's tests first, so the worker that takes them starts at once; the
+    in-process tests next, for the other worker; the tests with clusters of their own last,
+    for whichever worker is free by then (pyproject keeps this order: --no-loadscope-reorder)."""
+    items.sort(key=lambda item: {"shared": 0, None: 1, "own": 2}[_cluster(item)])
+
+
+_ray_worker: tuple[Path, object] | None = None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Under xdist, the first shared-cluster test a worker runs takes this run's lock; such a
+    test on another worker means the group was not kept (a pytest that xdist cannot group,
+    see pyproject.toml) and fails saying so, before two session clusters compete."""
+    global _ray_worker
+    if _cluster(item) != "shared" or _ray_worker is not None or not hasattr(item.config, "workerinput"):
+        return
+    import fcntl
+
+    path = Path(tempfile.gettempdir()) / f"densenet-pipe-tests-{item.config.workerinput['testrunuid']}.ray"
+    lock = open(path, "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        pytest.fail("another xdist worker runs the shared cluster's tests: the `ray-shared` group "
+                    "was not kept (pytest-dev/pytest-xdist#1386); use the pinned pytest, or -n 0",
+                    pytrace=False)
+    _ray_worker = (path, lock)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _ray_worker is not None:
+        path, lock = _ray_worker
+        path.unlink(missing_ok=True)
+        lock.close()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -114,6 +115,43 @@ def test_grow_then_down_stops_exactly_what_up_started(cli, tmp_path, monkeypatch
             local_cluster.down(tmp_path)
         if (tmp_path / "ray").is_symlink():
             shutil.rmtree((tmp_path / "ray").resolve(), ignore_errors=True)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_two_clusters_started_at_once_on_one_machine_both_come_up(tmp_path, monkeypatch):
+    # Two users starting clusters at the same moment: each finds the dashboard's preferred
+    # port free (here a free one, as 8265 may be taken), and before one start at a time,
+    # the second never came up.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setattr(local_cluster, "DEFAULT_DASHBOARD_PORT", s.getsockname()[1])
+    folders = [tmp_path / "a", tmp_path / "b"]
+    got: dict[Path, object] = {}
+
+    def start(folder: Path) -> None:
+        try:
+            got[folder] = local_cluster.up(1, 1, directory=folder)[0]
+        except Exception as e:  # noqa: BLE001 - asserted below, with its message
+            got[folder] = e
+
+    threads = [threading.Thread(target=start, args=(folder,)) for folder in folders]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(240)
+        assert all(isinstance(got.get(f), local_cluster.LocalCluster) for f in folders), got
+        assert len({got[f].dashboard_url for f in folders}) == 2
+        assert all(len(local_cluster.running(f).alive()) == 1 for f in folders)
+    finally:
+        for thread in threads:
+            thread.join(240)
+        for folder in folders:
+            if local_cluster.load(folder) is not None:
+                local_cluster.down(folder)
+            if (folder / "ray").is_symlink():
+                shutil.rmtree((folder / "ray").resolve(), ignore_errors=True)
 
 
 @pytest.mark.timeout(30)
