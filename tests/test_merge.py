@@ -176,3 +176,38 @@ def test_a_node_copies_its_pieces_only_on_the_drivers_machine_and_in_its_folder(
     assert not on_drivers_machine(str(tmp_path), "xyz", machine_id())
     assert not on_drivers_machine(str(tmp_path / "absent"), "abc", machine_id())
     assert not on_drivers_machine(str(tmp_path), None, machine_id())
+
+
+def test_a_writer_off_the_drivers_machine_writes_in_a_folder_of_its_own_and_removes_dead_ones(
+        tmp_path, monkeypatch):
+    # A writer on another machine writes its pieces in a temp folder named for its process.
+    # One killed there (its node lost, the OOM killer) never ran `close`: the next writer on
+    # that machine removes its folder, and leaves a live writer's alone.
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from pipeline.data.prepare_config import PrepareConfig
+    from pipeline.data.sharded import SHARD_PREFIX, NodeWriter, Piece
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead, live = temp / f"{SHARD_PREFIX}{gone.pid}-abc", temp / f"{SHARD_PREFIX}{os.getppid()}-def"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "train-00000.beton").write_bytes(b"x")
+    cfg = PrepareConfig.from_dict({"dataset": "synthetic", "out": str(tmp_path / "store"), "workers": 1,
+                                   "synthetic": {"train_size": 24, "val_size": 8}})
+    writer = NodeWriter(cfg.to_dict(), {"train": 24, "val": 8}, 1, str(tmp_path / "store"),
+                        token=None, machine="another machine")
+    written = writer.write(Piece("train", 0, 0, 12))
+    piece = Path(written["path"])
+    assert not written["shared"] and piece.is_file() and read_layout(piece).num_samples == 12
+    assert piece.parent.parent == temp and piece.parent.name.startswith(f"{SHARD_PREFIX}{os.getpid()}-")
+    assert not dead.exists() and live.is_dir()
+    writer.close()
+    assert not piece.parent.exists() and live.is_dir()

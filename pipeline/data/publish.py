@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import UserError
+from ..scratch import alive
 
 MANIFEST = "manifest.json"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -123,16 +124,6 @@ def publish_remote(local: Path, out: str, force: bool, log: Callable[[str], None
     storage.upload_file(local / MANIFEST, storage.join(out, MANIFEST))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _leftovers(out: Path) -> Iterator[tuple[Path, int]]:
     for kind in ("prepare", "old"):
         for p in out.parent.glob(f".{out.name}.{kind}-*"):
@@ -154,7 +145,7 @@ def publishing(out: Path, log: Callable[[str], None] = print) -> Iterator[Path]:
     fd = _lock(lock_path, out)
     try:
         for path, pid in _leftovers(out):
-            if not _alive(pid):
+            if not alive(pid):
                 shutil.rmtree(path, ignore_errors=True)
                 log(f"removed {path}, left by an interrupted prepare (pid {pid})")
         tmp = out.parent / f".{out.name}.prepare-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -180,7 +171,7 @@ def _lock(lock_path: Path, out: Path) -> int:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            if holder.isdigit() and not _alive(int(holder)) and time.monotonic() < deadline:
+            if holder.isdigit() and not alive(int(holder)) and time.monotonic() < deadline:
                 time.sleep(0.2)
                 continue
             raise UserError(f"another prepare is writing {out} (pid {holder}): wait for it to "

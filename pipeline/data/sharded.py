@@ -31,14 +31,13 @@ import queue
 import secrets
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .. import errors
+from .. import errors, scratch
 from ..errors import UserError
 import numpy as np
 
@@ -58,6 +57,8 @@ SMALLEST = 512
 # done, should be small. Pure guided self-scheduling hands the first node half the job on 2
 # nodes, which it finishes last.
 LARGEST_SHARE = 4
+# A writer off the driver's machine writes its pieces in <temp>/<this><pid>-...
+SHARD_PREFIX = "densenet-pipe-shard-"
 
 
 def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
@@ -192,7 +193,9 @@ class NodeWriter:
                                 "the same --source (a shared mount)")
         self.settings = writer_settings(self.cfg, src)
         self.keep = on_drivers_machine(shared_dir, token, machine)
-        self.dir = Path(shared_dir) if self.keep else Path(tempfile.mkdtemp(prefix="densenet-pipe-shard-"))
+        # A writer lost on this machine earlier (its node or process killed) left its folder.
+        scratch.remove_dead(SHARD_PREFIX)
+        self.dir = Path(shared_dir) if self.keep else scratch.make(SHARD_PREFIX)
         self.src = src
 
     def write(self, piece: Piece) -> dict[str, Any]:

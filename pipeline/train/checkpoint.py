@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from .. import storage
+from .. import scratch, storage
 from ..errors import UserError
 
 FILE = "checkpoint.pt"
@@ -75,36 +75,13 @@ SCRATCH_PREFIX = "densenet-ckpt-"
 
 def scratch_dir():
     """A TemporaryDirectory for one checkpoint, named for this process."""
-    import tempfile
-
-    return tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
+    return scratch.folder(SCRATCH_PREFIX)
 
 
 def remove_dead_scratch(root: str | os.PathLike | None = None) -> list[str]:
-    """Remove the scratch folders in `root` (the temp folder) of processes that are gone;
-    returns their names. A pid in use again keeps its folder: nothing of another process is
-    removed."""
-    import shutil
-    import tempfile
-
-    removed = []
-    for folder in Path(root or tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
-        pid = folder.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        removed.append(folder.name)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+    """Remove the checkpoint scratch folders in `root` (the temp folder) of processes that
+    are gone; returns their names."""
+    return scratch.remove_dead(SCRATCH_PREFIX, root)
 
 
 def find(path: str | os.PathLike) -> str:
