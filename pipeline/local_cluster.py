@@ -249,11 +249,27 @@ def node_alive(node: Node) -> bool:
         return False
 
 
+def _open_lock(path: Path) -> int:
+    """A read-only descriptor of the lock file `path`, made readable by all if absent: flock
+    needs no more, and opening a file another user made needs no O_CREAT, which a sticky
+    /tmp may refuse (fs.protected_regular). A link is refused (OSError)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        return os.open(path, flags)
+    except FileNotFoundError:
+        pass
+    try:
+        handle = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return os.open(path, flags)
+    os.fchmod(handle, 0o644)
+    return handle
+
+
 @contextlib.contextmanager
-def _flocked(path: Path, wait: float, busy: str) -> Iterator[None]:
-    """Holds an exclusive lock on `path` (created if absent), waiting up to `wait` seconds."""
-    # Read-only is enough for flock, and lets users of a shared machine lock one file.
-    handle = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+def _flocked(handle: int, wait: float, busy: str) -> Iterator[None]:
+    """Holds an exclusive lock on the open file `handle`, waiting up to `wait` seconds, and
+    closes it after."""
     try:
         deadline = time.monotonic() + wait
         while True:
@@ -274,17 +290,23 @@ def _flocked(path: Path, wait: float, busy: str) -> Iterator[None]:
 
 def _locked(directory: Path, wait: float = 180.0) -> contextlib.AbstractContextManager[None]:
     directory.mkdir(parents=True, exist_ok=True)
-    return _flocked(directory / ".lock", wait, f"another densenet-pipe command has held {directory} "
-                                               f"for {wait:.0f} s: wait for it or end it")
+    return _flocked(_open_lock(directory / ".lock"), wait,
+                    f"another densenet-pipe command has held {directory} for {wait:.0f} s: "
+                    "wait for it or end it")
 
 
 def _starting(wait: float = 300.0) -> contextlib.AbstractContextManager[None]:
     """One node start at a time on this machine, whatever its cluster. A node's ports are
     found free here and bound by Ray seconds later: two clusters starting at once (two users,
     two terminals) both found the dashboard's 8265 free, and one of them never came up."""
-    return _flocked(Path(tempfile.gettempdir()) / "densenet-pipe-node-start.lock", wait,
-                    f"another local Ray node on this machine has been starting for {wait:.0f} s: "
-                    "wait for it or stop it")
+    temp = Path(tempfile.gettempdir())
+    try:
+        handle = _open_lock(temp / "densenet-pipe-node-start.lock")
+    except OSError:
+        # A link, or another user's file we may not read: this user's starts still take turns.
+        handle = _open_lock(private_dir(temp / f"dp-{os.getuid()}") / "node-start.lock")
+    return _flocked(handle, wait, f"another local Ray node on this machine has been starting for "
+                                  f"{wait:.0f} s: wait for it or stop it")
 
 
 def _save(cluster: LocalCluster) -> None:
