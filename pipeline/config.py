@@ -267,6 +267,8 @@ class Config:
 
 
 _SECTIONS = {f.name: f.type for f in fields(Config)}
+
+
 def digest(data: dict[str, Any]) -> str:
     """The one config digest: a short hash of a config dict (a Config's, or a job's)."""
     return hashlib.sha256(json.dumps(data, indent=2, sort_keys=True).encode()).hexdigest()[:12]
