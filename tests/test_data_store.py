@@ -311,6 +311,17 @@ def test_a_sigkilled_prepare_leaves_nothing_after_the_next_one(tmp_path):
     assert open_store(out).splits["train"].count == 40
 
 
+def test_a_writer_whose_prepare_died_before_it_started_exits_at_once():
+    # A prepare SIGKILLed between a writer's fork and its PR_SET_PDEATHSIG sends the writer
+    # no signal: it must see that its parent is no longer the prepare, and stop.
+    check = ("import os, sys; from pipeline.data.writer import _die_with_parent; "
+             "_die_with_parent(int(sys.argv[1])); print('writing')")
+    for parent, rc, out in ((os.getpid(), 0, "writing\n"), (_dead_pid(), 1, "")):
+        r = subprocess.run([sys.executable, "-c", check, str(parent)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60)
+        assert (r.returncode, r.stdout) == (rc, out), r.stderr
+
+
 @pytest.mark.timeout(120)
 def test_a_prepared_store_is_hashed_once(tmp_path, no_compile, monkeypatch):
     # Each .beton is read for its sha256 once, when written; the checks of the written store

@@ -64,8 +64,10 @@ def page_size_for(split: Split, settings: WriteSettings) -> int:
     return min(page, MAX_PAGE)
 
 
-def _die_with_parent() -> None:
-    """A writer process outlives a SIGKILLed prepare otherwise, holding its lock and memory."""
+def _die_with_parent(parent: int) -> None:
+    """A writer process outlives a SIGKILLed prepare otherwise, holding its lock and memory.
+    `parent` is the prepare's pid: one killed between this process's fork and the prctl
+    below sends no signal, and this process has been handed to another parent already."""
     try:
         import ctypes
         import signal
@@ -74,10 +76,12 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
     except (OSError, AttributeError):
         pass  # not Linux: the parent's finally still stops its workers on a normal exit
+    if os.getppid() != parent:
+        os._exit(1)
 
 
-def _guarded(work_fn: Callable, errors: Any, *args: Any) -> None:
-    _die_with_parent()
+def _guarded(work_fn: Callable, errors: Any, parent: int, *args: Any) -> None:
+    _die_with_parent(parent)
     try:
         work_fn(*args)
     except BaseException as e:  # noqa: BLE001  (reported to the parent, which raises)
@@ -111,7 +115,7 @@ def _make_writer_class() -> type:
                 allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
                 args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator,
                         done, allocations, *extra_worker_args)
-                procs = [Process(target=_guarded, args=(work_fn, errors, *args), daemon=True)
+                procs = [Process(target=_guarded, args=(work_fn, errors, os.getpid(), *args), daemon=True)
                          for _ in range(self.num_workers)]
                 for p in procs:
                     p.start()
