@@ -37,10 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .. import errors, scratch
-from ..errors import UserError
 import numpy as np
 
+from .. import errors, scratch
+from ..errors import UserError
 from .merge import CHUNK, Layout, MergedFile, data_chunks, read_layout, read_metadata
 from .prepare_config import HOLD_ENV, PIECES_ENV, PrepareConfig
 from .readers import Source
