@@ -536,9 +536,9 @@ def job_env(cfg: dict[str, Any], server: JobServer, job: str = "train") -> dict[
         # Writing and merging stores runs no numba code, but `import ffcv` compiles a typed
         # dict (seconds of one core) in the driver and in every shard task: not needed.
         env["NUMBA_DISABLE_JIT"] = "1"
-        from .data.prepare_config import HOLD_ENV, PIECES_ENV
+        from .data.prepare_config import HOLD_ENV, HOLD_STREAMS_ENV, PIECES_ENV
 
-        for key in (PIECES_ENV, HOLD_ENV):
+        for key in (PIECES_ENV, HOLD_ENV, HOLD_STREAMS_ENV):
             if os.environ.get(key):
                 env[key] = os.environ[key]
     if server.local is not None:

@@ -129,6 +129,19 @@ def test_prepare_official_formats_as_ray_jobs(ray_cluster, tmp_path):
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["cifar10", "imagenet", "svhn"]
 
 
+def _folder(root, seed: int):
+    """An image folder of 24 train and 9 val JPEGs in 2 classes, each of its own size."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", 24), ("val", 9)):
+        for i in range(n):
+            folder = root / split / f"c{i % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    return root
+
+
 @pytest.mark.timeout(300)
 def test_a_writer_lost_mid_piece_hands_its_piece_to_the_nodes_left(ray_cluster, tmp_path, monkeypatch):
     """`prepare --nodes 3` with every writer held at its first piece; one writer is killed
@@ -138,18 +151,11 @@ def test_a_writer_lost_mid_piece_hands_its_piece_to_the_nodes_left(ray_cluster, 
     import signal
     import time
 
-    from PIL import Image
-
     from pipeline import submit
     from pipeline.data.prepare import prepare
     from pipeline.data.prepare_config import HOLD_ENV, PrepareConfig
 
-    rng = np.random.default_rng(3)
-    for split, n in (("train", 24), ("val", 9)):
-        for i in range(n):
-            folder = tmp_path / "src" / split / f"c{i % 2}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    _folder(tmp_path / "src", seed=3)
     one = prepare(PrepareConfig.from_dict({"dataset": "imagefolder", "source": str(tmp_path / "src"),
                                            "out": str(tmp_path / "one"), "write_mode": "jpg", "workers": 1}),
                   log=lambda _line: None)
@@ -187,3 +193,59 @@ def test_a_writer_lost_mid_piece_hands_its_piece_to_the_nodes_left(ray_cluster, 
     assert lost[1] not in records.values()
     for split in ("train", "val"):
         assert samples(three.beton(split)) == samples(one.beton(split))
+
+
+@pytest.mark.timeout(420)
+def test_a_node_lost_after_writing_a_piece_before_it_reached_the_driver(ray_cluster, tmp_path, monkeypatch):
+    """`prepare --nodes 3`, the pieces of the nodes off the driver's streamed to it (as on
+    nodes that are machines of their own); the first streamed piece is held on its node, and
+    that whole node is SIGKILLed there, its pages with it. The piece is written again on a
+    node left; the store is the 1-node store sample by sample."""
+    import time
+
+    from fixtures_nodes import kill_node_running, same_node
+    from pipeline import local_cluster, submit
+    from pipeline.data.prepare import prepare
+    from pipeline.data.prepare_config import HOLD_STREAMS_ENV, PIECES_ENV, PrepareConfig
+
+    source = _folder(tmp_path / "src", seed=5)
+    one = prepare(PrepareConfig.from_dict({"dataset": "imagefolder", "source": str(source),
+                                           "out": str(tmp_path / "one"), "write_mode": "jpg", "workers": 1}),
+                  log=lambda _line: None)
+    hold = tmp_path / "HOLD"
+    hold.touch()
+    monkeypatch.setenv(HOLD_STREAMS_ENV, str(hold))
+    monkeypatch.setenv(PIECES_ENV, "node")
+    r = run("imagefolder", "--source", str(source), "--out", str(tmp_path / "three"),
+            "--write-mode", "jpg", "--nodes", "3", "--detach")
+    assert r.exit_code == 0, r.output
+    job_id = r.stdout.strip().splitlines()[-1]
+    deadline = time.monotonic() + 120
+    while not (held := list(tmp_path.glob("HOLD.*"))):
+        assert time.monotonic() < deadline, "no piece was streamed"
+        time.sleep(0.2)
+    stream = int(held[0].suffix[1:])
+    server = submit.connect(None, start=False, note=lambda _m: None)
+    (writer,) = [a for a in server.actors(job_id)
+                 if a["class_name"] == "NodeWriter" and same_node(int(a["pid"]), stream)]
+    try:
+        assert kill_node_running(stream) is not None, "the streamed piece came from the head node"
+        hold.unlink()
+        r = CliRunner().invoke(app, ["jobs", "logs", job_id, "--follow"])
+        assert r.exit_code == 0, r.output
+        lost = re.search(r"warning: ((?:train|val)\[[\d,]+:[\d,]+\]) could not be read back from "
+                         r"node (\w{8}) \(.+\); it is written again", r.output)
+        assert lost is not None and lost[2] == writer["node_id"][:8], r.output
+        three = open_store(tmp_path / "three")
+        records = {(split, s["start"], s["stop"]): s["node"] for split in ("train", "val")
+                   for s in three.writer.shards[split]}
+        split, bounds = lost[1].split("[")
+        start, stop = (int(b.replace(",", "")) for b in bounds.rstrip("]").split(":"))
+        assert records[(split, start, stop)] != lost[2]
+        assert lost[2] not in records.values()
+        for split in ("train", "val"):
+            assert samples(three.beton(split)) == samples(one.beton(split))
+    finally:
+        hold.unlink(missing_ok=True)
+        assert CliRunner().invoke(app, ["cluster", "up", "--nodes", "3", "--cpus-per-node", "1"]).exit_code == 0
+    assert len(local_cluster.running().alive()) == 3

@@ -129,6 +129,40 @@ def test_shards_appended_as_they_finish_read_back_in_order_with_room_for_skipped
     over.discard()
 
 
+@pytest.mark.timeout(120)
+def test_a_shard_cut_off_half_way_leaves_the_merge_as_it_was_and_can_come_again(tmp_path):
+    """A piece's stream that ends in an error (its node lost) takes back what it had appended:
+    the same piece streamed again from elsewhere merges into a file equal to the whole split."""
+    from pipeline.data.merge import MergedFile
+
+    split = SyntheticSplit(SyntheticSpec(train_size=20, num_classes=3, resolution=48, min_size=20), "train")
+    settings = WriteSettings("raw")
+    whole = tmp_path / "whole.beton"
+    write_beton(whole, split, settings, workers=1, log=lambda _: None)
+    parts = []
+    for i, (a, b) in enumerate([(0, 12), (12, 20)]):
+        parts.append(tmp_path / f"part{i}.beton")
+        write_beton(parts[-1], split, settings, workers=1, indices=range(a, b), log=lambda _: None)
+    merged = MergedFile(tmp_path / "merged.beton", capacity=20)
+    merged.append(read_layout(parts[1]), data_chunks(parts[1], read_layout(parts[1]), size=1 << 12), position=1)
+    before = (tmp_path / "merged.beton").stat().st_size
+
+    def cut_off(chunks, after: int):
+        for n, chunk in enumerate(chunks):
+            if n == after:
+                raise ConnectionError("the node is gone")
+            yield chunk
+
+    layout = read_layout(parts[0])
+    assert layout.data_bytes > 3 * (1 << 12)
+    with pytest.raises(ConnectionError):
+        merged.append(layout, cut_off(data_chunks(parts[0], layout, size=1 << 12), after=3), position=0)
+    assert (tmp_path / "merged.beton").stat().st_size == before
+    merged.append(layout, data_chunks(parts[0], layout, size=1 << 12), position=0)
+    assert merged.close() == 20
+    assert samples(tmp_path / "merged.beton") == samples(whole)
+
+
 def test_pieces_cover_each_split_in_order_large_first_and_small_splits_spread():
     from pipeline.data.sharded import Pieces
 

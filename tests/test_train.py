@@ -7,9 +7,7 @@ real FFCV loaders, real checkpoints and W&B offline runs.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pytest
 import torch
 
 from fixtures_data import make_synthetic_store
+from fixtures_nodes import kill_node_running
 from pipeline import storage, submit
 from pipeline.tracking import ENDED
 from pipeline.train import checkpoint
@@ -293,17 +292,6 @@ def test_corrupt_checkpoint_for_evaluate_and_resume(ray_cluster, cli, store, run
     assert "corrupt" in r.stderr and "Traceback" not in r.output
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def _parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
 @pytest.mark.timeout(900)
 def test_a_whole_node_killed_mid_run_restarts_on_the_nodes_left(ray_cluster, cli, store, runs, tmp_path):
     """--nodes 2 on the 3-node cluster: one worker's node (raylet, its workers, its agents) is
@@ -328,23 +316,12 @@ def test_a_whole_node_killed_mid_run_restarts_on_the_nodes_left(ray_cluster, cli
         assert time.monotonic() < deadline, "Ray Train never recorded epoch 1"
         time.sleep(0.2)
     server = submit.connect(None, start=False)
-    cluster = local_cluster.running()
-    worker_nodes = {n.pid: n for n in cluster.nodes if n.role != "head"}
     # The node is found from the job's own worker: worker -> its raylet -> our `ray start`.
     victim = None
     for actor in server.actors(job_id):
-        if actor["class_name"] != "RayTrainWorker":
-            continue
-        raylet = _parent(int(actor["pid"]))
-        if _parent(raylet) in worker_nodes:
-            victim = worker_nodes[_parent(raylet)]
+        if actor["class_name"] == "RayTrainWorker" and (victim := kill_node_running(int(actor["pid"]))):
             break
     assert victim is not None, "no training worker on a worker node"
-    for pid in [*_children(raylet), raylet, victim.pid]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # a short-lived child of the raylet that ended on its own
     hold.unlink()
     try:
         r = cli("jobs", "logs", job_id, "--follow")

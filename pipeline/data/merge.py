@@ -177,9 +177,16 @@ class MergedFile:
         alloc = np.frombuffer(layout.alloc_table, dtype=layout.alloc_dtype).copy()
         if len(alloc):
             alloc["ptr"] = (alloc["ptr"].astype(np.int64) + delta).astype(np.uint64)
-        written = copy(self.file)
-        if written != layout.data_bytes:
-            raise MergeError(f"a shard sent {written} bytes of pages, its layout says {layout.data_bytes}")
+        try:
+            written = copy(self.file)
+            if written != layout.data_bytes:
+                raise MergeError(f"a shard sent {written} bytes of pages, its layout says {layout.data_bytes}")
+        except BaseException:
+            # A shard cut off half-way (its node lost) leaves the file as it was before it, so
+            # the same shard can be appended again from elsewhere.
+            self.file.seek(base)
+            self.file.truncate(base)
+            raise
         self.parts[position] = (meta, alloc)
         self.samples += layout.num_samples
 

@@ -27,6 +27,9 @@ PIECES_ENV = "DENSENET_PIPE_PIECES"
 # A file: while it exists, each node's writer waits before writing a piece and leaves
 # `<file>.<pid>` to say so (how a test meets a writer in the middle of its work).
 HOLD_ENV = "DENSENET_PIPE_HOLD_PIECES"
+# The same for a written piece's stream to the driver: it waits before its first chunk (how a
+# test loses a node between writing a piece and handing it over).
+HOLD_STREAMS_ENV = "DENSENET_PIPE_HOLD_STREAMS"
 
 
 @dataclass

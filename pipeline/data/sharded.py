@@ -9,7 +9,8 @@ driver hands it, with that many writer processes, exactly as a 1-node prepare wo
 samples. Pieces are handed out as nodes free up, each the work left divided by the node count
 (guided self-scheduling): the first pieces are large, the last ones small, so a slow or busy
 node takes less and the nodes finish within a small piece of each other. A node whose writer
-dies in the middle of a piece loses that piece only: it is handed whole to the nodes left.
+dies in the middle of a piece loses that piece only: it is handed whole to the nodes left; so
+is a piece written on a node lost before its pages reached the driver.
 
 The driver appends each finished piece's pages to the split's file as soon as it is done, in
 whatever order pieces finish (FFCV finds a sample's pages by pointer, not by position), and
@@ -42,7 +43,7 @@ import numpy as np
 from .. import errors, scratch
 from ..errors import UserError
 from .merge import CHUNK, Layout, MergedFile, data_chunks, read_layout, read_metadata
-from .prepare_config import HOLD_ENV, PIECES_ENV, PrepareConfig
+from .prepare_config import HOLD_ENV, HOLD_STREAMS_ENV, PIECES_ENV, PrepareConfig
 from .readers import Source
 from .writer import WriteSettings
 
@@ -59,6 +60,9 @@ SMALLEST = 512
 LARGEST_SHARE = 4
 # A writer off the driver's machine writes its pieces in <temp>/<this><pid>-...
 SHARD_PREFIX = "densenet-pipe-shard-"
+# A piece that could not be read back from its node this many times fails the prepare: a node
+# lost costs its pieces once, a fault that follows a piece everywhere would never end.
+TRIES = 3
 
 
 def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
@@ -203,7 +207,7 @@ class NodeWriter:
 
         if self.src is None:
             self._setup()
-        self._hold()
+        _hold(HOLD_ENV)
         # The writer's pid in the name: a piece given to another node after this one was lost
         # never meets a file this one may still be writing (a node unreachable, not dead).
         path = self.dir / f"{piece.split}-{piece.index:05d}-{os.getpid()}.beton"
@@ -215,28 +219,35 @@ class NodeWriter:
         return {"layout": read_layout(path), "page": page, "skipped": skipped, "host": self.host,
                 "path": str(path), "shared": self.keep}
 
-    @staticmethod
-    def _hold() -> None:
-        hold = os.environ.get(HOLD_ENV)
-        if not hold or not os.path.exists(hold):
-            return
-        Path(f"{hold}.{os.getpid()}").touch()
-        while os.path.exists(hold):
-            time.sleep(0.1)
-
     def close(self) -> None:
         if self.dir is not None and not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _hold(env: str) -> None:
+    hold = os.environ.get(env)
+    if not hold or not os.path.exists(hold):
+        return
+    Path(f"{hold}.{os.getpid()}").touch()
+    while os.path.exists(hold):
+        time.sleep(0.1)
 
 
 def _stream(path: str, layout: Layout) -> Iterator[np.ndarray]:
     """On a writer's node: a written piece's pages, then the file is removed. A task of its own
     (no CPU asked for), so the node's writer goes on with its next piece meanwhile: the writer
     forks its processes, which a writer actor serving two calls at once on threads cannot do."""
+    _hold(HOLD_STREAMS_ENV)
     try:
         yield from data_chunks(Path(path), layout, CHUNK)
     finally:
         Path(path).unlink(missing_ok=True)
+
+
+def _node_alive(node: str) -> bool:
+    import ray
+
+    return any(n["NodeID"] == node and n.get("Alive") for n in ray.nodes())
 
 
 def _unwrap(e: Exception, where: str) -> Exception:
@@ -284,6 +295,9 @@ def write_splits_sharded(cfg: PrepareConfig, src: Source, settings: WriteSetting
     merged = {name: MergedFile(tmp / f"{name}.beton", n) for name, n in sizes.items()}
     heads: dict[Piece, tuple[int, dict[str, Any]]] = {}
     done: queue.Queue = queue.Queue()
+    # (piece, node, None) when a piece is merged; (piece, node, error) when its pages could not
+    # be read back from its node (lost with its disk): the driver's loop hands it out again.
+    settled: queue.Queue = queue.Queue()
     failed: list[BaseException] = []
 
     def where(i: int, piece: Piece | None = None) -> str:
@@ -298,21 +312,32 @@ def write_splits_sharded(cfg: PrepareConfig, src: Source, settings: WriteSetting
                     merged[piece.split].append_file(head["layout"], Path(head["path"]), position=piece.index)
                     Path(head["path"]).unlink(missing_ok=True)
                 else:
+                    # No retry of its own: a stream cut off is handed out again as a piece,
+                    # which also covers its node being gone with the pages on its disk.
                     stream = stream_task.options(
-                        num_cpus=0, _generator_backpressure_num_objects=AHEAD,
+                        num_cpus=0, max_retries=0, _generator_backpressure_num_objects=AHEAD,
                         scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i][0], soft=False),
                     ).remote(head["path"], head["layout"])
                     merged[piece.split].append(head["layout"], (ray.get(ref) for ref in stream),
                                                position=piece.index)
+            except ray.exceptions.RayError as e:
+                if not isinstance(e, ray.exceptions.RayTaskError):  # Ray's, not our code's
+                    settled.put((piece, i, e))  # the merged file is as it was before the piece
+                    continue
+                failed.append(_unwrap(e, where(i, piece)))
+                return
             except BaseException as e:  # noqa: BLE001  (raised by the driver's loop below)
                 failed.append(_unwrap(e, where(i, piece)))
                 return
+            settled.put((piece, i, None))
 
     merger = threading.Thread(target=merge, name="merge", daemon=True)
     merger.start()
     plan = Pieces(sizes, len(nodes))
     busy: dict[Any, tuple[int, Piece, float]] = {}
     alive = set(range(len(writers)))
+    merging: set[Piece] = set()  # written, not yet settled by the merge
+    lost: dict[Piece, int] = {}  # times a piece's pages could not be read back
     out: dict[str, tuple[int, dict[int, str], list[dict], np.ndarray]] = {}
     total, written, began = sum(sizes.values()), 0, time.monotonic()
 
@@ -321,11 +346,53 @@ def write_splits_sharded(cfg: PrepareConfig, src: Source, settings: WriteSetting
         if piece is not None:
             busy[writers[i].write.remote(piece)] = (i, piece, time.monotonic())
 
+    def hand_idle() -> None:
+        for j in sorted(alive - {b[0] for b in busy.values()}):
+            hand(j)
+
+    def drop(i: int) -> None:
+        alive.discard(i)
+        ray.kill(writers[i])  # unreachable rather than dead: it writes nothing more
+
+    def unread(piece: Piece, i: int, e: BaseException) -> None:
+        """A written piece whose pages never reached the driver: written again elsewhere."""
+        nonlocal written
+        heads.pop(piece, None)
+        written -= piece.stop - piece.start
+        lost[piece] = lost.get(piece, 0) + 1
+        if lost[piece] >= TRIES:
+            raise RuntimeError(f"{piece} could not be read back from its node {TRIES} times, the last "
+                               f"from {where(i)}: {errors.last_line(e)}") from None
+        gone = isinstance(e, ray.exceptions.NodeDiedError) or not _node_alive(nodes[i][0])
+        if gone and i in alive:
+            drop(i)
+        why = "the node is gone" if gone else errors.last_line(e).split(". ")[0]
+        if not alive:
+            raise RuntimeError(f"{piece} could not be read back from {where(i)} ({why}), and no node "
+                               "is left to write it again") from None
+        plan.give_back(piece)
+        log(f"warning: {piece} could not be read back from {where(i)} ({why}); it is written again")
+        hand_idle()
+
     try:
         for i in range(len(writers)):
             hand(i)
-        while busy and not failed:
-            ready, _ = ray.wait(list(busy), num_returns=1, timeout=1.0)
+        while (busy or merging) and not failed:
+            news: list[tuple[Piece, int, BaseException | None]] = []
+            if busy:
+                ready, _ = ray.wait(list(busy), num_returns=1, timeout=1.0)
+            else:
+                ready = []
+                try:
+                    news.append(settled.get(timeout=1.0))
+                except queue.Empty:
+                    pass
+            while not settled.empty():
+                news.append(settled.get_nowait())
+            for piece, i, e in news:
+                merging.discard(piece)
+                if e is not None:
+                    unread(piece, i, e)
             for ref in ready:
                 i, piece, handed = busy.pop(ref)
                 try:
@@ -335,19 +402,18 @@ def write_splits_sharded(cfg: PrepareConfig, src: Source, settings: WriteSetting
                 except ray.exceptions.RayActorError as e:
                     # A node lost (a spot node reclaimed, a writer killed for memory): its
                     # piece goes to the nodes left, whole; the pieces it finished are merged.
-                    alive.discard(i)
-                    ray.kill(writers[i])  # unreachable rather than dead: it writes nothing more
+                    drop(i)
                     if not alive:
                         raise RuntimeError(f"the writer on {where(i)} died writing {piece}, the last "
                                            f"node left: {errors.last_line(e)}") from None
                     plan.give_back(piece)
                     log(f"warning: the writer on {where(i)} died writing {piece}; the piece goes to "
                         f"the {len(alive)} node(s) left")
-                    for j in alive - {b[0] for b in busy.values()}:
-                        hand(j)
+                    hand_idle()
                     continue
                 hand(i)
                 heads[piece] = (i, head)
+                merging.add(piece)
                 done.put((piece, i, head))
                 # The job's progress, in the driver's own words: the writers' lines are theirs
                 # (one per node every few seconds), kept in the job's log, not on the console.

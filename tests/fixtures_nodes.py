@@ -1,0 +1,42 @@
+"""Nodes of the local cluster found from the processes they run, for tests that lose one."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from pipeline import local_cluster
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def same_node(pid: int, other: int) -> bool:
+    """Whether two Ray worker processes run under the same raylet."""
+    return parent(pid) == parent(other)
+
+
+def kill_node_running(pid: int) -> local_cluster.Node | None:
+    """SIGKILLs the worker node whose raylet runs Ray worker `pid`: the raylet's children
+    (workers, agents), the raylet, and our `ray start` of it; returns that node, or None (and
+    kills nothing) when `pid` runs on the head node."""
+    raylet = parent(pid)
+    nodes = {n.pid: n for n in local_cluster.running().nodes if n.role != "head"}
+    node = nodes.get(parent(raylet))
+    if node is None:
+        return None
+    for p in [*children(raylet), raylet, node.pid]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # a short-lived child of the raylet that ended on its own
+    return node
