@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -119,18 +119,34 @@ def eval_transform(image: np.ndarray, pre: Preprocess) -> np.ndarray:
     return ((resized - mean) / std).astype(np.float32).transpose(2, 0, 1)
 
 
-def image_files(inputs: Iterable[str | Path]) -> list[Path]:
-    """Files as given, folders walked (sorted) for image files; a missing input is a UserError."""
+def _images_in(folder: Path) -> Iterator[Path]:
     from .data.readers import IMAGE_SUFFIXES
 
+    return (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _no_images(folder: Path) -> UserError:
+    from .data.readers import IMAGE_SUFFIXES
+
+    return UserError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): "
+                     "pass image files or a folder of them")
+
+
+def check_folder(folder: Path) -> None:
+    """A folder to classify holds at least one image (stops at the first)."""
+    if next(_images_in(folder), None) is None:
+        raise _no_images(folder)
+
+
+def image_files(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files as given, folders walked (sorted) for image files; a missing input is a UserError."""
     out: list[Path] = []
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(_images_in(path))
             if not found:
-                raise UserError(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): "
-                                "pass image files or a folder of them")
+                raise _no_images(path)
             out += found
         elif path.is_file():
             out.append(path)
@@ -210,7 +226,7 @@ def predict_store(net: Trained, store: str | Path, split: str = "val", top_k: in
     store = display(store)
     loader, _ = make_loader(readable, split, batch_size, data, channels_last=False,
                             crop_ratio=net.preprocess.crop_ratio, indices=np.asarray(indices),
-                            verify=False)
+                            verify=False, training=False)
     device = next(net.model.parameters()).device
     rows: list[dict[str, Any]] = []
     with torch.no_grad():

@@ -102,6 +102,17 @@ def test_predict_files_folders_and_a_store_agree_and_a_bad_image_is_a_row(folder
     by_store = predict_store(load(run), store, top_k=1)
     assert [row["top"][0]["class"] for row in by_store] == [row["top"][0]["class"] for row in rows[:-1]]
     assert [row["label"] for row in by_store] == [f.parent.name for f in files]
+    # A store's split file stands for that split of the store; its train split is read as
+    # for evaluation (in order, every image, the eval transform), as the files are.
+    r = runner.invoke(app, ["predict", str(run), str(store / "train.beton"), "--in-process", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    train_files = image_files([folder / "train"])
+    train_rows = json.loads(r.stdout)
+    assert [row["input"] for row in train_rows] == [f"{store}/train#{i}" for i in range(len(train_files))]
+    assert [row["label"] for row in train_rows] == [f.parent.name for f in train_files]
+    for a, b in zip(train_rows, predict_paths(load(run), train_files, top_k=1), strict=True):
+        assert a["top"][0]["class"] == b["top"][0]["class"]
+        assert a["top"][0]["probability"] == pytest.approx(b["top"][0]["probability"], abs=1e-3)
 
     out = tmp_path / "rows.csv"
     r = runner.invoke(app, ["predict", str(run / "epoch-0001"), str(files[0]), "--format", "csv", "--out", str(out)])
@@ -153,11 +164,16 @@ def test_exports_load_with_their_own_readers_and_give_predicts_top1(fmt, folder,
 
 
 @pytest.mark.timeout(120)
-def test_bad_input_to_predict_and_export_is_one_line(run, tmp_path):
+def test_bad_input_to_predict_and_export_is_one_line(run, store, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "foreign.pt").write_bytes(b"PK not ours")
+    (tmp_path / "loose.beton").write_bytes(b"")
     cases = [
         (["predict", str(run), str(tmp_path / "empty"), "--in-process"], "holds no images"),
+        # Refused before a cluster job is submitted for nothing (no cluster runs here).
+        (["predict", str(run), str(tmp_path / "empty")], "holds no images"),
+        (["predict", str(run), str(tmp_path / "loose.beton")], "FFCV file outside a store"),
+        (["predict", str(run), f"{store}/train.beton", "--split", "val"], "but --split says val"),
         (["predict", str(run), str(tmp_path / "missing.jpg")], "does not exist"),
         (["predict", str(tmp_path / "foreign.pt"), str(tmp_path), "--in-process"], "not a densenet-pipe checkpoint"),
         (["predict", str(run), str(tmp_path), "--top-k", "0"], "--top-k must be >= 1"),

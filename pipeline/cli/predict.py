@@ -39,7 +39,7 @@ def predict(
     top_k: Annotated[int, typer.Option("--top-k", help="Classes per image, most probable first.")] = 5,
     fmt: Annotated[RowFormat, typer.Option("--format", help="table, json or csv.")] = RowFormat.table,
     out: Annotated[Optional[Path], typer.Option(help="Write the rows here (a cluster job's default: predictions-TIME.FORMAT).")] = None,
-    split: Annotated[str, typer.Option(help="With a store: the split to classify.")] = "val",
+    split: Annotated[Optional[str], typer.Option(help="With a store: the split to classify (default val; a store's train.beton or val.beton given as INPUT names it).")] = None,
     in_process: Annotated[bool, typer.Option("--in-process", help="Run here even for folders and stores, not as a cluster job.")] = False,
     actors: Annotated[int, typer.Option(help="Cluster job: Ray Data actors holding the model.")] = 2,
     gpu: Annotated[bool, typer.Option("--gpu/--cpu", help="Cluster job: one GPU per actor.")] = False,
@@ -65,6 +65,7 @@ def predict(
         raise UserError("--actors and --batch-size must be >= 1")
     if out is not None and out.is_dir():
         raise UserError(f"--out {out} is a folder: name the file to write")
+    inputs, split = _split_files_as_stores(inputs, split)
     stores = [i for i in inputs if is_uri(i) or (Path(i) / MANIFEST).is_file()]
     if stores and len(inputs) > 1:
         raise UserError("a store is classified on its own: pass one store, or image files and folders")
@@ -91,18 +92,46 @@ def predict(
         output.warn(f"{bad} of {len(rows)} image(s) could not be read; their rows say why")
 
 
+def _split_files_as_stores(inputs: list[str], split: str | None) -> tuple[list[str], str]:
+    """A store's `train.beton` or `val.beton` given as an input stands for that split of the
+    store (the file alone has no class names, mean or std: those are in its manifest)."""
+    from ..data.store import MANIFEST
+    from ..storage import is_uri
+
+    out = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if is_uri(item) or path.suffix != ".beton":
+            out.append(item)
+            continue
+        if not (path.parent / MANIFEST).is_file() or path.stem not in ("train", "val"):
+            raise UserError(f"{item} is an FFCV file outside a store (no {MANIFEST} beside it, or not "
+                            "train.beton / val.beton): pass the store's folder")
+        if split is not None and split != path.stem:
+            raise UserError(f"{item} is the store's {path.stem} split but --split says {split}: "
+                            "drop one of them")
+        out.append(str(path.parent))
+        split = path.stem
+    return out, split or "val"
+
+
 def _predict_job(checkpoint: str, inputs: list[str], top_k: int, fmt: RowFormat, out: Path | None,
                  split: str, actors: int, gpu: bool, batch_size: int, address: str | None,
                  detach: bool, weights: str = "auto") -> None:
     import time
 
-    from .. import submit
+    from .. import infer, submit
+    from ..data.store import MANIFEST
 
     local = address is None
     if local:
         missing = [i for i in [checkpoint, *inputs] if "://" not in i and not Path(i).expanduser().exists()]
         if missing:
             raise UserError(f"{missing[0]} does not exist: pass a checkpoint, then image files, folders or a store")
+        for i in inputs:
+            folder = Path(i).expanduser()
+            if "://" not in i and folder.is_dir() and not (folder / MANIFEST).is_file():
+                infer.check_folder(folder)  # before a job is submitted for nothing
     out = out or Path(f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.{ 'txt' if fmt is RowFormat.table else fmt.value}")
 
     def where(p: str | Path) -> str:

@@ -35,9 +35,11 @@ EVAL_CROP_RATIO = 224 / 256
 TRANSLATE_PADDING = 4
 
 
-def image_pipeline(manifest: Manifest, split: str, data_cfg: DataSection, *,
+def image_pipeline(manifest: Manifest, training: bool, data_cfg: DataSection, *,
                    channels_last: bool, crop_ratio: float | None = None) -> list[Any]:
-    """FFCV ops from stored bytes to a normalised float32 NCHW tensor.
+    """FFCV ops from stored bytes to a normalised float32 NCHW tensor: the training pipeline
+    (train resolution, the store's augmentation) or the evaluation one (eval resolution,
+    centre crop), whichever split the bytes come from.
 
     `crop_ratio` replaces the 224/256 centre crop of imagenet stores at evaluation (1.0 keeps
     the whole centre square, for 10-crop testing).
@@ -46,10 +48,9 @@ def image_pipeline(manifest: Manifest, split: str, data_cfg: DataSection, *,
                                       SimpleRGBImageDecoder)
     from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, RandomTranslate, ToTensor, ToTorchImage
 
-    train = split == "train"
-    res = (data_cfg.resolution or manifest.resolution) if train else (
+    res = (data_cfg.resolution or manifest.resolution) if training else (
         data_cfg.eval_resolution or data_cfg.resolution or manifest.eval_resolution)
-    augment = manifest.augment if (train and data_cfg.augment) else "none"
+    augment = manifest.augment if (training and data_cfg.augment) else "none"
     ops: list[Any]
     if manifest.family == "small":
         if manifest.fixed_size == [res, res]:
@@ -121,12 +122,14 @@ def make_loader(store_dir: str | os.PathLike, split: Literal["train", "val"], ba
                 drop_last: bool | None = None, channels_last: bool | None = None,
                 order: Literal["random", "sequential", "quasi_random"] | None = None,
                 indices: Any = None, verify: bool = True,
-                crop_ratio: float | None = None) -> tuple[Any, Manifest]:
+                crop_ratio: float | None = None, training: bool | None = None) -> tuple[Any, Manifest]:
     """An FFCV Loader over `split` of the store, and the store's Manifest.
 
-    batch_size is per worker. drop_last defaults to True for train, False for val;
-    channels_last to `data_cfg.channels_last`; order to random for train, sequential for val.
-    `indices` selects a subset (e.g. for smoke runs); `verify` checks the sha256s (cached).
+    `training` (default: split is train) reads for training: the training pipeline, random
+    order, drop_last; otherwise as for evaluation: the eval pipeline, in order, every sample
+    (predicting the train split reads it so). batch_size is per worker; channels_last
+    defaults to `data_cfg.channels_last`. `indices` selects a subset (e.g. for smoke runs);
+    `verify` checks the sha256s (cached).
     """
     from ffcv.loader import Loader, OrderOption
 
@@ -139,7 +142,7 @@ def make_loader(store_dir: str | os.PathLike, split: Literal["train", "val"], ba
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     manifest = open_store(store_dir, verify=verify)
-    train = split == "train"
+    train = split == "train" if training is None else training
     order = order or ("random" if train else "sequential")
     if distributed and order == "quasi_random":
         raise UserError("order quasi_random does not work with distributed=True: use random")
@@ -156,7 +159,7 @@ def make_loader(store_dir: str | os.PathLike, split: Literal["train", "val"], ba
         seed=seed,
         indices=indices,
         drop_last=train if drop_last is None else drop_last,
-        pipelines={"image": image_pipeline(manifest, split, data_cfg, channels_last=channels_last,
+        pipelines={"image": image_pipeline(manifest, train, data_cfg, channels_last=channels_last,
                                            crop_ratio=crop_ratio),
                    "label": label_pipeline()},
     )
