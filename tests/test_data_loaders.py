@@ -124,3 +124,25 @@ def test_more_loader_workers_than_cores_run_as_many_as_there_are(store):
     cores = numba.config.NUMBA_NUM_THREADS
     loader, _ = make_loader(store, "val", 4, DataSection(augment=False, loader_workers=cores + 6))
     assert sum(len(labels) for _, labels in loader) > 0
+
+
+def test_10crop_pads_small_images_with_the_black_the_training_translation_fills():
+    """10-crop TTA of 32x32 stores shifts the image as training's translation does; the
+    padding must be what that translation shows the net: black, normalised (not 0, the mean)."""
+    import torch
+    from ffcv.transforms import RandomTranslate
+
+    from pipeline.data.loaders import TRANSLATE_PADDING
+    from pipeline.train.evaluate import pad_as_translated
+
+    assert RandomTranslate(padding=TRANSLATE_PADDING).fill.tolist() == [0, 0, 0]
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    mean, std = [0.5, 0.4, 0.3], [0.25, 0.2, 0.1]
+
+    def normalise(u8: np.ndarray) -> torch.Tensor:
+        x = (u8 - np.asarray(mean) * 255) / (np.asarray(std) * 255)
+        return torch.from_numpy(x.astype(np.float32)).permute(0, 3, 1, 2)
+
+    p = TRANSLATE_PADDING
+    padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+    torch.testing.assert_close(pad_as_translated(normalise(images), p, mean, std), normalise(padded))

@@ -7,7 +7,8 @@ TTA: `flip` averages the softmax of the image and its mirror. `10crop` is the pa
 ImageNet protocol: the four corner crops and the centre crop, each also mirrored. For
 ImageNet-like stores the crops come from the centre square of the image resized to
 eval_resolution / (224/256) (256 px for 224 crops); for 32x32 stores from the image
-zero-padded by 4 pixels, the padding the training translation uses.
+padded by 4 black pixels, as the training translation pads it (FFCV's RandomTranslate fills
+black before the image is normalised: normalised, black is -mean/std, not 0).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .. import runs
 from ..config import Config
@@ -39,11 +39,20 @@ def ten_crops(images: torch.Tensor, size: int) -> list[torch.Tensor]:
     return crops + [c.flip(-1) for c in crops]
 
 
+def pad_as_translated(images: torch.Tensor, pad: int, mean: list[float], std: list[float]) -> torch.Tensor:
+    """Normalised NCHW images padded by `pad` pixels of black, normalised as they are."""
+    n, c, h, w = images.shape
+    black = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=images.dtype, device=images.device)
+    out = black.view(1, c, 1, 1).expand(n, c, h + 2 * pad, w + 2 * pad).clone()
+    out[..., pad:pad + h, pad:pad + w] = images
+    return out
+
+
 def evaluate(checkpoint_path: str | Path, store: str | Path, *, tta: str = "none",
              batch_size: int = 128, loader_workers: int = 2, amp_mode: str = "auto",
              stage: str = "auto", gpu: bool = False, weights: str = "auto",
              say=print) -> dict[str, Any]:
-    from ..data.loaders import EVAL_CROP_RATIO, make_loader
+    from ..data.loaders import EVAL_CROP_RATIO, TRANSLATE_PADDING, make_loader
     from ..data.staging import display, local_copy, locate
 
     if tta not in TTA:
@@ -90,7 +99,7 @@ def evaluate(checkpoint_path: str | Path, store: str | Path, *, tta: str = "none
                 probs = (model(images).float().softmax(1) + model(images.flip(-1)).float().softmax(1)) / 2
             else:
                 if manifest.family == "small":
-                    images = F.pad(images, (4, 4, 4, 4))
+                    images = pad_as_translated(images, TRANSLATE_PADDING, manifest.mean, manifest.std)
                 views = ten_crops(images, crop)
                 probs = sum(model(v.contiguous()).float().softmax(1) for v in views) / len(views)
             tally.add(probs, labels.to(device))
