@@ -158,6 +158,20 @@ def test_imagefolder(tmp_path):
     src = read_source(cfg("imagefolder", tmp_path))
     assert src.classes == exp["classes"]
     assert list(src.splits["train"].labels) == [0, 0, 0, 1, 1, 1]
+    assert not any("left out" in n for n in src.notes)
+    # Sub-folders of a class folder hold its images too (as torchvision's ImageFolder reads
+    # them); a file whose suffix is not an image's is left out, and the notes say so.
+    cat = tmp_path / "train" / exp["classes"][0]
+    (cat / "2019").mkdir()
+    (cat / "2019" / "a.jpg").write_bytes((cat / "0.png").read_bytes())
+    (cat / "clip.gif").write_bytes(b"GIF89a")
+    (cat / "2019" / "notes.txt").write_text("x")
+    src = read_source(cfg("imagefolder", tmp_path))
+    assert list(src.splits["train"].labels) == [0, 0, 0, 0, 1, 1, 1]
+    assert src.splits["train"].entries[:4] == [str(cat / "0.png"), str(cat / "1.png"),
+                                               str(cat / "2.png"), str(cat / "2019" / "a.jpg")]
+    (note,) = [n for n in src.notes if "left out" in n]
+    assert note.startswith(f"2 file(s) under {tmp_path} were left out") and ".gif, .txt" in note
     (tmp_path / "val" / "bird").mkdir()
     with pytest.raises(UserError, match="classes that train/ lacks"):
         read_source(cfg("imagefolder", tmp_path))

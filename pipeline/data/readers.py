@@ -31,7 +31,8 @@ from ..errors import UserError
 from .cards import Card, WriteDefaults, load_card
 from .prepare_config import PrepareConfig, SyntheticSpec
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
+# torchvision's ImageFolder's: a folder laid out for it holds the same images for us.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
 
 
 # Only the formats image datasets come in: PIL would otherwise also open EPS (running
@@ -505,12 +506,37 @@ def read_svhn(path: Path, card: Card, cfg: PrepareConfig) -> Source:
                   files=files, info=info)
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def _images_in(folder: Path, left_out: list[Path] | None = None) -> list[Path]:
+    """The image files under `folder`, its sub-folders too (as torchvision's ImageFolder walks
+    a class folder), sorted by path; other files go to `left_out`. Links to folders are
+    followed, each folder once."""
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        for name in files:
+            path = Path(top) / name
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                found.append(path)
+            elif left_out is not None and path.is_file():
+                left_out.append(path)
+    return sorted(found)
 
 
-def _class_folders(root: Path) -> dict[str, list[Path]]:
-    return {d.name: _images_in(d) for d in sorted(root.iterdir()) if d.is_dir()}
+def _class_folders(root: Path, left_out: list[Path] | None = None) -> dict[str, list[Path]]:
+    return {d.name: _images_in(d, left_out) for d in sorted(root.iterdir()) if d.is_dir()}
+
+
+def _left_out_note(root: Path, left_out: list[Path]) -> list[str]:
+    if not left_out:
+        return []
+    kinds = sorted({p.suffix.lower() or "(none)" for p in left_out})
+    return [f"{len(left_out):,} file(s) under {root} were left out, their suffix not an image's "
+            f"({', '.join(kinds[:8])}; e.g. {left_out[0]}); images are {', '.join(sorted(IMAGE_SUFFIXES))}"]
 
 
 def read_imagefolder(path: Path, card: Card, cfg: PrepareConfig) -> Source:
@@ -519,8 +545,9 @@ def read_imagefolder(path: Path, card: Card, cfg: PrepareConfig) -> Source:
     for s, r in roots.items():
         if not r.is_dir():
             raise UserError(f"{r} is missing: {fix}")
-    train = _class_folders(roots["train"])
-    val = _class_folders(roots["val"])
+    left_out: list[Path] = []
+    train = _class_folders(roots["train"], left_out)
+    val = _class_folders(roots["val"], left_out)
     if not train:
         raise UserError(f"{roots['train']} has no class folders: {fix}")
     classes = sorted(train)
@@ -534,6 +561,7 @@ def read_imagefolder(path: Path, card: Card, cfg: PrepareConfig) -> Source:
                         "folders): add images or remove the folder")
     index = {c: i for i, c in enumerate(classes)}
     notes = [f"val has no images of class {c}" for c in classes if not val.get(c)][:10]
+    notes += _left_out_note(path, left_out)
     return Source("imagefolder", card, classes, {
         "train": FileSplit([(str(p), index[c]) for c in classes for p in train[c]]),
         "val": FileSplit([(str(p), index[c]) for c in classes for p in val.get(c, [])]),
