@@ -120,9 +120,9 @@ def eval_transform(image: np.ndarray, pre: Preprocess) -> np.ndarray:
 
 
 def _images_in(folder: Path) -> Iterator[Path]:
-    from .data.readers import IMAGE_SUFFIXES
+    from .data.readers import walk_images
 
-    return (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return walk_images(folder)
 
 
 def _no_images(folder: Path) -> UserError:

@@ -23,7 +23,7 @@ import zlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -506,11 +506,10 @@ def read_svhn(path: Path, card: Card, cfg: PrepareConfig) -> Source:
                   files=files, info=info)
 
 
-def _images_in(folder: Path, left_out: list[Path] | None = None) -> list[Path]:
+def walk_images(folder: Path, left_out: list[Path] | None = None) -> Iterator[Path]:
     """The image files under `folder`, its sub-folders too (as torchvision's ImageFolder walks
-    a class folder), sorted by path; other files go to `left_out`. Links to folders are
-    followed, each folder once."""
-    found: list[Path] = []
+    a class folder), as found; other files go to `left_out`. Links to folders are followed,
+    each folder once."""
     seen: set[tuple[int, int]] = set()
     for top, dirs, files in os.walk(folder, followlinks=True):
         st = os.stat(top)
@@ -521,10 +520,13 @@ def _images_in(folder: Path, left_out: list[Path] | None = None) -> list[Path]:
         for name in files:
             path = Path(top) / name
             if path.suffix.lower() in IMAGE_SUFFIXES:
-                found.append(path)
+                yield path
             elif left_out is not None and path.is_file():
                 left_out.append(path)
-    return sorted(found)
+
+
+def _images_in(folder: Path, left_out: list[Path] | None = None) -> list[Path]:
+    return sorted(walk_images(folder, left_out))
 
 
 def _class_folders(root: Path, left_out: list[Path] | None = None) -> dict[str, list[Path]]:
