@@ -25,6 +25,7 @@ def test_depths_that_break_the_family_rule_are_dropped_with_the_rule():
     plan = plan_space(_cfg(family="densenet_bc", growth_rates=[12, 24], depths=[40, 100, 101, 190]))
     assert plan.params["model.depth"].values == [40, 100, 190]
     assert len(plan.dropped) == 1 and "depth 101" in plan.dropped[0] and "multiple of 6" in plan.dropped[0]
+    assert plan.dropped[0].endswith("; dropped")
     assert plan.grid_size() == 6
     plain = plan_space(_cfg(family="densenet", depths=[40, 100, 101]))
     assert plain.params["model.depth"].values == [40, 100]
@@ -47,6 +48,10 @@ def test_any_config_key_can_be_swept():
     (dict(space=["model.compression=choice:0.5,1.5"]), "compression must be in"),
     (dict(depths=[101, 102]), "no depth in [101, 102]"),
     (dict(space=["cluster.nodes=choice:1,2"]), "cannot be swept"),
+    (dict(growth_rates=[12], samples=0), "--samples must be >= 1, got 0"),
+    (dict(growth_rates=[12], samples=3), "same seed: repeat it with other seeds"),
+    (dict(growth_rates=[12], reduction_factor=1.0), "--reduction-factor > 1"),
+    (dict(growth_rates=[12], grace_period=0), "--grace-period must be >= 1"),
 ])
 def test_bad_spaces_are_refused_before_submitting(sweep, message):
     with pytest.raises(C.ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):

@@ -31,7 +31,7 @@ def sweep(
     depth: Annotated[Optional[str], typer.Option(help="Depths to try, e.g. 40,100,190 (those the family forbids are dropped).")] = None,
     space: Annotated[Optional[list[str]], typer.Option("--space", help="KEY=KIND:ARGS, e.g. optim.lr=loguniform:0.01:0.3 (repeatable).")] = None,
     search: Annotated[Optional[str], typer.Option(help="grid, random or optuna.")] = None,
-    samples: Annotated[Optional[int], typer.Option(help="Trials per grid point (random/optuna: trials in all).")] = None,
+    samples: Annotated[Optional[int], typer.Option(help="random/optuna: trials in all. Grid search runs each point once (repeat it with --space train.seed=grid:0,1,2).")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="asha (stop bad trials early) or fifo.")] = None,
     grace_period: Annotated[Optional[int], typer.Option(help="ASHA: epochs every trial gets.")] = None,
     reduction_factor: Annotated[Optional[float], typer.Option(help="ASHA: keep 1/R of the trials at each rung.")] = None,

@@ -1,7 +1,7 @@
 """The search space of a sweep, checked before anything is submitted (torch- and ray-free).
 
     plan = plan_space(cfg)       # cfg.sweep: family, growth_rates, depths, space, search
-    plan.dropped                 # ["depth 101 dropped: (depth - 4) must be ..."]
+    plan.dropped                 # ["depth 101 is impossible ...: (depth - 4) must be ...; dropped"]
     plan.params                  # {"model.growth_rate": Param("grid", [12, 24]), ...}
 """
 
@@ -74,15 +74,27 @@ def plan_space(cfg: Config) -> SpacePlan:
     s = cfg.sweep
     plan = SpacePlan()
     preset = model_spec.family_preset(s.family)
-    depths = []
+    if s.samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {s.samples}")
+    if s.search == "grid" and s.samples > 1:
+        # Tune would run the grid again with the same seed: the same runs again.
+        raise ConfigError(f"--samples {s.samples} with grid search would train each point again with the "
+                          "same seed: repeat it with other seeds (--space train.seed=grid:0,1,2), or use "
+                          "--search random")
+    if s.grace_period < 1 or s.reduction_factor <= 1 or s.max_concurrent < 0:
+        raise ConfigError("--grace-period must be >= 1, --reduction-factor > 1 and --max-concurrent >= 0 "
+                          f"(0: what the cluster holds), got {s.grace_period}, {s.reduction_factor}, "
+                          f"{s.max_concurrent}")
+    depths, reasons = [], []
     for d in s.depths:
         try:
             model_spec.resolve(preset, depth=d, bottleneck=s.family == "densenet_bc")
             depths.append(d)
         except model_spec.SpecError as e:
-            plan.dropped.append(f"depth {d} dropped: {e}")
+            reasons.append(str(e))
+            plan.dropped.append(f"{e}; dropped")
     if s.depths and not depths:
-        raise ConfigError(f"no depth in {s.depths} fits the {s.family} family: " + "; ".join(plan.dropped))
+        raise ConfigError(f"no depth in {s.depths} fits the {s.family} family: " + "; ".join(reasons))
     if any(k < 1 for k in s.growth_rates):
         raise ConfigError(f"growth rates must be positive integers, got {s.growth_rates}")
     kind = "grid" if s.search == "grid" else "choice"
