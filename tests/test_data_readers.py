@@ -177,6 +177,45 @@ def test_imagefolder(tmp_path):
         read_source(cfg("imagefolder", tmp_path))
 
 
+def test_an_image_folder_without_val_holds_out_a_share_of_each_class(tmp_path):
+    """torchvision's own layout (root/<class>/...) or train/ alone: --val-fraction holds out
+    that share of each class, by path hash, the same split every time."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "pets"
+    for c, n in (("cat", 10), ("dog", 5), ("eel", 1)):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            (root / c / f"{i}.jpg").write_bytes(jpeg_bytes(rng, 24, 24))
+    with pytest.raises(UserError, match=r"has no val/ folder: .*--val-fraction 0.1"):
+        read_source(cfg("imagefolder", root))
+    src = read_source(cfg("imagefolder", root, val_fraction=0.2))
+    train, val = src.splits["train"], src.splits["val"]
+    assert src.classes == ["cat", "dog", "eel"]
+    # round(0.2 * n) of each class, at least one of two or more; a lone image stays in train.
+    assert list(val.labels) == [0, 0, 1] and list(train.labels) == [0] * 8 + [1] * 4 + [2]
+    assert sorted(train.entries + val.entries) == sorted(str(p) for p in root.rglob("*.jpg"))
+    assert read_source(cfg("imagefolder", root, val_fraction=0.2)).splits["val"].entries == val.entries
+    assert any(n.startswith(f"val is held out of {root}: 0.2 of each class's images (3 of 16)") for n in src.notes)
+    assert src.info["val_held_out"]["fraction"] == 0.2
+    # Another image in a class moves at most one of the others across.
+    (root / "cat" / "10.jpg").write_bytes(jpeg_bytes(rng, 24, 24))
+    again = read_source(cfg("imagefolder", root, val_fraction=0.2)).splits["val"].entries
+    assert len(set(val.entries) - set(again)) <= 1
+
+    (tmp_path / "split" / "train").mkdir(parents=True)
+    (root / "cat").rename(tmp_path / "split" / "train" / "cat")
+    (root / "dog").rename(tmp_path / "split" / "train" / "dog")
+    src = read_source(cfg("imagefolder", tmp_path / "split", val_fraction=0.5))
+    assert src.classes == ["cat", "dog"] and len(src.splits["val"].entries) == 6 + 3  # half up
+    (tmp_path / "split" / "val" / "cat").mkdir(parents=True)
+    with pytest.raises(UserError, match="has its own val/: drop --val-fraction"):
+        read_source(cfg("imagefolder", tmp_path / "split", val_fraction=0.5))
+    with pytest.raises(ConfigError, match=r"--val-fraction must be in \(0, 1\)"):
+        validate_prepare(cfg("imagefolder", root, val_fraction=1.0))
+    with pytest.raises(ConfigError, match="cifar10 has its own val split"):
+        validate_prepare(cfg("cifar10", root, val_fraction=0.1))
+
+
 def test_an_image_folder_trains_as_its_images_call_for(tmp_path):
     """32 px images (digits, icons) keep their size and CIFAR's augmentation; photos get
     ImageNet's; --family and --resolution override either."""

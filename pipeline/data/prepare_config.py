@@ -67,6 +67,9 @@ class PrepareConfig:
     # folder's family from its images' median size, `readers.choose_family`).
     family: Literal["small", "imagenet"] | None = None
     resolution: int | None = None
+    # imagefolder without a val/ folder: this share of each class's images is held out as
+    # val (`readers.hold_out`).
+    val_fraction: float | None = None
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,6 +95,10 @@ def validate_prepare(cfg: PrepareConfig) -> PrepareConfig:
         (cfg.smart_threshold >= 1, "smart_threshold must be >= 1 byte"),
         (cfg.workers >= 1, "workers must be >= 1"),
         (cfg.nodes >= 1, "--nodes must be >= 1"),
+        (cfg.val_fraction is None or 0 < cfg.val_fraction < 1,
+         f"--val-fraction must be in (0, 1), e.g. 0.1, got {cfg.val_fraction}"),
+        (cfg.val_fraction is None or cfg.dataset == "imagefolder",
+         f"--val-fraction is for imagefolder sources without a val/ folder; {cfg.dataset} has its own val split"),
         (s.train_size >= 1 and s.val_size >= 1, "synthetic sizes must be >= 1"),
         (s.num_classes >= 2, "synthetic num_classes must be >= 2"),
         (s.resolution >= 8, "synthetic resolution must be >= 8 pixels"),

@@ -14,6 +14,7 @@ stop, because an exception inside FFCV's writer processes would hang it.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import pickle
@@ -541,15 +542,45 @@ def _left_out_note(root: Path, left_out: list[Path]) -> list[str]:
             f"({', '.join(kinds[:8])}; e.g. {left_out[0]}); images are {', '.join(sorted(IMAGE_SUFFIXES))}"]
 
 
+def hold_out(images: list[Path], folder: Path, fraction: float) -> tuple[list[Path], list[Path]]:
+    """(train, val) of one class's images: val is the fraction * n images, rounded half up (at least
+    one when there are two or more) whose paths relative to the class folder hash lowest
+    (sha1): the same split on every machine and every run, whatever order the files list in;
+    an image added or removed moves at most one other across."""
+    if len(images) < 2:
+        return list(images), []
+    count = max(1, int(fraction * len(images) + 0.5))  # half up: 2.5 is 3
+    key = {p: hashlib.sha1(p.relative_to(folder).as_posix().encode()).hexdigest() for p in images}
+    val = set(sorted(images, key=lambda p: key[p])[:count])
+    return [p for p in images if p not in val], [p for p in images if p in val]
+
+
 def read_imagefolder(path: Path, card: Card, cfg: PrepareConfig) -> Source:
     fix = "lay it out as train/<class>/*.jpg and val/<class>/*.jpg"
-    roots = {s: path / s for s in ("train", "val")}
-    for s, r in roots.items():
-        if not r.is_dir():
-            raise UserError(f"{r} is missing: {fix}")
+    held = "or pass --val-fraction 0.1 to hold out a tenth of each class as val"
     left_out: list[Path] = []
-    train = _class_folders(roots["train"], left_out)
-    val = _class_folders(roots["val"], left_out)
+    notes: list[str] = []
+    if (path / "val").is_dir():
+        if cfg.val_fraction is not None:
+            raise UserError(f"{path} has its own val/: drop --val-fraction, or move val/ away to hold "
+                            "out a share of train/ instead")
+        if not (path / "train").is_dir():
+            raise UserError(f"{path / 'train'} is missing: {fix}")
+        train = _class_folders(path / "train", left_out)
+        val = _class_folders(path / "val", left_out)
+        roots = {"train": path / "train", "val": path / "val"}
+    else:
+        # torchvision's own layout (root/<class>/...), or train/ alone: val is held out.
+        root = path / "train" if (path / "train").is_dir() else path
+        if cfg.val_fraction is None:
+            raise UserError(f"{path} has no val/ folder: {fix}, {held}")
+        train, val = {}, {}
+        for name, images in _class_folders(root, left_out).items():
+            train[name], val[name] = hold_out(images, root / name, cfg.val_fraction)
+        roots = {"train": root, "val": root}
+        notes.append(f"val is held out of {root}: {cfg.val_fraction:g} of each class's images "
+                     f"({sum(map(len, val.values())):,} of {sum(map(len, train.values())) + sum(map(len, val.values())):,}), "
+                     "those whose paths hash lowest (sha1)")
     if not train:
         raise UserError(f"{roots['train']} has no class folders: {fix}")
     classes = sorted(train)
@@ -562,12 +593,17 @@ def read_imagefolder(path: Path, card: Card, cfg: PrepareConfig) -> Source:
         raise UserError(f"{roots['train'] / empty[0]} has no images ({len(empty)} empty class "
                         "folders): add images or remove the folder")
     index = {c: i for i, c in enumerate(classes)}
-    notes = [f"val has no images of class {c}" for c in classes if not val.get(c)][:10]
+    notes += [f"val has no images of class {c}" for c in classes if not val.get(c)][:10]
     notes += _left_out_note(path, left_out)
+    info: dict[str, Any] = {"layout": "imagefolder"}
+    if cfg.val_fraction is not None:
+        info["val_held_out"] = {"fraction": cfg.val_fraction, "of": str(roots["train"]),
+                                "rule": "per class, fraction * n images rounded half up (at least 1 of 2 or "
+                                        "more) with the lowest sha1 of their path in the class folder"}
     return Source("imagefolder", card, classes, {
         "train": FileSplit([(str(p), index[c]) for c in classes for p in train[c]]),
         "val": FileSplit([(str(p), index[c]) for c in classes for p in val.get(c, [])]),
-    }, notes=notes, info={"layout": "imagefolder"})
+    }, notes=notes, info=info)
 
 
 def _tar_members(path: Path, base: int = 0, fileobj: Any = None) -> list[tuple[str, int, int]]:
