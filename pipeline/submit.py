@@ -48,6 +48,10 @@ CONFIG_DIR = ".densenet-pipe"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 # How often a followed job's status is checked while its log streams (JobServer.tail).
 TAIL_STATUS_POLL_S = 0.25
+# A followed job still PENDING after this long gets a line saying what it waits for, and
+# again every PENDING_REPEAT_S: on a shared cluster a job waits silently for others' CPUs.
+PENDING_NOTE_S = 5.0
+PENDING_REPEAT_S = 60.0
 # Folders that never belong in a job's code package, wherever they sit.
 _SKIP_DIRS = {".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".mypy_cache",
               ".ruff_cache", ".ipynb_checkpoints", "node_modules"}
@@ -588,7 +592,7 @@ def _submit_package(server: JobServer, job: str, cfg: dict[str, Any], package: P
     metadata = {"densenet_pipe_job": job, "config_digest": config_digest(cfg),
                 "command": f"densenet-pipe {job}"}
     return server.submit(entrypoint, {"working_dir": uri, "env_vars": job_env(cfg, server, job)},
-                         metadata, job_id, driver_fit(server, driver))
+                         metadata, job_id, driver)
 
 
 # Set by `densenet-pipe --verbose`: follow jobs with Ray's, Tune's and W&B's own lines.
@@ -615,6 +619,7 @@ def run_job(job: str, cfg: dict, *, address: str | None, detach: bool = False,
     server = connect(address, resources=resources)
     if resources:
         check_resources(server, resources, wait_for_nodes)
+    driver = driver_fit(server, driver)
     job_id = _submit_package(server, job, cfg, package, driver)
     if detach:
         _print_line(job_id)
@@ -632,7 +637,7 @@ def run_job(job: str, cfg: dict, *, address: str | None, detach: bool = False,
             shown = keep(line)
             if shown is not None:
                 raw(shown)
-    return follow(server, job_id, show, stop_on_interrupt=stop_on_interrupt, address=address)
+    return follow(server, job_id, show, stop_on_interrupt=stop_on_interrupt, address=address, driver=driver)
 
 
 def follow_command(job_id: str, address: str | None) -> str:
@@ -686,7 +691,7 @@ def wait_terminal(server: JobServer, job_id: str, timeout: float = 60.0) -> dict
 
 def follow(server: JobServer, job_id: str, on_line: Callable[[str], None], *,
            stop_on_interrupt: bool = False, address: str | None = None,
-           poll_seconds: float = 10.0) -> int:
+           poll_seconds: float = 10.0, driver: dict[str, float] | None = None) -> int:
     """Stream a job's logs until it ends; the exit code as in `run_job`.
 
     The first `poll_seconds` poll the logs endpoint every 0.1 s: the websocket's server side
@@ -695,7 +700,7 @@ def follow(server: JobServer, job_id: str, on_line: Callable[[str], None], *,
     """
     lines = _Lines(on_line)
     try:
-        info = _poll(server, job_id, lines, poll_seconds)
+        info = _poll(server, job_id, lines, poll_seconds, driver=driver)
         while info.get("status") not in TERMINAL:
             server.tail(job_id, _skip(lines.seen, lines.feed))
             info = server.job(job_id)
@@ -711,16 +716,45 @@ def follow(server: JobServer, job_id: str, on_line: Callable[[str], None], *,
     return outcome(info)
 
 
-def _poll(server: JobServer, job_id: str, lines: _Lines, seconds: float) -> dict[str, Any]:
-    deadline = time.monotonic() + seconds
+def _poll(server: JobServer, job_id: str, lines: _Lines, seconds: float,
+          note: Callable[[str], None] = _note, driver: dict[str, float] | None = None) -> dict[str, Any]:
+    """Polls for `seconds`, and for as long as the job is PENDING (the websocket would wait
+    in silence), saying what it waits for now and then (`driver`: what its entrypoint asked
+    for, when this process submitted it; Ray's job API does not tell)."""
+    began = time.monotonic()
+    deadline, tell = began + seconds, began + PENDING_NOTE_S
     while True:
         info = server.job(job_id)
         text = server.logs(job_id)
         if len(text) > lines.seen:
             lines.feed(text[lines.seen:])
-        if info.get("status") in TERMINAL or time.monotonic() >= deadline:
+        now = time.monotonic()
+        status = info.get("status")
+        if status in TERMINAL or (now >= deadline and status != "PENDING"):
             return info
-        time.sleep(0.1)
+        if status == "PENDING" and now >= tell:
+            note(pending_line(server, job_id, driver or {}, now - began))
+            tell = now + PENDING_REPEAT_S
+        time.sleep(0.1 if now < deadline else 1.0)
+
+
+def pending_line(server: JobServer, job_id: str, driver: dict[str, float], waited: float) -> str:
+    """Why a submitted job has not started, as far as this process can tell: what its driver
+    asked of one node (`JobServer.submit`'s `driver`), and which jobs hold the cluster now."""
+    asks = []
+    if driver.get("num_cpus"):
+        asks.append(f"{driver['num_cpus']:g} CPU(s)")
+    if driver.get("num_gpus"):
+        asks.append(f"{driver['num_gpus']:g} GPU(s)")
+    if driver.get("memory"):
+        asks.append(f"{driver['memory'] / 2**30:.1f} GiB of memory")
+    running = [j.get("submission_id") for j in server.list_jobs()
+               if j.get("status") == "RUNNING" and j.get("submission_id") != job_id]
+    why = (f"its driver needs {' and '.join(asks)} free on one node" if asks else
+           "Ray has not started its driver (its runtime environment is being set up, or no node is free)")
+    held = (f"; running now: {', '.join(running[:3])}{' and more' if len(running) > 3 else ''} "
+            "(`densenet-pipe jobs stop ID` frees what one holds)") if running else ""
+    return f"job {job_id} has waited {waited:.0f} s to start: {why}{held}. Ctrl-C leaves it waiting"
 
 
 def _skip(count: int, feed: Callable[[str], None]) -> Callable[[str], None]:

@@ -97,3 +97,35 @@ def test_a_drivers_resources_go_into_the_submission(monkeypatch):
     sent.pop()
     server.submit("python -m jobs.train", {}, {}, "train-1")
     assert not any(k.startswith("entrypoint_num") for k in sent[1])
+
+
+def test_a_job_left_pending_says_what_it_waits_for(monkeypatch):
+    """On a shared cluster a job waits for others' CPUs; following it says so, and which
+    jobs run, instead of nothing until Ray gives up on it."""
+    from pipeline import submit
+
+    class Busy(JobServer):
+        polls = 0
+
+        def job(self, job_id):
+            self.polls += 1
+            status = "PENDING" if self.polls < 8 else "SUCCEEDED"
+            return {"status": status}
+
+        def logs(self, job_id):
+            return "" if self.polls < 8 else "prepared\n"
+
+        def list_jobs(self):
+            return [{"submission_id": "sweep-1", "status": "RUNNING"},
+                    {"submission_id": "prepare-2", "status": "PENDING"},
+                    {"submission_id": "train-0", "status": "SUCCEEDED"}]
+
+    monkeypatch.setattr(submit, "PENDING_NOTE_S", 0.25)
+    notes: list[str] = []
+    got: list[str] = []
+    info = submit._poll(Busy("http://127.0.0.1:1"), "prepare-2", submit._Lines(got.append), 10.0,
+                        note=notes.append, driver={"num_cpus": 2.0, "memory": 3 << 30})
+    assert info["status"] == "SUCCEEDED" and got == ["prepared"]
+    assert len(notes) == 1, notes
+    assert notes[0].startswith("job prepare-2 has waited ")
+    assert "its driver needs 2 CPU(s) and 3.0 GiB of memory free on one node; running now: sweep-1 (" in notes[0]
