@@ -754,7 +754,7 @@ def pending_line(server: JobServer, job_id: str, driver: dict[str, float], waite
            "Ray has not started its driver (its runtime environment is being set up, or no node is free)")
     held = (f"; running now: {', '.join(running[:3])}{' and more' if len(running) > 3 else ''} "
             "(`densenet-pipe jobs stop ID` frees what one holds)") if running else ""
-    return f"job {job_id} has waited {waited:.0f} s to start: {why}{held}. Ctrl-C leaves it waiting"
+    return f"job {job_id} has waited {waited:.0f} s to start: {why}{held}"
 
 
 def _skip(count: int, feed: Callable[[str], None]) -> Callable[[str], None]:
