@@ -83,7 +83,7 @@ def test_real_sweep_with_asha_table_plot_wandb_and_resume(ray_cluster, cli, hard
             "--reduction-factor", "2", "--storage", tmp_path, "--name", "s1", "--wandb", "offline"]
     r = cli(*args)
     assert r.exit_code == 0, r.output
-    assert "depth 11 dropped" in r.output
+    assert "depth 11 is impossible" in r.output and "multiple of 6 (e.g. 16, 28, 40); dropped" in r.output
     folder = tmp_path / "s1"
     rows = json.loads((folder / "results.json").read_text())
     assert len(rows) == 4
