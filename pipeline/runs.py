@@ -241,8 +241,21 @@ def resumed(cfg, storage: str):
         raise UserError(f"no run {name!r} under {storage} to resume: check --resume NAME and --storage") from None
     except ValueError as e:
         raise UserError(f"{saved_at} is not valid JSON ({e}): the run's config is damaged") from None
-    merged = resume_config(saved, cfg.to_dict(), cfg.train.resume_changes, name)
-    return validate(Config.from_dict(merged))
+    merged = validate(Config.from_dict(resume_config(saved, cfg.to_dict(), cfg.train.resume_changes, name)))
+    done = merged.train.resume_from_epoch or trained_epochs(store_io.join(storage, name))
+    if done >= merged.train.epochs:
+        raise UserError(f"--resume {name}: the run has trained {done} of its {merged.train.epochs} epochs, "
+                        f"nothing is left to train: pass --epochs {done + 1} or more to train on")
+    return merged
+
+
+def trained_epochs(run_dir: str) -> int:
+    """The epoch of a run folder's newest complete checkpoint (0 without one)."""
+    from .train import checkpoint
+
+    newest = checkpoint.newest(run_dir, say=lambda _line: None)
+    match = re.search(r"epoch-(\d+)", newest or "")
+    return int(match[1]) if match else 0
 
 
 def resume_config(saved: dict, asked: dict, changed: list[str], run: str) -> dict:

@@ -95,6 +95,34 @@ def test_resume_trains_with_the_runs_own_config_and_only_the_allowed_changes():
         runs.resume_config(saved, asked, ["model.name"], "r")
 
 
+def test_a_resume_with_nothing_left_to_train_is_refused(tmp_path):
+    """A resumed run whose newest checkpoint (or --from-epoch) is already at its epochs
+    would start a job that trains nothing: one line names the epochs and the fix."""
+    from pipeline.train import checkpoint
+
+    saved = C.apply_overrides(C.Config.from_dict(_saved()), {"train.epochs": 2}).to_dict()
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text(json.dumps(saved))
+    checkpoint.save(tmp_path / "r" / "epoch-0002", {"epoch": 2})
+
+    def asked(epochs: int, changed: list[str], **more) -> C.Config:
+        return C.apply_overrides(C.load_recipe("smoke"), {
+            "cluster.run_name": "r", "train.resume": True, "train.epochs": epochs,
+            "train.resume_changes": changed, **more})
+
+    for epochs in (1, 2):
+        with pytest.raises(UserError, match=r"--resume r: the run has trained 2 of its \d epochs, nothing "
+                                             r"is left to train: pass --epochs 3 or more"):
+            runs.resumed(asked(epochs, ["train.epochs"]), str(tmp_path))
+    with pytest.raises(UserError, match="trained 2 of its 2 epochs"):
+        runs.resumed(asked(2, []), str(tmp_path))
+    assert runs.resumed(asked(3, ["train.epochs"]), str(tmp_path)).train.epochs == 3
+    # Taken back to epoch 1, the run has an epoch to train again.
+    back = runs.resumed(asked(2, [], **{"train.resume_from_epoch": 1}), str(tmp_path))
+    assert back.train.epochs == 2 and back.train.resume_from_epoch == 1
+    assert runs.trained_epochs(str(tmp_path / "none")) == 0
+
+
 def test_a_checkpoint_meets_only_a_store_with_its_classes_by_name_and_order():
     runs.check_checkpoint_classes(3, ["cat", "dog", "fox"], ["cat", "dog", "fox"], "s")
     runs.check_checkpoint_classes(3, None, ["a", "b", "c"], "s")  # checkpoints of round one
