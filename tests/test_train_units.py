@@ -220,3 +220,25 @@ def test_a_failure_from_inside_ray_is_told_by_its_cause_not_the_actor():
     assert last_line(error) == ("pipeline.train.loop.TrainingDiverged: the loss is nan at epoch 1 "
                                 "step 1: training diverged; lower optim.lr")
     assert last_line(RuntimeError()) == "RuntimeError"
+
+
+def test_a_worker_group_left_unplaced_says_what_it_waits_for(monkeypatch):
+    """A run whose workers wait for CPUs that other jobs hold says so (Ray Train is silent
+    until its start timeout); placement groups that were there before the run are not its."""
+    import time
+
+    from pipeline.train import trainer
+
+    monkeypatch.setattr(trainer, "PLACEMENT_NOTE_S", 0.2)
+    groups = {"another-jobs": {"state": "PENDING", "strategy": "SPREAD", "bundles": {0: {"CPU": 4.0}}}}
+    said: list[str] = []
+    with trainer.PlacementWatch(say=said.append, table=lambda: dict(groups), free=lambda: {"CPU": 1.0},
+                                total=lambda: {"CPU": 2.0}, every=0.05):
+        groups["ours"] = {"state": "PENDING", "strategy": "PACK", "bundles": {0: {"CPU": 1.0}, 1: {"CPU": 1.0}}}
+        deadline = time.monotonic() + 10
+        while not said and time.monotonic() < deadline:
+            time.sleep(0.05)
+        groups["ours"]["state"] = "CREATED"
+    assert len(said) == 1, said
+    assert said[0].startswith("waited ") and said[0].endswith("the run starts when they free up")
+    assert "the run's 2 worker(s) of 1 CPU each (pack): 1 of 2 CPUs free now" in said[0]

@@ -9,9 +9,11 @@ with several they are packed node by node, and the worker loop checks the node i
 from __future__ import annotations
 
 import json
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .. import runs, storage
 from ..config import Config
@@ -159,6 +161,71 @@ def build_trainer(cfg: Config, placement: Placement, folder: str, manifest_sha25
     )
 
 
+# A worker group Ray has not placed after this long (on a shared cluster, other jobs hold the
+# CPUs) gets a line saying what it waits for, and again every PLACEMENT_REPEAT_S: Ray Train
+# itself says nothing until its start timeout.
+PLACEMENT_NOTE_S = 15.0
+PLACEMENT_REPEAT_S = 60.0
+
+
+def placement_wait_line(group: dict[str, Any], free: dict[str, float], total: dict[str, float],
+                        waited: float) -> str:
+    """What a pending placement group (Ray's `placement_group_table` entry) waits for."""
+    bundles = list(group.get("bundles", {}).values())
+    each = bundles[0] if bundles else {}
+    shape = " and ".join(f"{each[k]:g} {k}" for k in ("CPU", "GPU") if each.get(k)) or "resources"
+    have = ", ".join(f"{free.get(k, 0):g} of {total[k]:g} {k}s" for k in ("CPU", "GPU") if total.get(k))
+    return (f"waited {waited:.0f} s for Ray to place the run's {len(bundles)} worker(s) of {shape} each "
+            f"({group.get('strategy', '').lower().replace('_', ' ')}): {have} free now, the rest held by "
+            "other work (`densenet-pipe jobs list`); the run starts when they free up")
+
+
+class PlacementWatch:
+    """While a run's `fit()` waits: a placement group that appeared after the watch began and
+    stays PENDING is this run's worker group waiting for resources; say so now and then.
+    `table`, `free` and `total` default to Ray's (placement_group_table, available and
+    cluster resources)."""
+
+    def __init__(self, say: Callable[[str], None] = print, table: Callable[[], dict] | None = None,
+                 free: Callable[[], dict] | None = None, total: Callable[[], dict] | None = None,
+                 every: float = 2.0):
+        import ray
+
+        self.say, self.every = say, every
+        self.table = table or ray.util.placement_group_table
+        self.free = free or ray.available_resources
+        self.total = total or ray.cluster_resources
+        self.before = set(self.table())
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="placement-watch", daemon=True)
+
+    def __enter__(self) -> "PlacementWatch":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join(timeout=10)
+
+    def _watch(self) -> None:
+        seen: dict[str, float] = {}
+        tell = 0.0
+        while not self.done.wait(self.every):
+            try:
+                pending = {gid: g for gid, g in self.table().items()
+                           if gid not in self.before and g.get("state") == "PENDING"}
+                now = time.monotonic()
+                for gid in pending:
+                    seen.setdefault(gid, now)
+                waiting = [gid for gid in pending if now - seen[gid] >= PLACEMENT_NOTE_S]
+                if waiting and now >= tell:
+                    self.say(placement_wait_line(pending[waiting[0]], self.free(), self.total(),
+                                                 now - seen[waiting[0]]))
+                    tell = now + PLACEMENT_REPEAT_S
+            except Exception:  # noqa: BLE001  (a note, never a reason for the run to fail)
+                continue
+
+
 def finish_run(cfg: Config, folder: str) -> list[dict[str, Any]]:
     """history.json and curves.png beside the checkpoints; returns the per-epoch history."""
     from .plots import training_curves
@@ -203,7 +270,8 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
                                        group=cfg.tracking.group, dataset=dataset_artifact(manifest))
     ended = "failed"
     try:
-        build_trainer(cfg, placement, folder, manifest_sha256, tracker=recorder).fit()
+        with PlacementWatch(say=lambda line: print(line, flush=True)):
+            build_trainer(cfg, placement, folder, manifest_sha256, tracker=recorder).fit()
         ended = "finished"
     except ray.train.TrainingFailedError as e:
         raise JobFailed(f"training failed: {last_line(e)}") from e
