@@ -189,10 +189,11 @@ def up(nodes: int = 1, cpus_per_node: float | None = None, gpus_per_node: int | 
         for index in range(len(cluster.nodes), nodes):
             note(f"starting node {index + 1} of {nodes} ...")
             with _starting():
+                since_ms = int(time.time() * 1000)
                 cluster.nodes.append(_start_worker(cluster, index, cpus_per_node, gpus_per_node,
                                                    object_store_memory))
                 _save(cluster)
-                _wait_for_nodes(cluster, index + 1, timeout)
+                _wait_for_nodes(cluster, index + 1, timeout, since_ms)
             started += 1
         return cluster, started
 
@@ -508,20 +509,24 @@ def _wait_for_head(cluster: LocalCluster, timeout: float) -> None:
     _fail_start(cluster, head, f"did not answer within {timeout:.0f} s")
 
 
-def alive_node_count(cluster: LocalCluster) -> int:
+def _alive_nodes(cluster: LocalCluster) -> list[dict]:
     data = _get_json(cluster, "/api/v0/nodes?limit=1000&detail=1")
-    nodes = data["data"]["result"]["result"]
-    return sum(1 for n in nodes if n.get("state") == "ALIVE")
+    return [n for n in data["data"]["result"]["result"] if n.get("state") == "ALIVE"]
 
 
-def _wait_for_nodes(cluster: LocalCluster, count: int, timeout: float) -> None:
+def _wait_for_nodes(cluster: LocalCluster, count: int, timeout: float, since_ms: int | None = None) -> None:
+    """Until Ray counts `count` alive nodes and, with `since_ms`, one of them started since
+    then: a node killed a moment ago stays ALIVE in Ray's list until its health checks fail,
+    and must not stand in for the node just started."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for node in cluster.nodes:
             if not node_alive(node):
                 _fail_start(cluster, node, f"lost its {node.role} node {node.pid}")
         try:
-            if alive_node_count(cluster) >= count:
+            alive = _alive_nodes(cluster)
+            fresh = since_ms is None or any((n.get("start_time_ms") or 0) >= since_ms for n in alive)
+            if len(alive) >= count and fresh:
                 return
         except (urllib.error.URLError, OSError, ValueError, KeyError):
             pass

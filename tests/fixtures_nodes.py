@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 from pipeline import local_cluster
@@ -40,3 +41,13 @@ def kill_node_running(pid: int) -> local_cluster.Node | None:
         except ProcessLookupError:
             pass  # a short-lived child of the raylet that ended on its own
     return node
+
+
+def wait_until_gone(server, node_id: str, timeout: float = 120.0) -> None:
+    """Until the job server no longer lists `node_id` alive. Ray marks a killed node dead
+    only after its health checks fail (seconds); the tests after one that killed a node must
+    not meet it as a node to schedule on."""
+    deadline = time.monotonic() + timeout
+    while any(n.get("node_id") == node_id and n.get("state") == "ALIVE" for n in server.nodes()):
+        assert time.monotonic() < deadline, f"Ray still lists the killed node {node_id[:8]} alive"
+        time.sleep(0.5)

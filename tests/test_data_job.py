@@ -203,7 +203,7 @@ def test_a_node_lost_after_writing_a_piece_before_it_reached_the_driver(ray_clus
     node left; the store is the 1-node store sample by sample."""
     import time
 
-    from fixtures_nodes import kill_node_running, same_node
+    from fixtures_nodes import kill_node_running, same_node, wait_until_gone
     from pipeline import local_cluster, submit
     from pipeline.data.prepare import prepare
     from pipeline.data.prepare_config import HOLD_STREAMS_ENV, PIECES_ENV, PrepareConfig
@@ -247,5 +247,6 @@ def test_a_node_lost_after_writing_a_piece_before_it_reached_the_driver(ray_clus
             assert samples(three.beton(split)) == samples(one.beton(split))
     finally:
         hold.unlink(missing_ok=True)
+        wait_until_gone(server, writer["node_id"])
         assert CliRunner().invoke(app, ["cluster", "up", "--nodes", "3", "--cpus-per-node", "1"]).exit_code == 0
     assert len(local_cluster.running().alive()) == 3

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fixtures_data import make_synthetic_store
-from fixtures_nodes import kill_node_running
+from fixtures_nodes import kill_node_running, wait_until_gone
 from pipeline import storage, submit
 from pipeline.tracking import ENDED
 from pipeline.train import checkpoint
@@ -322,6 +322,7 @@ def test_a_whole_node_killed_mid_run_restarts_on_the_nodes_left(ray_cluster, cli
         if actor["class_name"] == "RayTrainWorker" and (victim := kill_node_running(int(actor["pid"]))):
             break
     assert victim is not None, "no training worker on a worker node"
+    lost = actor["node_id"]
     hold.unlink()
     try:
         r = cli("jobs", "logs", job_id, "--follow")
@@ -338,6 +339,7 @@ def test_a_whole_node_killed_mid_run_restarts_on_the_nodes_left(ray_cluster, cli
         assert view.summary["worker_restarts"] >= 1 and view.summary["ended"] == "finished"
         assert view.exit_code == 0
     finally:
+        wait_until_gone(server, lost)
         assert cli("cluster", "up", "--nodes", "3", "--cpus-per-node", "1").exit_code == 0
     assert len(local_cluster.running().alive()) == 3
 
