@@ -140,7 +140,7 @@ def await_placement(alive: Callable[[], list[Shape]], nodes: int,
         sleep(min(2.0, max(0.1, deadline - clock())))
     wants = f"{nodes} node(s) with {number(cpus)} CPU and {number(gpus)} GPU each"
     if gpus > 0 and not any(gpu for _, gpu in shapes):
-        fix = "train on CPUs (--cpu) or point --address at a cluster with GPUs"
+        fix = "run on CPUs (without --gpu) or point --address at a cluster with GPUs"
     elif local:
         fix = (f"ask for fewer (--nodes), or grow it: `densenet-pipe cluster up --nodes {nodes}"
                + (f" --cpus-per-node {number(cpus)}`" if cpus else "`"))

@@ -164,7 +164,7 @@ def test_placement_counts_only_nodes_that_hold_a_whole_share():
 
 def test_each_fix_fits_the_cluster_that_is_short():
     cpus_only = Nodes([(1.0, 0.0)] * 3)
-    with pytest.raises(UserError, match=r"has 3 node\(s\): 3 x \(1 CPU, 0 GPU\): train on CPUs \(--cpu\)"):
+    with pytest.raises(UserError, match=r"has 3 node\(s\): 3 x \(1 CPU, 0 GPU\): run on CPUs \(without --gpu\)"):
         cpus_only.wait(1, lambda _: (1, 1))
     with pytest.raises(UserError, match=r"at http://h:8265 has .*`densenet-pipe cluster up --nodes 4 "
                                         r"--cpus-per-node 1.5`$"):
