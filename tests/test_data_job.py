@@ -142,6 +142,19 @@ def _folder(root, seed: int):
     return root
 
 
+def _written_again_elsewhere(store, piece: str, node: str, one) -> None:
+    """The piece (`train[8:16]`) lost on `node` was written by another node, nothing in the
+    store came from the lost node, and the store is the 1-node store `one` sample by sample."""
+    records = {(split, s["start"], s["stop"]): s["node"] for split in ("train", "val")
+               for s in store.writer.shards[split]}
+    split, bounds = piece.split("[")
+    start, stop = (int(b.replace(",", "")) for b in bounds.rstrip("]").split(":"))
+    assert records[(split, start, stop)] != node
+    assert node not in records.values()
+    for split in ("train", "val"):
+        assert samples(store.beton(split)) == samples(one.beton(split))
+
+
 @pytest.mark.timeout(300)
 def test_a_writer_lost_mid_piece_hands_its_piece_to_the_nodes_left(ray_cluster, tmp_path, monkeypatch):
     """`prepare --nodes 3` with every writer held at its first piece; one writer is killed
@@ -183,16 +196,7 @@ def test_a_writer_lost_mid_piece_hands_its_piece_to_the_nodes_left(ray_cluster, 
     lost = re.search(r"warning: the writer on node (\w{8}) died writing ((?:train|val)\[[\d,]+:[\d,]+\]); "
                      r"the piece goes to the 2 node\(s\) left", r.output)
     assert lost is not None and lost[1] == victim["node_id"][:8], r.output
-    three = open_store(tmp_path / "three")
-    records = {(split, s["start"], s["stop"]): s["node"] for split in ("train", "val")
-               for s in three.writer.shards[split]}
-    # The lost piece was written again elsewhere, and nothing else came from the lost writer.
-    split, bounds = lost[2].split("[")
-    start, stop = (int(b.replace(",", "")) for b in bounds.rstrip("]").split(":"))
-    assert records[(split, start, stop)] != lost[1]
-    assert lost[1] not in records.values()
-    for split in ("train", "val"):
-        assert samples(three.beton(split)) == samples(one.beton(split))
+    _written_again_elsewhere(open_store(tmp_path / "three"), lost[2], lost[1], one)
 
 
 @pytest.mark.timeout(420)
@@ -236,15 +240,7 @@ def test_a_node_lost_after_writing_a_piece_before_it_reached_the_driver(ray_clus
         lost = re.search(r"warning: ((?:train|val)\[[\d,]+:[\d,]+\]) could not be read back from "
                          r"node (\w{8}) \(.+\); it is written again", r.output)
         assert lost is not None and lost[2] == writer["node_id"][:8], r.output
-        three = open_store(tmp_path / "three")
-        records = {(split, s["start"], s["stop"]): s["node"] for split in ("train", "val")
-                   for s in three.writer.shards[split]}
-        split, bounds = lost[1].split("[")
-        start, stop = (int(b.replace(",", "")) for b in bounds.rstrip("]").split(":"))
-        assert records[(split, start, stop)] != lost[2]
-        assert lost[2] not in records.values()
-        for split in ("train", "val"):
-            assert samples(three.beton(split)) == samples(one.beton(split))
+        _written_again_elsewhere(open_store(tmp_path / "three"), lost[1], lost[2], one)
     finally:
         hold.unlink(missing_ok=True)
         wait_until_gone(server, writer["node_id"])
