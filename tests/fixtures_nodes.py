@@ -26,20 +26,31 @@ def same_node(pid: int, other: int) -> bool:
     return parent(pid) == parent(other)
 
 
+def descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        kids = children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
 def kill_node_running(pid: int) -> local_cluster.Node | None:
-    """SIGKILLs the worker node whose raylet runs Ray worker `pid`: the raylet's children
-    (workers, agents), the raylet, and our `ray start` of it; returns that node, or None (and
-    kills nothing) when `pid` runs on the head node."""
+    """SIGKILLs the whole worker node whose raylet runs Ray worker `pid`, as a machine lost
+    would be: our `ray start` of it and everything under it (raylet, workers, agents, and the
+    log monitor, which is `ray start`'s child, not the raylet's: left alive, it went on
+    forwarding the lines of the node that replaced this one, in the same folder, a second
+    time). Returns that node, or None (killing nothing) when `pid` runs on the head node."""
     raylet = parent(pid)
     nodes = {n.pid: n for n in local_cluster.running().nodes if n.role != "head"}
     node = nodes.get(parent(raylet))
     if node is None:
         return None
-    for p in [*children(raylet), raylet, node.pid]:
+    for p in [node.pid, *descendants(node.pid)]:
         try:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
-            pass  # a short-lived child of the raylet that ended on its own
+            pass  # a short-lived process of the node that ended on its own
     return node
 
 

@@ -288,7 +288,7 @@ def test_gpus_on_a_cpu_only_cluster_are_refused(ray_cluster, cli):
     with pytest.raises(UserError) as e:
         submit.run_job("doctor", {"quick": True}, address=ray_cluster.dashboard_url,
                        resources={"nodes": 1, "cpus_per_node": 1, "gpus_per_node": 1})
-    assert "1 GPU each" in str(e.value) and "--cpu" in str(e.value)
+    assert "1 GPU each" in str(e.value) and "without --gpu" in str(e.value)
     assert _job_ids(cli) == before
 
 
