@@ -52,10 +52,15 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The shared cluster's tests first, so the worker that takes them starts at once; the
-    in-process tests next, for the other worker; the tests with clusters of their own last,
-    for whichever worker is free by then (pyproject keeps this order: --no-loadscope-reorder)."""
-    items.sort(key=lambda item: {"shared": 0, None: 1, "own": 2}[_cluster(item)])
+    """The shared cluster's tests first, so the worker that takes them starts at once (those
+    that kill one of its nodes last among them); the in-process tests next, for the other
+    worker; the tests with clusters of their own last, for whichever worker is free by then
+    (pyproject keeps this order: --no-loadscope-reorder)."""
+    # Tests that kill a node of the shared cluster run after its other tests: the node that
+    # replaces the killed one reuses its folder on this machine, and a test after it once saw
+    # each of a worker's lines twice.
+    items.sort(key=lambda item: ({"shared": 0, None: 1, "own": 2}[_cluster(item)],
+                                 item.get_closest_marker("kills_node") is not None))
 
 
 _ray_worker: tuple[Path, object] | None = None

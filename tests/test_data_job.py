@@ -199,6 +199,7 @@ def test_a_writer_lost_mid_piece_hands_its_piece_to_the_nodes_left(ray_cluster, 
     _written_again_elsewhere(open_store(tmp_path / "three"), lost[2], lost[1], one)
 
 
+@pytest.mark.kills_node
 @pytest.mark.timeout(420)
 def test_a_node_lost_after_writing_a_piece_before_it_reached_the_driver(ray_cluster, tmp_path, monkeypatch):
     """`prepare --nodes 3`, the pieces of the nodes off the driver's streamed to it (as on

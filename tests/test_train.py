@@ -292,6 +292,7 @@ def test_corrupt_checkpoint_for_evaluate_and_resume(ray_cluster, cli, store, run
     assert "corrupt" in r.stderr and "Traceback" not in r.output
 
 
+@pytest.mark.kills_node
 @pytest.mark.timeout(900)
 def test_a_whole_node_killed_mid_run_restarts_on_the_nodes_left(ray_cluster, cli, store, runs, tmp_path):
     """--nodes 2 on the 3-node cluster: one worker's node (raylet, its workers, its agents) is
