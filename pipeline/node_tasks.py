@@ -34,13 +34,15 @@ def on_each_node(fn: Callable[..., Any], *args: Any, min_cpus: float = 0.0) -> l
     task = ray.remote(num_cpus=0, max_retries=2, retry_exceptions=[OSError])(fn)
     refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(*args)
             for node in nodes]
-    results = []
+    # Every task is awaited before the first failure is raised: a failed task nobody gets is
+    # printed later by Ray as an "Unhandled error" with its traceback.
+    results, failures = [], []
     for node, ref in zip(nodes, refs):
         try:
             results.append((node, ray.get(ref)))
         except ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None)
-            if isinstance(cause, UserError):
-                raise UserError(f"node {node[:8]}: {cause}") from None
-            raise
+            failures.append(UserError(f"node {node[:8]}: {cause}") if isinstance(cause, UserError) else e)
+    if failures:
+        raise failures[0]
     return results

@@ -266,7 +266,8 @@ def test_bad_training_input_is_one_line_exit_2(ray_cluster, cli, store, runs, ar
 def test_storage_and_stores_the_credentials_cannot_reach_are_one_line_exit_2(
         ray_cluster, cli, store, s3_refusing, tmp_path):
     """A bucket that refuses the credentials: train (storage), train (store) and prepare (out)
-    each stop before any work with one line naming the URI and the credentials."""
+    each stop before any work with one line naming the URI and the credentials; so does a
+    storage folder that cannot be made."""
     base = ["train", "densenet_simple", "--recipe", "smoke", "--wandb", "off", "--nodes", "2"]
     shown = s3_refusing.split("?")[0]
     for args in (["--data", str(store), "--storage", s3_refusing],
@@ -280,6 +281,16 @@ def test_storage_and_stores_the_credentials_cannot_reach_are_one_line_exit_2(
     assert r.exit_code == 2, r.output
     (error,) = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert shown in error and "credentials" in error and "Traceback" not in r.output
+    # A folder no node can make: a file stands where its parent should be.
+    (tmp_path / "a-file").write_text("")
+    r = cli(*base, "--data", str(store), "--storage", str(tmp_path / "a-file" / "runs"))
+    assert r.exit_code == 2, r.output
+    # The job's own lines, its error among them, come on stdout; every node's check failed,
+    # and only one line says so (no "Unhandled error" of Ray's for the checks not awaited).
+    (error,) = [line for line in r.stdout.splitlines() if "error" in line.lower()]
+    assert error.startswith("error: node ") and \
+        f"storage {tmp_path / 'a-file' / 'runs'} cannot be written" in error, r.output
+    assert "Traceback" not in r.output and (tmp_path / "a-file").is_file()
 
 
 @pytest.mark.timeout(300)

@@ -83,8 +83,9 @@ def check_nodes(cfg: Config, manifest_sha256: str, min_cpus: float) -> None:
     from ..node_tasks import on_each_node
 
     connect()
-    if storage.is_uri(cfg.cluster.storage):
-        on_each_node(storage.check_writable, cfg.cluster.storage, min_cpus=min_cpus)
+    # A folder must be one every node mounts and may write, as a bucket must take every
+    # node's credentials; either fails here, not as a traceback from the first checkpoint.
+    on_each_node(storage.check_writable, cfg.cluster.storage, min_cpus=min_cpus)
     prestage(cfg.data.store, manifest_sha256, cfg.data, say=lambda line: print(line, flush=True),
              min_cpus=min_cpus)
 
