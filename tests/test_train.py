@@ -291,6 +291,12 @@ def test_storage_and_stores_the_credentials_cannot_reach_are_one_line_exit_2(
     assert error.startswith("error: node ") and \
         f"storage {tmp_path / 'a-file' / 'runs'} cannot be written" in error, r.output
     assert "Traceback" not in r.output and (tmp_path / "a-file").is_file()
+    # `jobs status` shows the failed job's last lines as text, without Ray's colour codes.
+    job_id = re.search(r"submitted job (\S+)", r.stderr).group(1)
+    status = cli("jobs", "status", job_id)
+    assert status.exit_code == 0 and "FAILED" in status.stdout, status.output
+    assert error in status.stdout and "Connected to Ray cluster" in status.stdout
+    assert "\x1b" not in status.stdout
 
 
 @pytest.mark.timeout(300)

@@ -75,7 +75,10 @@ def status(job_id: JobId, address: Address = None, fmt: Format = TableFormat.tab
     for key, value in fields:
         if value not in (None, ""):
             output.result(f"{key + ':':<12}{value}")
-    message = (job.get("message") or "").strip()
+    from ..console import strip_ansi
+
+    # Ray keeps the job's last log lines in the message, colours and all.
+    message = strip_ansi(job.get("message") or "").strip()
     if message:
         output.result(f"{'message:':<12}{message.splitlines()[0]}")
         for line in message.splitlines()[1:][-15:]:
