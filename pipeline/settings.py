@@ -50,7 +50,7 @@ def env_name(key: str) -> str:
     return "DENSENET_PIPE_" + key.upper().replace(".", "_")
 
 
-def _check_key(key: str) -> None:
+def check_key(key: str) -> None:
     if key not in KEYS:
         raise UserError(f"unknown setting {key!r}: settings are {', '.join(KEYS)}")
 
@@ -90,7 +90,7 @@ class Setting:
 
 
 def get(key: str) -> Setting:
-    _check_key(key)
+    check_key(key)
     env = env_name(key)
     if os.environ.get(env):
         return Setting(key, os.environ[env], f"${env}")
@@ -106,7 +106,7 @@ def set_value(key: str, value: str | None) -> Path:
     """Write `key` (None removes it) into the settings file, keeping every other key."""
     import yaml
 
-    _check_key(key)
+    check_key(key)
     data = _load_file()
     if key == "store_root":
         data.pop("store_root", None) if value is None else data.__setitem__("store_root", value)

@@ -97,3 +97,32 @@ def test_a_cluster_started_for_a_job_has_its_nodes_and_shares_the_cpus():
     # Fewer CPUs than nodes: each node still offers what one worker needs.
     assert runs.local_cluster_shape({"nodes": 4, "cpus_per_node": 1, "gpus_per_node": 0}, 2, 0) == (4, 1.0, None)
     assert runs.local_cluster_shape({"nodes": 2, "cpus_per_node": 2, "gpus_per_node": 2}, 16, 4) == (2, 8.0, 2)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("store_root", "", "store_root: the value is empty: give a path, or remove the key with "
+                       "`densenet-pipe config unset store_root`"),
+    ("sources.cifar10", " ", "`densenet-pipe config unset sources.cifar10`"),
+    ("sources.imagenet", "s3://bucket/ilsvrc", "sources.imagenet: s3://bucket/ilsvrc is a URI"),
+    ("nonsense", "", "unknown setting 'nonsense'"),
+])
+def test_set_refuses_what_no_command_could_use_and_keeps_the_file(key, value, needle, tmp_path):
+    settings.set_value("store_root", str(tmp_path / "stores"))
+    before = settings.path().read_text()
+    r = runner.invoke(app, ["config", "set", key, value])
+    assert r.exit_code == 2, r.output
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("error: ") and needle in line, line
+    assert settings.path().read_text() == before
+
+
+def test_set_a_source_this_machine_lacks_warns_and_keeps_it(tmp_path):
+    r = runner.invoke(app, ["config", "set", "sources.svhn", str(tmp_path / "svhn")])
+    assert r.exit_code == 0, r.output
+    assert f"warning: {tmp_path / 'svhn'} does not exist on this machine" in r.stderr
+    assert settings.get("sources.svhn").value == str(tmp_path / "svhn")
+    (tmp_path / "svhn").mkdir()
+    r = runner.invoke(app, ["config", "set", "sources.svhn", str(tmp_path / "svhn")])
+    assert r.exit_code == 0 and "warning" not in r.stderr, r.output
+    r = runner.invoke(app, ["config", "set", "store_root", "s3://bucket/stores"])
+    assert r.exit_code == 0 and settings.get("store_root").value == "s3://bucket/stores", r.output

@@ -37,10 +37,24 @@ def set_(key: Annotated[str, typer.Argument(metavar="KEY", autocompletion=_keys,
                                             help=f"One of: {', '.join(settings.KEYS)}.")],
          value: Annotated[str, typer.Argument(metavar="VALUE", help="A path (or a URI for store_root).")]) -> None:
     """Set KEY to VALUE in the settings file."""
-    if "://" not in value:
-        from pathlib import Path
+    from pathlib import Path
 
+    from ..errors import UserError
+    from ..storage import is_uri
+
+    settings.check_key(key)
+    if not value.strip():
+        raise UserError(f"{key}: the value is empty: give a path, or remove the key with "
+                        f"`densenet-pipe config unset {key}`")
+    if is_uri(value):
+        if key != "store_root":
+            raise UserError(f"{key}: {value} is a URI, and prepare reads a dataset's official files "
+                            "from a path: copy them to a disk or mount every node sees, and set that path")
+    else:
         value = str(Path(value).expanduser().absolute())
+        if key != "store_root" and not Path(value).exists():
+            # The cluster's nodes may hold the files at a path this machine lacks.
+            output.warn(f"{value} does not exist on this machine; set anyway (a remote cluster's nodes may have it)")
     file = settings.set_value(key, value)
     output.info(f"{key} = {value} (in {file})")
 
