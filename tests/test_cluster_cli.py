@@ -63,6 +63,7 @@ def test_up_again_leaves_the_running_cluster_alone(ray_cluster, cli):
     same = cli("cluster", "up", "--nodes", "3", "--cpus-per-node", "1")
     assert same.exit_code == 0, same.output
     assert "already up with 3 node(s)" in same.stderr
+    assert "shape the nodes this call starts; the 3 running keep theirs" in same.stderr
     assert same.stdout.strip() == ray_cluster.dashboard_url
     fewer = cli("cluster", "up", "--nodes", "2")
     assert fewer.exit_code == 0 and "`densenet-pipe cluster down` first to shrink it" in fewer.stderr
@@ -81,6 +82,7 @@ def test_grow_then_down_stops_exactly_what_up_started(cli, tmp_path, monkeypatch
         grown = cli("cluster", "up", "--nodes", "2", "--cpus-per-node", "1")
         assert grown.exit_code == 0, grown.output
         assert "up: 2 node(s), this call started 1" in grown.stderr
+        assert "the 1 running keep theirs" in grown.stderr
         cluster = local_cluster.running(tmp_path)
         assert len(cluster.alive()) == 2
         # A long cluster folder moves Ray's sockets under /tmp (107-byte limit) via a link.

@@ -37,6 +37,9 @@ def up(
 
     cluster, started = local_cluster.up(nodes, cpus_per_node, gpus_per_node, note=output.info)
     have = len(cluster.alive())
+    if (cpus_per_node is not None or gpus_per_node is not None) and have > started:
+        output.info(f"--cpus-per-node and --gpus-per-node shape the nodes this call starts; the "
+                    f"{have - started} running keep theirs (`densenet-pipe cluster status` lists them)")
     if started == 0:
         output.info(f"the local cluster is already up with {have} node(s)"
                     + (f" (asked for {nodes}: `densenet-pipe cluster down` first to shrink it)"
