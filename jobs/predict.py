@@ -2,7 +2,7 @@
 
 Config keys: checkpoint, inputs (folders and image files, or one store), top_k, batch_size,
 actors (model-holding Ray Data actors), gpu, split (for a store), format (table|json|csv),
-out (the file the rows go to, written whole at the end).
+out (the file the rows go to, written whole at the end), force (replace an existing out).
 
 Every actor loads the checkpoint once and classifies batches: image paths for files and
 folders (every node must see them, as with stores), index ranges of the split for a store
@@ -33,6 +33,7 @@ class PredictConfig:
     split: str = "val"
     format: str = "table"
     weights: str = "auto"
+    force: bool = False
 
 # A store is read in ranges of this many images: one FFCV loader per range.
 STORE_CHUNK = 1024
@@ -91,6 +92,8 @@ def run(data: dict[str, Any]) -> None:
     inputs = [common.resolve_path(i) for i in conf.inputs]
     top_k, batch_size, fmt, split, gpu = conf.top_k, conf.batch_size, conf.format, conf.split, conf.gpu
     weights = conf.weights
+    out = Path(common.resolve_path(conf.out))
+    infer.check_rows_out(out, conf.force)
     net = infer.load(checkpoint, weights)  # here first: a checkpoint that is not ours is one line
     one = inputs[0] if len(inputs) == 1 else ""
     store = one if one and (storage.is_uri(one) or (Path(one) / MANIFEST).is_file()) else None
@@ -124,10 +127,7 @@ def run(data: dict[str, Any]) -> None:
     arrived = _told(dataset.iter_rows(), count)
     rows = [json.loads(r["row"]) for r in sorted(arrived, key=lambda r: int(r["order"]))]
     text = infer.render(rows, fmt, min(top_k, len(net.classes)))
-    out = Path(common.resolve_path(conf.out))
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(out)
+    infer.write_rows(out, text)
     bad = sum(1 for r in rows if r["error"])
     print(f"wrote {len(rows):,} row(s) to {out}" + (f"; {bad} image(s) could not be read" if bad else ""),
           flush=True)

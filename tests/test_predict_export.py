@@ -114,11 +114,19 @@ def test_predict_files_folders_and_a_store_agree_and_a_bad_image_is_a_row(folder
         assert a["top"][0]["class"] == b["top"][0]["class"]
         assert a["top"][0]["probability"] == pytest.approx(b["top"][0]["probability"], abs=1e-3)
 
+    # --out's suffix names the format when --format does not.
     out = tmp_path / "rows.csv"
-    r = runner.invoke(app, ["predict", str(run / "epoch-0001"), str(files[0]), "--format", "csv", "--out", str(out)])
+    r = runner.invoke(app, ["predict", str(run / "epoch-0001"), str(files[0]), "--out", str(out)])
     assert r.exit_code == 0, r.output
     (row,) = list(csv.DictReader(io.StringIO(out.read_text())))
     assert row["input"] == str(files[0]) and row["top1"] == rows[0]["top"][0]["class"] and row["error"] == ""
+    # An existing file is kept unless --force says to replace it.
+    r = runner.invoke(app, ["predict", str(run), str(files[1]), "--out", str(out)])
+    assert r.exit_code == 2 and f"{out} exists: pass --force" in r.stderr, r.output
+    assert list(csv.DictReader(io.StringIO(out.read_text())))[0]["input"] == str(files[0])
+    r = runner.invoke(app, ["predict", str(run), str(files[1]), "--out", str(out), "--force", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    assert [row["input"] for row in json.loads(out.read_text())] == [str(files[1])]
 
 
 @pytest.mark.timeout(300)
@@ -178,6 +186,10 @@ def test_bad_input_to_predict_and_export_is_one_line(run, store, tmp_path):
         (["predict", str(tmp_path / "foreign.pt"), str(tmp_path), "--in-process"], "not a densenet-pipe checkpoint"),
         (["predict", str(run), str(tmp_path), "--top-k", "0"], "--top-k must be >= 1"),
         (["predict", str(run), str(tmp_path / "missing"), str(tmp_path)], "missing does not exist"),
+        (["predict", str(run), str(tmp_path / "foreign.pt"), "--out", str(tmp_path / "no" / "rows.csv")],
+         f"{tmp_path / 'no'} does not exist: create it"),
+        (["predict", str(run), str(tmp_path / "foreign.pt"), "--out", str(tmp_path / "empty")],
+         "is a folder: name the file to write"),
         (["export", str(run), "--format", "tflite"], "'tflite' is not one of"),
         (["export", str(run), "--format", "onnx", "--out", str(tmp_path / "no" / "such" / "m.onnx")],
          "does not exist: create it"),

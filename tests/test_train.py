@@ -379,7 +379,7 @@ def test_init_from_weights_of_another_net_is_one_line_from_the_job(ray_cluster, 
 
 
 @pytest.mark.timeout(600)
-def test_predict_a_store_and_a_folder_as_ray_data_jobs(trained, cli, store, tmp_path):
+def test_predict_a_store_and_a_folder_as_ray_data_jobs(trained, cli, store, tmp_path, ray_cluster):
     """Folders and stores are classified by Ray Data actors across the cluster; the rows match
     the in-process path image for image, and an unreadable image is a row, not a failure."""
     from PIL import Image
@@ -408,7 +408,14 @@ def test_predict_a_store_and_a_folder_as_ray_data_jobs(trained, cli, store, tmp_
     for i in range(3):
         Image.fromarray(synthetic_image(SyntheticSpec(), "val", i)).save(images / f"{i}.png")
     (images / "3.png").write_bytes(b"not a png")
-    r = cli("predict", run, images, "--format", "csv", "--out", tmp_path / "folder.csv", "--actors", "1")
+    r = cli("predict", run, images, "--out", tmp_path / "folder.csv", "--actors", "1")
     assert r.exit_code == 0, r.output
     lines = (tmp_path / "folder.csv").read_text().splitlines()
     assert len(lines) == 1 + 4 and lines[-1].startswith(str(images / "3.png")) and "not an image" in lines[-1]
+    # With --address (a cluster elsewhere) the job checks its own --out before any image: it is
+    # there, so the job stops in one line and the file is kept.
+    kept = (tmp_path / "folder.csv").read_text()
+    r = cli("predict", run, images, "--out", tmp_path / "folder.csv", "--address", ray_cluster.dashboard_url)
+    assert r.exit_code == 2, r.output
+    assert f"error: {tmp_path / 'folder.csv'} exists: pass --force" in r.stdout
+    assert "predicting" not in r.stdout and (tmp_path / "folder.csv").read_text() == kept

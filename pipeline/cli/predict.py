@@ -37,8 +37,9 @@ def predict(
     checkpoint: CheckpointArg,
     inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Image files, folders of images, or a store (its --split).")],
     top_k: Annotated[int, typer.Option("--top-k", help="Classes per image, most probable first.")] = 5,
-    fmt: Annotated[RowFormat, typer.Option("--format", help="table, json or csv.")] = RowFormat.table,
+    fmt: Annotated[Optional[RowFormat], typer.Option("--format", help="table, json or csv (default: --out's suffix, .csv or .json; else table).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the rows here (a cluster job's default: predictions-TIME.FORMAT).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
     split: Annotated[Optional[str], typer.Option(help="With a store: the split to classify (default val; a store's train.beton or val.beton given as INPUT names it).")] = None,
     in_process: Annotated[bool, typer.Option("--in-process", help="Run here even for folders and stores, not as a cluster job.")] = False,
     actors: Annotated[int, typer.Option(help="Cluster job: Ray Data actors holding the model.")] = 2,
@@ -63,16 +64,19 @@ def predict(
         raise UserError(f"--top-k must be >= 1, got {top_k}")
     if actors < 1 or batch_size < 1:
         raise UserError("--actors and --batch-size must be >= 1")
-    if out is not None and out.is_dir():
-        raise UserError(f"--out {out} is a folder: name the file to write")
+    fmt = RowFormat(infer.row_format(fmt.value if fmt else None, out))
     inputs, split = _split_files_as_stores(inputs, split)
     stores = [i for i in inputs if is_uri(i) or (Path(i) / MANIFEST).is_file()]
     if stores and len(inputs) > 1:
         raise UserError("a store is classified on its own: pass one store, or image files and folders")
     many = bool(stores) or any(Path(i).is_dir() for i in inputs)
+    if out is not None and (address is None or not many or in_process):
+        # Here, before any work; a remote cluster's job checks its own path.
+        out = out.expanduser().absolute()
+        infer.check_rows_out(out, force)
     if many and not in_process:
         _predict_job(checkpoint, inputs, top_k, fmt, out, split, actors, gpu, batch_size, address, detach,
-                     weights.value)
+                     weights.value, force)
         return
     net = infer.load(checkpoint, weights.value)
     if stores:
@@ -84,9 +88,7 @@ def predict(
     if out is None:
         output.result(text)
     else:
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(out)
+        infer.write_rows(out, text)
         output.info(f"wrote {len(rows)} row(s) to {out}")
     if bad:
         output.warn(f"{bad} of {len(rows)} image(s) could not be read; their rows say why")
@@ -117,7 +119,7 @@ def _split_files_as_stores(inputs: list[str], split: str | None) -> tuple[list[s
 
 def _predict_job(checkpoint: str, inputs: list[str], top_k: int, fmt: RowFormat, out: Path | None,
                  split: str, actors: int, gpu: bool, batch_size: int, address: str | None,
-                 detach: bool, weights: str = "auto") -> None:
+                 detach: bool, weights: str = "auto", force: bool = False) -> None:
     import time
 
     from .. import infer, submit
@@ -139,7 +141,7 @@ def _predict_job(checkpoint: str, inputs: list[str], top_k: int, fmt: RowFormat,
 
     cfg = {"checkpoint": where(checkpoint), "inputs": [where(i) for i in inputs], "top_k": top_k,
            "batch_size": batch_size, "actors": actors, "gpu": gpu, "split": split,
-           "format": fmt.value, "out": where(out), "weights": weights}
+           "format": fmt.value, "out": where(out), "weights": weights, "force": force}
     resources = {"nodes": 1, "cpus_per_node": 1, "gpus_per_node": 1 if gpu else 0}
     code = submit.run_job("predict", cfg, address=address, detach=detach, resources=resources)
     if code:
