@@ -124,7 +124,8 @@ def test_predict_files_folders_and_a_store_agree_and_a_bad_image_is_a_row(folder
     r = runner.invoke(app, ["predict", str(run), str(files[1]), "--out", str(out)])
     assert r.exit_code == 2 and f"{out} exists: pass --force" in r.stderr, r.output
     assert list(csv.DictReader(io.StringIO(out.read_text())))[0]["input"] == str(files[0])
-    r = runner.invoke(app, ["predict", str(run), str(files[1]), "--out", str(out), "--force", "--format", "json"])
+    r = runner.invoke(app, ["predict", str(run), str(files[1]), "--out", str(out), "--force", "--format", "json",
+                            "--epoch", "1"])
     assert r.exit_code == 0, r.output
     assert [row["input"] for row in json.loads(out.read_text())] == [str(files[1])]
 
@@ -191,6 +192,9 @@ def test_bad_input_to_predict_and_export_is_one_line(run, store, tmp_path):
         (["predict", str(run), str(tmp_path / "foreign.pt"), "--out", str(tmp_path / "empty")],
          "is a folder: name the file to write"),
         (["export", str(run), "--format", "tflite"], "'tflite' is not one of"),
+        (["predict", str(run), str(tmp_path / "foreign.pt"), "--epoch", "2"],
+         "no complete checkpoint of epoch 2 in"),
+        (["export", str(run), "--format", "onnx", "--epoch", "2"], "it has epoch-0001: pick one of those"),
         (["export", str(run), "--format", "onnx", "--out", str(tmp_path / "no" / "such" / "m.onnx")],
          "does not exist: create it"),
     ]

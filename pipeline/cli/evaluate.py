@@ -9,7 +9,7 @@ import typer
 
 from ..errors import UserError
 from . import app
-from .options import Address, Detach, Stage, StageMode, StopOnInterrupt, Weights, WeightsChoice
+from .options import Address, Detach, Epoch, Stage, StageMode, StopOnInterrupt, Weights, WeightsChoice, at_epoch
 
 TTA = ("none", "flip", "10crop")
 
@@ -21,7 +21,7 @@ def evaluate(
     tta: Annotated[str, typer.Option(help="none, flip or 10crop (the paper's ImageNet protocol).")] = "none",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,
     out: Annotated[Optional[str], typer.Option(help="Result JSON (default: beside the checkpoint).")] = None,
-    epoch: Annotated[Optional[int], typer.Option(help="With a run folder: that epoch's checkpoint, not the newest.")] = None,
+    epoch: Epoch = None,
     stage: Stage = None,
     weights: Weights = WeightsChoice.auto,
     gpu: Annotated[bool, typer.Option("--gpu", help="Evaluate on a GPU: the job starts on a node with one.")] = False,
@@ -34,10 +34,7 @@ def evaluate(
         raise UserError(f"unknown --tta {tta!r}: use one of {', '.join(TTA)}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    if epoch is not None:
-        from ..train.checkpoint import epoch_folder
-
-        checkpoint = epoch_folder(checkpoint, epoch)
+    checkpoint = at_epoch(checkpoint, epoch)
     cfg = {"checkpoint": checkpoint, "store": data, "tta": tta, "batch_size": batch_size,
            "stage": (stage or StageMode.auto).value, "gpu": gpu, "weights": weights.value}
     if out:

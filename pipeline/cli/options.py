@@ -95,3 +95,17 @@ Weights = Annotated[
     typer.Option("--weights", help="auto (the moving average when the run kept one with --ema, "
                  "else the raw weights), ema or raw."),
 ]
+
+Epoch = Annotated[
+    Optional[int],
+    typer.Option("--epoch", help="With a run folder: that epoch's checkpoint, not the newest."),
+]
+
+
+def at_epoch(checkpoint: str, epoch: int | None) -> str:
+    """CHECKPOINT, or with --epoch that epoch's folder of the run CHECKPOINT names."""
+    if epoch is None:
+        return checkpoint
+    from ..train.checkpoint import epoch_folder
+
+    return epoch_folder(checkpoint, epoch)

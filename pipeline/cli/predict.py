@@ -14,7 +14,7 @@ import typer
 
 from ..errors import UserError
 from . import app, output
-from .options import Address, Detach, Weights, WeightsChoice
+from .options import Address, Detach, Epoch, Weights, WeightsChoice, at_epoch
 
 CheckpointArg = Annotated[str, typer.Argument(
     metavar="CHECKPOINT", help="A run folder (its newest checkpoint), an epoch-NNNN folder or its checkpoint.pt.")]
@@ -46,6 +46,7 @@ def predict(
     gpu: Annotated[bool, typer.Option("--gpu/--cpu", help="Cluster job: one GPU per actor.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     weights: Weights = WeightsChoice.auto,
+    epoch: Epoch = None,
     address: Address = None,
     detach: Detach = False,
 ) -> None:
@@ -65,6 +66,7 @@ def predict(
     if actors < 1 or batch_size < 1:
         raise UserError("--actors and --batch-size must be >= 1")
     fmt = RowFormat(infer.row_format(fmt.value if fmt else None, out))
+    checkpoint = at_epoch(checkpoint, epoch)
     inputs, split = _split_files_as_stores(inputs, split)
     stores = [i for i in inputs if is_uri(i) or (Path(i) / MANIFEST).is_file()]
     if stores and len(inputs) > 1:
@@ -159,6 +161,7 @@ def export(
     wandb: Annotated[Optional[str], typer.Option(help="online, offline or off (default: the training run's).")] = None,
     registry: Annotated[Optional[str], typer.Option(help="Online: link the export into this W&B registry collection.")] = None,
     weights: Weights = WeightsChoice.auto,
+    epoch: Epoch = None,
 ) -> None:
     """Export a trained net with a JSON sidecar, after a parity check against PyTorch.
 
@@ -170,7 +173,7 @@ def export(
 
     if wandb not in (None, "online", "offline", "off"):
         raise UserError(f"unknown --wandb {wandb!r}: use online, offline or off")
-    sidecar = run_export(checkpoint, fmt.value, out, force=force, wandb_mode=wandb, registry=registry,
+    sidecar = run_export(at_epoch(checkpoint, epoch), fmt.value, out, force=force, wandb_mode=wandb, registry=registry,
                          weights=weights.value,
                          log=output.info)
     output.info(f"wrote {sidecar['path']} and {sidecar['path']}.json")
