@@ -111,6 +111,9 @@ def export(checkpoint_path: str | Path, fmt: str, out: Path | None = None, *, fo
         raise UserError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
     net = infer.load(checkpoint_path, weights)
     out = Path(out or default_out(net.checkpoint, fmt)).expanduser().absolute()
+    if out.is_dir():
+        # As `cp` does: into the folder, under the name it would have beside the checkpoint.
+        out = out / default_out(net.checkpoint, fmt).name
     sidecar_path = out.with_name(out.name + ".json")
     for path in (out, sidecar_path):
         if path.exists() and not force:

@@ -26,6 +26,7 @@ from pipeline.cli import app
 from pipeline.data.prepare import prepare
 from pipeline.data.prepare_config import PrepareConfig
 from pipeline.data.readers import decode_image
+from pipeline.errors import UserError
 from pipeline.infer import eval_transform, image_files, load, predict_paths, predict_store
 from pipeline.models.densenet import build
 from pipeline.models.spec import resolve
@@ -223,3 +224,16 @@ def test_predict_reads_a_store_in_object_storage_from_a_staged_copy(store, run, 
     assert [r["input"].split("#")[1] for r in remote] == [r["input"].split("#")[1] for r in local]
     assert remote[0]["input"].startswith("s3://runs/densenet-pipe/stores/pets/val#")  # no query
     assert len(lines) == 1 and ": staged at" in lines[0] and str(tmp_path) in lines[0]
+
+
+@pytest.mark.timeout(120)
+def test_export_into_a_folder_takes_the_name_it_has_beside_the_checkpoint(run, tmp_path):
+    from pipeline.export import export
+
+    (tmp_path / "models").mkdir()
+    sidecar = export(str(run), "safetensors", tmp_path / "models", wandb_mode="off", log=lambda _m: None)
+    written = tmp_path / "models" / "pets-run-epoch-0001.safetensors"
+    assert sidecar["path"] == str(written) and written.is_file()
+    assert json.loads(written.with_name(written.name + ".json").read_text())["file"] == written.name
+    with pytest.raises(UserError, match="exists: pass --force"):
+        export(str(run), "safetensors", tmp_path / "models", wandb_mode="off", log=lambda _m: None)

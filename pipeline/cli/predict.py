@@ -156,7 +156,7 @@ def _predict_job(checkpoint: str, inputs: list[str], top_k: int, fmt: RowFormat,
 def export(
     checkpoint: CheckpointArg,
     fmt: Annotated[ExportFormat, typer.Option("--format", help="safetensors, torchscript or onnx.")],
-    out: Annotated[Optional[Path], typer.Option(help="Model file to write (default: beside the checkpoint).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Model file to write, or a folder to write it into (default: beside the checkpoint).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing export.")] = False,
     wandb: Annotated[Optional[str], typer.Option(help="online, offline or off (default: the training run's).")] = None,
     registry: Annotated[Optional[str], typer.Option(help="Online: link the export into this W&B registry collection.")] = None,
