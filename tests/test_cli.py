@@ -132,3 +132,28 @@ def test_storage_uri_with_credentials_is_refused_before_submitting(tiny_store):
                             "s3://AKIAEXAMPLE:secret@bucket/runs", "--dry-run"])
     assert r.exit_code == 2 and "carries credentials" in r.stderr
     assert "secret" not in r.output
+
+
+@pytest.mark.parametrize("dataset,layout,needle", [
+    ("imagefolder", ["train/cat/"], "has no val/ folder: lay it out as train/<class>/*.jpg"),
+    ("imagefolder", ["val/cat/", "cat/"], "train is missing: lay it out"),
+    ("svhn", ["test_32x32.mat"], "train_32x32.mat is missing"),
+    ("imagenet", ["val/"], "no ImageNet train data in"),
+    ("cifar100", ["cifar-100-python/train", "cifar-100-python/meta"], "cifar-100-python has no test"),
+])
+def test_a_source_laid_out_wrong_is_refused_before_any_cluster_or_job(dataset, layout, needle, tmp_path,
+                                                                       monkeypatch):
+    """On the local cluster the job would read this machine's files: their layout is checked
+    here, so a wrong one is one line at once, with no cluster started and no job submitted."""
+    from pipeline import local_cluster
+
+    monkeypatch.setenv(local_cluster.CLUSTER_DIR_ENV, str(tmp_path / "cluster"))
+    source = tmp_path / "source"
+    for item in layout:
+        (source / item).parent.mkdir(parents=True, exist_ok=True)
+        (source / item).mkdir() if item.endswith("/") else (source / item).write_bytes(b"x")
+    r = runner.invoke(app, ["prepare", dataset, "--source", str(source), "--out", str(tmp_path / "store")])
+    assert r.exit_code == 2, r.output
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("error: ") and needle in line, line
+    assert local_cluster.running(tmp_path / "cluster") is None and not (tmp_path / "store").exists()

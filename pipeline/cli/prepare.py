@@ -23,7 +23,8 @@ def build_prepare_config(dataset: str, flags: dict[str, Any], synthetic: dict[st
     """Flags (only those given) into a validated PrepareConfig.
 
     With a local cluster the job sees this machine's files: paths become absolute (the job
-    runs in a copy of the working directory) and are checked here, before submitting.
+    runs in a copy of the working directory), and they and the source's layout are checked
+    here, before submitting.
     """
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
@@ -39,11 +40,10 @@ def build_prepare_config(dataset: str, flags: dict[str, Any], synthetic: dict[st
         check_remote_out(cfg.out, cfg.force)
     if local:
         if cfg.source:
-            source = Path(cfg.source).expanduser().absolute()
-            if not source.exists():
-                raise UserError(f"source {source} does not exist: pass --source with the path "
-                                f"to the official {dataset} files (see datasets/README.md)")
-            cfg.source = str(source)
+            from ..data.readers import check_layout
+
+            cfg.source = str(Path(cfg.source).expanduser().absolute())
+            check_layout(cfg)  # here, not after a job has started
         if not is_uri(cfg.out):
             out = Path(cfg.out).expanduser().absolute()
             cfg.out = str(out)

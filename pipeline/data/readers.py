@@ -212,18 +212,35 @@ class Source:
     notes: list[str] = field(default_factory=list)
 
 
+def check_layout(cfg: PrepareConfig) -> Path:
+    """The source is there and laid out as its dataset's reader expects, told without reading
+    an image or an archive: the CLI asks this before it submits a job to a local cluster
+    (whose nodes see this machine's files), and every reader starts from it. Returns the path."""
+    path = Path(cfg.source).expanduser()
+    if not path.exists():
+        raise UserError(f"source {path} does not exist: pass --source with the path to "
+                        f"the official {cfg.dataset} files (see datasets/README.md)")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"source {path} is not readable: check its permissions")
+    if cfg.dataset == "imagefolder":
+        _imagefolder_roots(path, cfg)
+    elif cfg.dataset == "svhn":
+        _svhn_files(path, cfg)
+    elif cfg.dataset == "imagenet":
+        _imagenet_train(path)
+    elif cfg.dataset in ("cifar10", "cifar100") and path.is_dir():
+        folder, names, fix = _cifar_layout(cfg.dataset)
+        _cifar_folder(path, folder, names, fix)
+    return path
+
+
 def read_source(cfg: PrepareConfig) -> Source:
     """The reader for `cfg.dataset` over `cfg.source`, with the card's differences noted."""
     card = load_card(cfg.dataset)
     if cfg.dataset == "synthetic":
         src = read_synthetic(cfg.synthetic, card)
     else:
-        path = Path(cfg.source).expanduser()
-        if not path.exists():
-            raise UserError(f"source {path} does not exist: pass --source with the path to "
-                            f"the official {cfg.dataset} files (see datasets/README.md)")
-        if not os.access(path, os.R_OK):
-            raise UserError(f"source {path} is not readable: check its permissions")
+        path = check_layout(cfg)
         readers = {"cifar10": read_cifar, "cifar100": read_cifar, "svhn": read_svhn,
                    "imagenet": read_imagenet, "imagefolder": read_imagefolder}
         src = readers[cfg.dataset](path, card, cfg)
@@ -337,16 +354,32 @@ def _check_member_size(where: str, size: int, fix: str, cap: int = MAX_MEMBER_BY
         raise UserError(f"{where} is {size:,} bytes, more than the format allows ({cap:,}): {fix}")
 
 
+def _cifar_layout(dataset: str) -> tuple[str, list[str], str]:
+    """(the archive's folder, the batch files it holds, the fix to name) of CIFAR-10 or -100."""
+    ten = dataset == "cifar10"
+    folder = "cifar-10-batches-py" if ten else "cifar-100-python"
+    archive = f"{'cifar-10' if ten else 'cifar-100'}-python.tar.gz"
+    names = ([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"] if ten
+             else ["train", "test", "meta"])
+    return folder, names, f"pass the official {archive} (python version) or its extracted {folder}/"
+
+
+def _cifar_folder(path: Path, folder: str, names: list[str], fix: str) -> Path:
+    """The extracted folder that holds every batch file."""
+    base = path / folder if (path / folder).is_dir() else path
+    missing = [n for n in names if not (base / n).is_file()]
+    if missing:
+        raise UserError(f"{base} has no {', '.join(missing)}: point --source at "
+                        f"{folder}/ or the tarball ({fix})")
+    for n in names:
+        _check_member_size(str(base / n), (base / n).stat().st_size, fix)
+    return base
+
+
 def _cifar_files(path: Path, folder: str, names: list[str], fix: str) -> tuple[dict[str, bytes], list[Path]]:
     """The named batch files from a tarball or an (extracted) folder."""
     if path.is_dir():
-        base = path / folder if (path / folder).is_dir() else path
-        missing = [n for n in names if not (base / n).is_file()]
-        if missing:
-            raise UserError(f"{base} has no {', '.join(missing)}: point --source at "
-                            f"{folder}/ or the tarball ({fix})")
-        for n in names:
-            _check_member_size(str(base / n), (base / n).stat().st_size, fix)
+        base = _cifar_folder(path, folder, names, fix)
         return {n: (base / n).read_bytes() for n in names}, []
     found: dict[str, bytes] = {}
     seen: list[str] = []
@@ -370,13 +403,11 @@ def _cifar_files(path: Path, folder: str, names: list[str], fix: str) -> tuple[d
 
 def read_cifar(path: Path, card: Card, cfg: PrepareConfig) -> Source:
     ten = card.name == "cifar10"
-    folder = "cifar-10-batches-py" if ten else "cifar-100-python"
-    archive = f"{'cifar-10' if ten else 'cifar-100'}-python.tar.gz"
-    fix = f"pass the official {archive} (python version) or its extracted {folder}/"
+    folder, names, fix = _cifar_layout(card.name)
     train_names = [f"data_batch_{i}" for i in range(1, 6)] if ten else ["train"]
     val_names = ["test_batch"] if ten else ["test"]
     meta_name = "batches.meta" if ten else "meta"
-    raw, files = _cifar_files(path, folder, train_names + val_names + [meta_name], fix)
+    raw, files = _cifar_files(path, folder, names, fix)
     label_key = "labels" if ten else "fine_labels"
 
     def load(names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -482,7 +513,8 @@ def _load_svhn_mat(path: Path, most: int) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(x.transpose(3, 0, 1, 2), dtype=np.uint8), (y % 10).astype(np.int64)
 
 
-def read_svhn(path: Path, card: Card, cfg: PrepareConfig) -> Source:
+def _svhn_files(path: Path, cfg: PrepareConfig) -> tuple[Path, Path, Path, bool]:
+    """train_32x32.mat, test_32x32.mat, extra_32x32.mat, and whether extra goes into train."""
     base = path if path.is_dir() else path.parent
     train, test, extra = base / "train_32x32.mat", base / "test_32x32.mat", base / "extra_32x32.mat"
     for f in (train, test):
@@ -491,7 +523,11 @@ def read_svhn(path: Path, card: Card, cfg: PrepareConfig) -> Source:
                             f"test_32x32.mat in {base} and pass that folder as --source")
     if cfg.extra and not extra.is_file():
         raise UserError(f"{extra} is missing: put it beside train_32x32.mat or pass --no-extra")
-    use_extra = extra.is_file() if cfg.extra is None else cfg.extra
+    return train, test, extra, extra.is_file() if cfg.extra is None else cfg.extra
+
+
+def read_svhn(path: Path, card: Card, cfg: PrepareConfig) -> Source:
+    train, test, extra, use_extra = _svhn_files(path, cfg)
     tr_x, tr_y = _load_svhn_mat(train, card.splits.train or 0)
     files = [train, test]
     info: dict[str, Any] = {"extra": use_extra, "train_sizes": {"train_32x32.mat": len(tr_y)}}
@@ -555,25 +591,36 @@ def hold_out(images: list[Path], folder: Path, fraction: float) -> tuple[list[Pa
     return [p for p in images if p not in val], [p for p in images if p in val]
 
 
-def read_imagefolder(path: Path, card: Card, cfg: PrepareConfig) -> Source:
-    fix = "lay it out as train/<class>/*.jpg and val/<class>/*.jpg"
-    held = "or pass --val-fraction 0.1 to hold out a tenth of each class as val"
-    left_out: list[Path] = []
-    notes: list[str] = []
+IMAGEFOLDER_FIX = "lay it out as train/<class>/*.jpg and val/<class>/*.jpg"
+
+
+def _imagefolder_roots(path: Path, cfg: PrepareConfig) -> tuple[Path, Path | None]:
+    """(train's folder, val's folder), or (the folder val is held out of, None)."""
     if (path / "val").is_dir():
         if cfg.val_fraction is not None:
             raise UserError(f"{path} has its own val/: drop --val-fraction, or move val/ away to hold "
                             "out a share of train/ instead")
         if not (path / "train").is_dir():
-            raise UserError(f"{path / 'train'} is missing: {fix}")
-        train = _class_folders(path / "train", left_out)
-        val = _class_folders(path / "val", left_out)
-        roots = {"train": path / "train", "val": path / "val"}
+            raise UserError(f"{path / 'train'} is missing: {IMAGEFOLDER_FIX}")
+        return path / "train", path / "val"
+    # torchvision's own layout (root/<class>/...), or train/ alone: val is held out.
+    if cfg.val_fraction is None:
+        raise UserError(f"{path} has no val/ folder: {IMAGEFOLDER_FIX}, or pass --val-fraction 0.1 "
+                        "to hold out a tenth of each class as val")
+    return (path / "train" if (path / "train").is_dir() else path), None
+
+
+def read_imagefolder(path: Path, card: Card, cfg: PrepareConfig) -> Source:
+    fix = IMAGEFOLDER_FIX
+    left_out: list[Path] = []
+    notes: list[str] = []
+    train_root, val_root = _imagefolder_roots(path, cfg)
+    if val_root is not None:
+        train = _class_folders(train_root, left_out)
+        val = _class_folders(val_root, left_out)
+        roots = {"train": train_root, "val": val_root}
     else:
-        # torchvision's own layout (root/<class>/...), or train/ alone: val is held out.
-        root = path / "train" if (path / "train").is_dir() else path
-        if cfg.val_fraction is None:
-            raise UserError(f"{path} has no val/ folder: {fix}, {held}")
+        root = train_root
         train, val = {}, {}
         for name, images in _class_folders(root, left_out).items():
             train[name], val[name] = hold_out(images, root / name, cfg.val_fraction)
@@ -723,11 +770,22 @@ def _first(root: Path, *candidates: str) -> Path | None:
     return None
 
 
-def read_imagenet(path: Path, card: Card, cfg: PrepareConfig) -> Source:
-    root = path
+def _imagenet_train(root: Path) -> tuple[Path | None, Path | None]:
+    """(train/ with a folder per synset, as ours or Kaggle's layout has it; else None),
+    (ILSVRC2012_img_train.tar, or None): one of them is there."""
     kaggle = root / "ILSVRC" / "Data" / "CLS-LOC"
     train_dir = _first(root, "train") or _first(kaggle, "train")
     train_tar = _first(root, "ILSVRC2012_img_train.tar")
+    if not (train_dir is not None and train_dir.is_dir()) and train_tar is None:
+        raise UserError(f"no ImageNet train data in {root}: expected train/ with one folder per "
+                        "synset, or ILSVRC2012_img_train.tar")
+    return (train_dir if train_dir is not None and train_dir.is_dir() else None), train_tar
+
+
+def read_imagenet(path: Path, card: Card, cfg: PrepareConfig) -> Source:
+    root = path
+    kaggle = root / "ILSVRC" / "Data" / "CLS-LOC"
+    train_dir, train_tar = _imagenet_train(root)
     val_dir = _first(root, "val") or _first(kaggle, "val")
     val_tar = _first(root, "ILSVRC2012_img_val.tar")
     devkit = _first(root, "ILSVRC2012_devkit_t12.tar.gz", "ILSVRC2012_devkit_t12")
@@ -736,16 +794,13 @@ def read_imagenet(path: Path, card: Card, cfg: PrepareConfig) -> Source:
     files: list[Path] = []
     info: dict[str, Any] = {}
 
-    if train_dir is not None and train_dir.is_dir():
+    if train_dir is not None:
         train = {k: [str(p) for p in v] for k, v in _class_folders(train_dir).items()}
         info["train_layout"] = f"folders under {train_dir}"
-    elif train_tar is not None:
+    else:
         train = _imagenet_train_from_tar(train_tar)
         files.append(train_tar)
         info["train_layout"] = f"tar of tars {train_tar}"
-    else:
-        raise UserError(f"no ImageNet train data in {root}: expected train/ with one folder per "
-                        "synset, or ILSVRC2012_img_train.tar")
     if not train:
         raise UserError(f"{train_dir} has no synset folders: expected train/n01440764/... ")
     empty = [w for w, v in train.items() if not v]
