@@ -320,6 +320,10 @@ def recorder_name(run_id: str) -> str:
     return f"wandb-{_safe_id(run_id)}"
 
 
+# The Tracker methods rank 0 calls through the driver's Recorder (`RemoteTracker`).
+FORWARDED = frozenset({"log", "summary", "use_dataset", "use_init", "log_checkpoint"})
+
+
 class Recorder:
     """The Ray actor that holds one run's W&B run for the job driver that started it."""
 
@@ -343,7 +347,7 @@ class Recorder:
         return self.tracker.active
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> None:
-        if method not in ("log", "summary", "use_dataset", "log_checkpoint"):
+        if method not in FORWARDED:
             raise ValueError(f"no tracker method {method}")
         getattr(self.tracker, method)(*args, **kwargs)
 
@@ -457,7 +461,10 @@ class RemoteTracker:
 
         try:
             ray.get(self.handle.call.remote(method, *args, **kwargs), timeout=300)
-        except Exception as e:  # noqa: BLE001
+        except ray.exceptions.RayTaskError as e:
+            # The call failed inside a recorder that lives on: the next calls still reach it.
+            _warn(method, getattr(e, "cause", None) or e)
+        except Exception as e:  # noqa: BLE001 - the recorder is gone or hangs: stop calling it
             _warn(method, e)
             self.handle = None
 

@@ -167,3 +167,15 @@ def test_an_unwritable_wandb_folder_is_one_warning(no_key, tmp_path, capsys):
     tracker.finish(ended="finished")
     assert blocker.read_text().startswith("a file")
 
+
+
+def test_every_call_rank_0_sends_the_driver_s_recorder_is_one_it_takes():
+    """RemoteTracker's calls go to `Recorder.call`, which runs only the Tracker methods in
+    FORWARDED: a method missing there failed each fine-tune's first call, and the run's W&B
+    record lost every epoch after it."""
+    from pipeline.tracking import FORWARDED, RemoteTracker, Tracker
+
+    sent = {name for name, value in vars(RemoteTracker).items()
+            if callable(value) and not name.startswith("_")} - {"connect", "finish"}
+    assert sent == FORWARDED
+    assert all(callable(getattr(Tracker, name, None)) for name in FORWARDED)

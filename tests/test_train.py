@@ -378,6 +378,23 @@ def test_init_from_weights_of_another_net_is_one_line_from_the_job(ray_cluster, 
     assert "has no features.norm3.bias" in errors[0] and "Traceback" not in r.output
 
 
+@pytest.mark.timeout(300)
+def test_a_fine_tune_job_records_its_source_and_every_epoch_in_w_and_b(trained, cli, store, runs):
+    """Through Ray Train, rank 0 reaches W&B through the driver's Recorder: the weights a
+    fine-tune starts from are an artifact of its run, and every epoch is in its record."""
+    source, _ = trained
+    r = cli("train", "densenet_simple", "--data", store, "--storage", runs, "--name", "tuned",
+            "--epochs", "2", "--init-from", source, *TRAIN)
+    assert r.exit_code == 0, r.output
+    assert "warning: W&B" not in r.output, r.output
+    init = checkpoint.load(runs / "tuned")["init"]
+    assert init["source"].startswith(str(source / "epoch-0003"))
+    (data,) = (runs / "tuned").rglob("offline-run-*/*.wandb")
+    view = RunView.read(data)
+    assert view.epochs() == [1, 2] and f"init-{init['sha256'][:16]}" in view.artifacts
+    assert view.summary["init_sha256"] == init["sha256"] and view.summary["ended"] == "finished"
+
+
 @pytest.mark.timeout(600)
 def test_predict_a_store_and_a_folder_as_ray_data_jobs(trained, cli, store, tmp_path, ray_cluster):
     """Folders and stores are classified by Ray Data actors across the cluster; the rows match
