@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import time
 from pathlib import Path
 
@@ -91,6 +92,13 @@ def test_real_sweep_with_asha_table_plot_wandb_and_resume(ray_cluster, cli, hard
     assert [row["best_val_top1_error"] for row in rows] == sorted(row["best_val_top1_error"] for row in rows)
     assert any(row["stopped_early"] for row in rows), rows
     assert all(row["params"] > 0 and row["macs"] > 0 for row in rows)
+    # Trials train side by side into one console: every line of theirs names its trial, and
+    # each epoch a trial reported is told once, before the table.
+    before_table = r.output.split("\ntrial  ")[0]
+    for row in rows:
+        told = re.findall(rf"^{row['trial']}: epoch (\d)/4: train loss", before_table, re.M)
+        assert told == [str(e) for e in range(1, row["epochs_run"] + 1)], (row, r.output)
+    assert not re.search(r"^epoch \d", r.output, re.M), r.output
     with open(folder / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
     assert (folder / "val_error_vs_params_macs.png").stat().st_size > 10_000

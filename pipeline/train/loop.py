@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 import math
 import random
 import resource
@@ -42,6 +43,10 @@ def _say(line: str) -> None:
     # Straight to stdout, flushed: the job log is a file, and W&B may wrap `print`.
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+def _say_as(who: str, line: str) -> None:
+    _say(f"{who}: {line}")
 
 
 def _seed(seed: int, epoch: int, rank: int) -> None:
@@ -581,7 +586,7 @@ def epoch_row(epoch: int, trained: Tally, val: Tally, ema_val: Tally | None, res
     }
 
 
-def _epoch_line(row: dict[str, Any], epochs: int) -> str:
+def epoch_line(row: dict[str, Any], epochs: int) -> str:
     ema = f" (EMA {row['val_ema_top1_error']:.4f})" if "val_ema_top1_error" in row else ""
     return ("epoch {epoch}/{0}: train loss {train_loss:.4f} top-1 err {train_top1_error:.4f}"
             " | val loss {val_loss:.4f} top-1 err {val_top1_error:.4f} top-5 err "
@@ -608,6 +613,13 @@ def train_loop(loop_config: dict[str, Any], session: Session) -> None:
     rank, world = session.rank, session.world
     primary = rank == 0
     say = _say if primary else (lambda _line: None)
+    # A sweep's trials train side by side into one console: each line names its trial, as
+    # the sweep's table does, and the sweep's driver tells their epochs from what they report
+    # to Tune (a line from a trial's process reaches the console late, or not at all when
+    # the trial ends first).
+    trial = bool(loop_config.get("trial"))
+    if trial and primary:
+        say = partial(_say_as, cfg.cluster.run_name)
     device = session.device
     if device.type == "cpu":
         torch.set_num_threads(worker_cpus(cfg))
@@ -664,7 +676,8 @@ def train_loop(loop_config: dict[str, Any], session: Session) -> None:
         history.append(row)
         is_best = row["val_top1_error"] < best
         best = min(best, row["val_top1_error"])
-        say(_epoch_line(row, epochs))
+        if not trial:
+            say(epoch_line(row, epochs))
         parts.global_step += parts.steps
         tracker.log({f"epoch/{k}": v for k, v in row.items()}, step=parts.global_step)
 

@@ -122,14 +122,16 @@ def strategy(placement: Placement) -> str:
 
 
 def loop_config(cfg: Config, folder: str, manifest_sha256: str, tracker: str | None,
-                workers_per_node: int) -> dict[str, Any]:
-    """What `train_loop` is given, however it runs."""
+                workers_per_node: int, trial: bool = False) -> dict[str, Any]:
+    """What `train_loop` is given, however it runs. `trial`: a sweep trial, whose lines name
+    it and whose epochs the sweep's driver tells (`pipeline.tune.sweep`)."""
     return {"config": cfg.to_dict(), "run_dir": str(folder), "run_name": cfg.cluster.run_name,
-            "manifest_sha256": manifest_sha256, "tracker": tracker, "workers_per_node": workers_per_node}
+            "manifest_sha256": manifest_sha256, "tracker": tracker, "workers_per_node": workers_per_node,
+            "trial": trial}
 
 
 def build_trainer(cfg: Config, placement: Placement, folder: str, manifest_sha256: str = "",
-                  callbacks: list | None = None, tracker: str | None = None):
+                  callbacks: list | None = None, tracker: str | None = None, trial: bool = False):
     """The TorchTrainer for one run; `folder` is storage/run_name."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -138,7 +140,7 @@ def build_trainer(cfg: Config, placement: Placement, folder: str, manifest_sha25
 
     return TorchTrainer(
         train_worker,
-        train_loop_config=loop_config(cfg, folder, manifest_sha256, tracker, placement.workers_per_node),
+        train_loop_config=loop_config(cfg, folder, manifest_sha256, tracker, placement.workers_per_node, trial),
         torch_config=TorchConfig(backend="nccl" if placement.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=placement.num_workers, use_gpu=placement.use_gpu,

@@ -82,7 +82,7 @@ def _trial_fn(base_dict: dict[str, Any], trials_dir: str, manifest_sha256: str, 
         if in_process(cfg):
             from ..train.loop import TuneSession, train_loop
 
-            train_loop(loop_config(cfg, folder, manifest_sha256, tracker, 1),
+            train_loop(loop_config(cfg, folder, manifest_sha256, tracker, 1, trial=True),
                        TuneSession(folder, cfg.train.keep_checkpoints, cfg.cluster.use_gpu))
         else:
             from ray.tune.integration.ray_train import TuneReportCallback
@@ -90,7 +90,7 @@ def _trial_fn(base_dict: dict[str, Any], trials_dir: str, manifest_sha256: str, 
             from ..train.trainer import build_trainer, plan_placement
 
             build_trainer(cfg, plan_placement(cfg), folder, manifest_sha256,
-                          callbacks=[TuneReportCallback()], tracker=tracker).fit()
+                          callbacks=[TuneReportCallback()], tracker=tracker, trial=True).fit()
         finish_run(cfg, folder)
 
     return trial
@@ -120,6 +120,21 @@ def _trial_recorders(base: Config, trials_dir: str, max_epochs: int, dataset):
             tracking.finish_recorder(recorder_name(str(trial)), "failed", {"stopped_early": False})
 
     return TrialRecorders()
+
+
+def _epoch_lines(max_epochs: int):
+    """A Tune callback, run in the sweep driver, that prints each trial's epoch as Tune gets
+    its report, named by the trial: every one, in order, before the table."""
+    from ray.tune import Callback
+
+    from ..train.loop import epoch_line
+
+    class EpochLines(Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "epoch" in result and "val_top1_error" in result:
+                print(f"{trial}: {epoch_line(result, max_epochs)}", flush=True)
+
+    return EpochLines()
 
 
 def _max_concurrent(cfg: Config) -> int:
@@ -163,7 +178,9 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
     tracked = resolve_mode(cfg.tracking.wandb) != "disabled"
     trial = tune.with_resources(_trial_fn(base.to_dict(), trials_dir, manifest_sha256, tracked),
                                 trial_resources(base))
-    callbacks = [_trial_recorders(base, trials_dir, cfg.train.epochs, dataset_artifact(manifest))] if tracked else []
+    callbacks = [_epoch_lines(cfg.train.epochs)]
+    if tracked:
+        callbacks.append(_trial_recorders(base, trials_dir, cfg.train.epochs, dataset_artifact(manifest)))
     if s.resume:
         print(f"resuming sweep {s.name}: finished and failed trials are kept", flush=True)
         # A failed trial stays failed (its error is in the results; Tune already retried it
@@ -171,7 +188,7 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
         tuner = tune.Tuner.restore(folder, trainable=trial, resume_unfinished=True,
                                    resume_errored=False)
         # Callbacks are not part of Tune's saved state; they are set again on restore.
-        tuner._local_tuner._run_config.callbacks = callbacks or None
+        tuner._local_tuner._run_config.callbacks = callbacks
     else:
         scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs,
                                    grace_period=s.grace_period, reduction_factor=s.reduction_factor)
@@ -193,7 +210,7 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
                                         max_concurrent_trials=concurrent),
             run_config=tune.RunConfig(name=s.name, storage_path=cfg.cluster.storage,
                                       failure_config=tune.FailureConfig(max_failures=cfg.cluster.max_failures),
-                                      callbacks=callbacks or None),
+                                      callbacks=callbacks),
         )
     from .. import tracking
 
