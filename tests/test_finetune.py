@@ -96,7 +96,7 @@ def test_backbone_lr_multiplier_groups():
 
 @pytest.mark.ffcv
 @pytest.mark.timeout(300)
-def test_frozen_epochs_keep_the_features_and_the_run_records_its_init(tmp_path):
+def test_frozen_epochs_keep_the_features_and_the_run_records_its_init(tmp_path, capsys):
     from ffcv.pipeline.compiler import Compiler
 
     store = make_synthetic_store(tmp_path / "syn", 128, 32)
@@ -107,14 +107,20 @@ def test_frozen_epochs_keep_the_features_and_the_run_records_its_init(tmp_path):
                 "data.store": str(store), "data.augment": False, "data.loader_workers": 1,
                 "optim.batch_size": 32, "tracking.wandb": "off", "cluster.run_name": name,
                 "cluster.storage": str(tmp_path), **overrides}))
-            (tmp_path / name).mkdir()
+            (tmp_path / name).mkdir(exist_ok=cfg.train.resume)
             train_loop({"config": cfg.to_dict(), "run_dir": str(tmp_path / name), "run_name": name,
                         "manifest_sha256": "x" * 64}, LocalSession(tmp_path / name))
 
         run("source", **{"train.epochs": 1})
         source = checkpoint.load(tmp_path / "source")
-        run("tuned", **{"train.epochs": 2, "train.freeze_epochs": 1, "model.init_from": str(tmp_path / "source"),
-                        "optim.backbone_lr_mult": 0.1, "tracking.wandb": "offline"})
+        tuning = {"train.freeze_epochs": 1, "model.init_from": str(tmp_path / "source"),
+                  "optim.backbone_lr_mult": 0.1, "tracking.wandb": "offline"}
+        run("tuned", **{"train.epochs": 2, **tuning})
+        capsys.readouterr()
+        # Resumed, the run goes on from its own checkpoint: the source is not loaded again,
+        # and the record of where the weights came from goes on with it.
+        run("tuned", **{"train.epochs": 3, "train.resume": True, **tuning})
+        resumed = capsys.readouterr().out
     finally:
         Compiler.set_enabled(True)
     frozen = checkpoint.load(tmp_path / "tuned" / "epoch-0001")["model"]
@@ -129,8 +135,13 @@ def test_frozen_epochs_keep_the_features_and_the_run_records_its_init(tmp_path):
     assert after["init"]["sha256"] == checkpoint._sha256((tmp_path / "source" / "epoch-0001" / "checkpoint.pt"))
     assert after["init"]["classifier"] == "loaded"
     assert after["config"]["model"]["init_from"] == str(tmp_path / "source")
-    # W&B has the source by its sha256, as an artifact of the run (offline: logged as `used`).
-    (data,) = (tmp_path / "tuned").rglob("offline-run-*/*.wandb")
-    view = RunView.read(data)
-    assert f"init-{after['init']['sha256'][:16]}" in view.artifacts
-    assert view.summary["init_sha256"] == after["init"]["sha256"]
+    assert "resumed from epoch 2" in resumed and "init:" not in resumed, resumed
+    assert checkpoint.load(tmp_path / "tuned" / "epoch-0003")["init"] == after["init"]
+    # W&B has the source by its sha256, as an artifact of the run (offline: logged as `used`);
+    # the resumed part of the run (offline: a record of its own) names it too.
+    first, then = sorted((tmp_path / "tuned").rglob("offline-run-*/*.wandb"), key=lambda p: p.stat().st_mtime)
+    for data in (first, then):
+        view = RunView.read(data)
+        assert f"init-{after['init']['sha256'][:16]}" in view.artifacts
+        assert view.summary["init_sha256"] == after["init"]["sha256"]
+    assert RunView.read(then).epochs() == [3]

@@ -255,16 +255,9 @@ def check_placement(session: Session, nodes: int, elastic: bool = False) -> list
     return node_ids
 
 
-def build_parts(cfg: Config, spec, device: torch.device, batches: int, say=lambda _line: None,
-                lr_scale: float = 1.0) -> Parts:
+def build_parts(cfg: Config, spec, device: torch.device, batches: int, lr_scale: float = 1.0) -> Parts:
     _seed(cfg.train.seed, 0, 0)
     model = build(spec, memory_efficient=cfg.model.memory_efficient)
-    init = None
-    if cfg.model.init_from:
-        from ..models.init import load_into
-
-        # A resumed run loads its checkpoint over these in `restore`.
-        init = load_into(model, cfg.model.init_from, say=say)
     model = model.to(device)
     if cfg.data.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -277,7 +270,17 @@ def build_parts(cfg: Config, spec, device: torch.device, batches: int, say=lambd
     dtype = amp.resolve_dtype(cfg.train.amp, device)
     ema = WeightEMA(model, cfg.train.ema, cfg.train.ema_warmup) if cfg.train.ema else None
     return Parts(model, optimizer, optim.build_scheduler(optimizer, steps, cfg),
-                 amp.grad_scaler(device, dtype), dtype, steps, init, ema)
+                 amp.grad_scaler(device, dtype), dtype, steps, None, ema)
+
+
+def take_init(parts: Parts, cfg: Config, say) -> None:
+    """--init-from's weights into a run that starts from scratch (a restored run has its own,
+    and the checkpoint's record of where they came from); the moving average starts from them."""
+    from ..models.init import load_into
+
+    parts.init = load_into(parts.model, cfg.model.init_from, say=say)
+    if parts.ema is not None:
+        parts.ema = WeightEMA(parts.model, cfg.train.ema, cfg.train.ema_warmup)
 
 
 def restore(parts: Parts, session: Session, cfg: Config, run_dir: str,
@@ -303,6 +306,7 @@ def restore(parts: Parts, session: Session, cfg: Config, run_dir: str,
     parts.scheduler.load_state_dict(state["scheduler"])
     parts.scaler.load_state_dict(state["scaler"])
     parts.global_step = state.get("global_step", state["epoch"] * parts.steps)
+    parts.init = state.get("init")
     workers_before = len(state.get("placement") or []) or session.world
     if max_workers is not None and workers_before != session.world:
         _resize(parts, state["epoch"], workers_before, session.world, max_workers, cfg, say)
@@ -634,7 +638,7 @@ def train_loop(loop_config: dict[str, Any], session: Session) -> None:
     manifest = data.manifest
 
     spec = dataclasses.replace(cfg.model_spec(), num_classes=manifest.num_classes)
-    parts = build_parts(cfg, spec, device, len(data.train), say,
+    parts = build_parts(cfg, spec, device, len(data.train),
                         lr_scale=runs.elastic_lr_scale(world, max_workers) if elastic else 1.0)
     precision = {None: "fp32", torch.bfloat16: "bf16 autocast",
                  torch.float16: "fp16 autocast + grad scaler"}[parts.dtype]
@@ -649,6 +653,8 @@ def train_loop(loop_config: dict[str, Any], session: Session) -> None:
 
     start_epoch, history = restore(parts, session, cfg, run_dir, device, say,
                                    max_workers=max_workers if elastic else None)
+    if start_epoch == 0 and cfg.model.init_from:
+        take_init(parts, cfg, say)
     if isinstance(session, TuneSession):
         session.resumed(history)
     best = min((h["val_top1_error"] for h in history), default=math.inf)
