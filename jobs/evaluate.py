@@ -2,8 +2,8 @@
 
 Config keys: checkpoint, store (a path or URI), tta (none|flip|10crop), batch_size,
 loader_workers, stage (auto|always|never, see `pipeline.data.staging`), gpu (the driver
-holds one GPU and evaluates on it), out (a JSON file for
-the result; default: evaluation-<store>-<tta>.json beside the checkpoint).
+holds one GPU and evaluates on it), out (a JSON file for the result, or a folder to
+write it into; default: evaluation-<store>-<tta>.json beside the checkpoint).
 """
 
 from __future__ import annotations
@@ -38,11 +38,14 @@ def run(data: dict[str, Any]) -> None:
     conf = parse_dataclass(EvaluateConfig, data)
     ckpt = common.resolve_path(conf.checkpoint)
     store = common.resolve_path(conf.store)
+    # Where the result goes is settled before the work: a folder takes it under its default name.
+    name = f"evaluation-{storage.name(store)}-{conf.tta}.json"
+    out = common.resolve_path(conf.out) if conf.out else storage.join(storage.parent(checkpoint.find(ckpt)), name)
+    if storage.is_dir(out):
+        out = storage.join(out, name)
     result = evaluate(ckpt, store, tta=conf.tta, batch_size=conf.batch_size,
                       loader_workers=conf.loader_workers, stage=conf.stage, gpu=conf.gpu,
                       weights=conf.weights, say=lambda line: print(line, flush=True))
-    out = common.resolve_path(conf.out) if conf.out else storage.join(
-        storage.parent(checkpoint.find(ckpt)), f"evaluation-{storage.name(store)}-{result['tta']}.json")
     storage.write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"{result['model']} epoch {result['epoch']} ({result['weights']} weights) on {result['dataset']} val ({result['images']} images, "
           f"tta {result['tta']}): top-1 error {result['top1_error']:.4f}, top-5 error "

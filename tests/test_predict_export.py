@@ -237,3 +237,16 @@ def test_export_into_a_folder_takes_the_name_it_has_beside_the_checkpoint(run, t
     assert json.loads(written.with_name(written.name + ".json").read_text())["file"] == written.name
     with pytest.raises(UserError, match="exists: pass --force"):
         export(str(run), "safetensors", tmp_path / "models", wandb_mode="off", log=lambda _m: None)
+
+
+@pytest.mark.timeout(120)
+def test_evaluate_into_a_folder_writes_its_default_name_there(run, store, tmp_path, capsys):
+    """`evaluate --out FOLDER` (the job's own code, here in-process): the result goes into
+    the folder under the name it has beside the checkpoint (was: a traceback after the work)."""
+    from jobs import evaluate as job
+
+    (tmp_path / "results").mkdir()
+    job.run({"checkpoint": str(run), "store": str(store), "loader_workers": 1, "out": str(tmp_path / "results")})
+    written = tmp_path / "results" / f"evaluation-{store.name}-none.json"
+    assert json.loads(written.read_text())["images"] == 12
+    assert f"wrote {written}" in capsys.readouterr().out

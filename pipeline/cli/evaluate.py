@@ -20,7 +20,7 @@ def evaluate(
     data: Annotated[str, typer.Option("--data", help="Store with the val split: a folder or a URI (s3://..., gs://...).")],
     tta: Annotated[str, typer.Option(help="none, flip or 10crop (the paper's ImageNet protocol).")] = "none",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,
-    out: Annotated[Optional[str], typer.Option(help="Result JSON (default: beside the checkpoint).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Result JSON file, or a folder to write it into (default: beside the checkpoint).")] = None,
     epoch: Epoch = None,
     stage: Stage = None,
     weights: Weights = WeightsChoice.auto,
