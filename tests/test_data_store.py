@@ -141,6 +141,12 @@ def test_store_is_never_overwritten_without_force_and_damage_is_caught(tmp_path,
 
     beton = tmp_path / "syn" / "val.beton"
     open_store(tmp_path / "syn")
+    # A split's file for the store (as `predict` takes it) is named, with the folder to pass.
+    with pytest.raises(UserError, match=f"is a file of the store {tmp_path / 'syn'}: pass the store's folder"):
+        open_store(beton)
+    (tmp_path / "loose.beton").write_bytes(b"")
+    with pytest.raises(UserError, match="is a file, not a store"):
+        open_store(tmp_path / "loose.beton")
     data = bytearray(beton.read_bytes())
     data[-1] ^= 0xFF
     beton.write_bytes(bytes(data))

@@ -201,6 +201,10 @@ def open_store(path: str | os.PathLike, *, verify: bool = True) -> Manifest:
     """The store's Manifest after checking it and (with `verify`) each .beton's sha256."""
     root = Path(path).expanduser()
     where = root / MANIFEST
+    if root.is_file() and (root.parent / MANIFEST).is_file():
+        raise UserError(f"{root} is a file of the store {root.parent}: pass the store's folder, {root.parent}")
+    if root.is_file():
+        raise UserError(f"{root} is a file, not a store: pass the folder `densenet-pipe prepare` wrote")
     if not root.is_dir():
         raise UserError(f"store {root} does not exist: prepare it with `densenet-pipe prepare`")
     try:
