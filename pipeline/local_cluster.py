@@ -69,6 +69,12 @@ class Node:
     # Its start in clock ticks since boot (Linux): unlike `started`, which is derived from the
     # wall clock, it does not move when this machine's clock is stepped.
     ticks: int | None = None
+    # Its slot (0: the head), which picks its GPUs, and the serial number that names its
+    # temp dir and log, never given twice in a cluster: a node started in place of a lost one
+    # takes the free slot and a new folder (a node sharing a live node's temp dir has its
+    # workers' lines forwarded twice and deletes job code from under the other's workers).
+    slot: int | None = None
+    serial: int | None = None
 
 
 @dataclass
@@ -82,6 +88,8 @@ class LocalCluster:
     nodes: list[Node] = field(default_factory=list)
     # Started by a job's command, not shaped by `cluster up`: a later job may grow it.
     auto: bool = False
+    # The serial of the newest node started (`Node.serial`; the head's is 0).
+    last_serial: int = 0
 
     def headers(self) -> dict[str, str]:
         """HTTP headers the job server wants from clients (its bearer token)."""
@@ -190,8 +198,8 @@ def up(nodes: int = 1, cpus_per_node: float | None = None, gpus_per_node: int | 
             note(f"starting node {index + 1} of {nodes} ...")
             with _starting():
                 since_ms = int(time.time() * 1000)
-                cluster.nodes.append(_start_worker(cluster, index, cpus_per_node, gpus_per_node,
-                                                   object_store_memory))
+                cluster.nodes.append(_start_worker(cluster, _free_slot(cluster), cpus_per_node,
+                                                   gpus_per_node, object_store_memory))
                 _save(cluster)
                 _wait_for_nodes(cluster, index + 1, timeout, since_ms)
             started += 1
@@ -412,11 +420,11 @@ def _gpu_args(index: int, gpus_per_node: int | None) -> tuple[list[str], list[in
     return ["--num-gpus", str(gpus_per_node)], devices
 
 
-def _spawn(directory: Path, role: str, index: int, args: list[str], env: dict[str, str],
+def _spawn(directory: Path, role: str, slot: int, serial: int, args: list[str], env: dict[str, str],
            cpus: float | None, gpus: int | None) -> Node:
     logs = directory / "logs"
     logs.mkdir(exist_ok=True)
-    log = logs / f"node-{index}.log"
+    log = logs / f"node-{serial}.log"
     import psutil
 
     with open(log, "ab") as out:
@@ -426,7 +434,8 @@ def _spawn(directory: Path, role: str, index: int, args: list[str], env: dict[st
                                 start_new_session=True, cwd=directory)
     stat = _proc_stat(proc.pid)
     return Node(role=role, pid=proc.pid, started=psutil.Process(proc.pid).create_time(),
-                log=str(log), cpus=cpus, gpus=gpus, ticks=stat[1] if stat else None)
+                log=str(log), cpus=cpus, gpus=gpus, ticks=stat[1] if stat else None,
+                slot=slot, serial=serial)
 
 
 def _start_head(directory: Path, cpus: float | None, gpus: int | None,
@@ -447,7 +456,7 @@ def _start_head(directory: Path, cpus: float | None, gpus: int | None,
     if object_store_memory:
         args += ["--object-store-memory", str(object_store_memory)]
     note(f"starting a local Ray cluster (state and logs in {directory}) ...")
-    node = _spawn(directory, "head", 0, args, _node_env(token, gpu_slice), cpus, gpus)
+    node = _spawn(directory, "head", 0, 0, args, _node_env(token, gpu_slice), cpus, gpus)
     cluster = LocalCluster(dir=str(directory), dashboard_url=f"http://127.0.0.1:{dashboard_port}",
                            gcs_address="", python=sys.executable, token_path=str(token),
                            temp_dir=str(temp), nodes=[node])
@@ -460,14 +469,26 @@ def _start_head(directory: Path, cpus: float | None, gpus: int | None,
     return cluster
 
 
-def _start_worker(cluster: LocalCluster, index: int, cpus: float | None, gpus: int | None,
+def _slot(node: Node, position: int) -> int:
+    return node.slot if node.slot is not None else position  # recorded before slots were
+
+
+def _free_slot(cluster: LocalCluster) -> int:
+    taken = {_slot(n, i) for i, n in enumerate(cluster.nodes)}
+    return min(set(range(len(taken) + 1)) - taken)
+
+
+def _start_worker(cluster: LocalCluster, slot: int, cpus: float | None, gpus: int | None,
                   object_store_memory: int | None) -> Node:
-    gpu_args, gpu_slice = _gpu_args(index, gpus)
+    gpu_args, gpu_slice = _gpu_args(slot, gpus)
+    # Every node this cluster started counts, lost ones included (a cluster recorded before
+    # serials were kept counts the nodes it has).
+    serial = cluster.last_serial = max(cluster.last_serial, len(cluster.nodes) - 1) + 1
     # A temp dir of its own, as a node on its own machine has: Ray unpacks each job's code
     # into <temp>/<session>/runtime_resources, and a node that meets a job's package for the
     # first time deletes and re-unpacks that folder; shared, it pulled files from under
     # drivers and workers already running from it on the other nodes.
-    temp = private_dir(Path(f"{cluster.temp_dir}{index}"))
+    temp = private_dir(Path(f"{cluster.temp_dir}{serial}"))
     args = ["--address", cluster.gcs_address,
             "--dashboard-agent-listen-port", str(_free_port()),
             "--temp-dir", str(temp), "--disable-usage-stats", *gpu_args]
@@ -476,7 +497,7 @@ def _start_worker(cluster: LocalCluster, index: int, cpus: float | None, gpus: i
     if object_store_memory:
         args += ["--object-store-memory", str(object_store_memory)]
     env = _node_env(Path(cluster.token_path), gpu_slice)
-    return _spawn(Path(cluster.dir), "worker", index, args, env, cpus, gpus)
+    return _spawn(Path(cluster.dir), "worker", slot, serial, args, env, cpus, gpus)
 
 
 def _get_json(cluster: LocalCluster, path: str) -> dict | list:

@@ -27,6 +27,12 @@ def _descendants(cluster: local_cluster.LocalCluster) -> set[int]:
     return pids
 
 
+def _temp_dir_of(pid: int) -> str:
+    """The --temp-dir a node's `ray start` was given."""
+    args = psutil.Process(pid).cmdline()
+    return args[args.index("--temp-dir") + 1]
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_status_shows_three_nodes_and_running_jobs(ray_cluster, cli):
@@ -91,6 +97,24 @@ def test_grow_then_down_stops_exactly_what_up_started(cli, tmp_path, monkeypatch
         assert (tmp_path / "logs" / "node-0.log").exists()
         status = json.loads(cli("cluster", "status", "--format", "json").stdout)
         assert len([n for n in status["nodes"] if n["state"] == "ALIVE"]) == 2
+
+        # A node lost, then the cluster grown back: the new node takes the lost one's slot
+        # (its GPUs) with a temp dir and log of its own, never a live node's; before, it took
+        # the temp dir of the node in the next slot, and every line of that folder's workers
+        # was forwarded twice.
+        assert cli("cluster", "up", "--nodes", "3", "--cpus-per-node", "1").exit_code == 0
+        lost = local_cluster.running(tmp_path).nodes[1]
+        lost_temp = _temp_dir_of(lost.pid)
+        for pid in [lost.pid, *(p.pid for p in psutil.Process(lost.pid).children(recursive=True))]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        regrown = cli("cluster", "up", "--nodes", "3", "--cpus-per-node", "1")
+        assert regrown.exit_code == 0 and "this call started 1" in regrown.stderr, regrown.output
+        cluster = local_cluster.running(tmp_path)
+        assert [(n.slot, n.serial) for n in cluster.alive()] == [(0, 0), (2, 2), (1, 3)]
+        temps = [_temp_dir_of(n.pid) for n in cluster.alive()]
+        assert len({*temps, lost_temp}) == 4, temps
+        assert Path(cluster.alive()[-1].log).name == "node-3.log"
         started = _descendants(cluster)
         # The nodes go down without waiting out Ray's 30 s drain on SIGTERM (which a detached
         # actor, as Ray Train's autoscaling coordinator is after any job, never ends), and Ray
