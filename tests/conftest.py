@@ -56,9 +56,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     that kill one of its nodes last among them); the in-process tests next, for the other
     worker; the tests with clusters of their own last, for whichever worker is free by then
     (pyproject keeps this order: --no-loadscope-reorder)."""
-    # Tests that kill a node of the shared cluster run after its other tests: the node that
-    # replaces the killed one reuses its folder on this machine, and a test after it once saw
-    # each of a worker's lines twice.
+    # Tests that kill a node of the shared cluster run after its other tests, so that no
+    # other test meets a cluster just grown back. The doubled worker lines a test once saw
+    # after a kill had their cause in the node started in its place, which took a live node's
+    # temp dir; it now takes one of its own (`test_cluster_cli::test_grow_then_down_...`).
     items.sort(key=lambda item: ({"shared": 0, None: 1, "own": 2}[_cluster(item)],
                                  item.get_closest_marker("kills_node") is not None))
 
