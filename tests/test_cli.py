@@ -114,6 +114,21 @@ def test_train_dry_run_resolves_recipe_flags_and_sets(tmp_path, tiny_store, monk
     # Paths are made absolute and a run name chosen before anything is submitted.
     assert cfg["data"]["store"] == str(tiny_store) and cfg["cluster"]["storage"] == str(tmp_path / "runs")
     assert cfg["cluster"]["run_name"].startswith("densenet169-")
+    # --save-config replaces a config it wrote before, never another file.
+    r = runner.invoke(app, ["train", "densenet169", "--data", str(tiny_store), "--epochs", "90",
+                            "--dry-run", "--save-config", str(out)])
+    assert r.exit_code == 0 and json.loads(out.read_text())["train"]["epochs"] == 90, r.output
+    (tmp_path / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for target, needle in ((tmp_path / "photo.png", "exists and holds no config"),
+                           (tmp_path / "list.json", "exists and holds no config"),
+                           (tmp_path, "is a folder: name the file"),
+                           (tmp_path / "no" / "cfg.json", "does not exist: create it")):
+        kept = target.read_bytes() if target.is_file() else None
+        r = runner.invoke(app, ["train", "densenet169", "--data", str(tiny_store), "--dry-run",
+                                "--save-config", str(target)])
+        assert r.exit_code == 2 and needle in r.stderr, (target, r.output)
+        assert kept is None or target.read_bytes() == kept
     r = runner.invoke(app, ["train", "densenet_bc100_k12", "--data", str(tiny_store), "--dry-run"])
     assert json.loads(r.stdout)["train"]["epochs"] == 300
     assert json.loads(r.stdout)["train"]["compile"] == "auto"

@@ -102,7 +102,7 @@ def train(
     wandb_project: Annotated[Optional[str], typer.Option(help="W&B project.")] = None,
     sets: Sets = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config; submit nothing.")] = False,
-    save_config: Annotated[Optional[Path], typer.Option(help="Also write the resolved config here.")] = None,
+    save_config: Annotated[Optional[Path], typer.Option(help="Also write the resolved config here (replaces only a config written before).")] = None,
     address: Address = None,
     detach: Detach = False,
     stop_on_interrupt: StopOnInterrupt = False,
@@ -145,12 +145,27 @@ def train(
                                       "train.resume_from_epoch": from_epoch})
     cfg = finalize_paths(cfg, address)
     if save_config:
+        check_config_out(save_config)
         cfg.save(save_config)
     if dry_run:
         output.result(cfg.to_json())
         return
     code = submit_job("train", cfg, address, detach, stop_on_interrupt)
     raise typer.Exit(code)
+
+
+def check_config_out(path: Path) -> None:
+    """--save-config replaces a config written before, never another file."""
+    if path.is_dir():
+        raise UserError(f"--save-config {path} is a folder: name the file to write")
+    if path.exists():
+        try:
+            C.Config.load(path)
+        except (UserError, ValueError, TypeError, AttributeError):
+            raise UserError(f"--save-config {path} exists and holds no config: choose another path "
+                            "(a config written before is replaced)") from None
+    if not path.parent.is_dir():
+        raise UserError(f"{path.parent} does not exist: create it or choose another --save-config")
 
 
 def finalize_paths(cfg: C.Config, address: str | None) -> C.Config:
