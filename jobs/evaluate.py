@@ -43,6 +43,7 @@ def run(data: dict[str, Any]) -> None:
     out = common.resolve_path(conf.out) if conf.out else storage.join(storage.parent(checkpoint.find(ckpt)), name)
     if storage.is_dir(out):
         out = storage.join(out, name)
+    _check_replaceable(out)
     result = evaluate(ckpt, store, tta=conf.tta, batch_size=conf.batch_size,
                       loader_workers=conf.loader_workers, stage=conf.stage, gpu=conf.gpu,
                       weights=conf.weights, say=lambda line: print(line, flush=True))
@@ -51,6 +52,22 @@ def run(data: dict[str, Any]) -> None:
           f"tta {result['tta']}): top-1 error {result['top1_error']:.4f}, top-5 error "
           f"{result['top5_error']:.4f}", flush=True)
     print(f"wrote {out}", flush=True)
+
+
+def _check_replaceable(out: str) -> None:
+    """An evaluation written before is replaced (evaluating again updates it); another file is kept."""
+    from pipeline import storage
+    from pipeline.errors import UserError
+
+    if not storage.is_file(out):
+        return
+    try:
+        ours = "top1_error" in json.loads(storage.read_text(out))
+    except (ValueError, TypeError, UnicodeDecodeError):
+        ours = False
+    if not ours:
+        raise UserError(f"--out {out} exists and holds no evaluation result: choose another --out "
+                        "(a result written before is replaced)")
 
 
 if __name__ == "__main__":

@@ -242,7 +242,8 @@ def test_export_into_a_folder_takes_the_name_it_has_beside_the_checkpoint(run, t
 @pytest.mark.timeout(120)
 def test_evaluate_into_a_folder_writes_its_default_name_there(run, store, tmp_path, capsys):
     """`evaluate --out FOLDER` (the job's own code, here in-process): the result goes into
-    the folder under the name it has beside the checkpoint (was: a traceback after the work)."""
+    the folder under the name it has beside the checkpoint (was: a traceback after the work);
+    `--out FILE` replaces only an evaluation result."""
     from jobs import evaluate as job
 
     (tmp_path / "results").mkdir()
@@ -250,3 +251,11 @@ def test_evaluate_into_a_folder_writes_its_default_name_there(run, store, tmp_pa
     written = tmp_path / "results" / f"evaluation-{store.name}-none.json"
     assert json.loads(written.read_text())["images"] == 12
     assert f"wrote {written}" in capsys.readouterr().out
+    # A result written before is replaced; any other file is kept, and nothing is evaluated.
+    written.write_text(json.dumps({**json.loads(written.read_text()), "images": -1}))
+    job.run({"checkpoint": str(run), "store": str(store), "loader_workers": 1, "out": str(written)})
+    assert json.loads(written.read_text())["images"] == 12
+    (tmp_path / "notes.json").write_text('{"mine": true}')
+    with pytest.raises(UserError, match="exists and holds no evaluation result"):
+        job.run({"checkpoint": str(run), "store": str(store), "out": str(tmp_path / "notes.json")})
+    assert (tmp_path / "notes.json").read_text() == '{"mine": true}'
