@@ -172,6 +172,18 @@ def test_imagefolder(tmp_path):
                                                str(cat / "2.png"), str(cat / "2019" / "a.jpg")]
     (note,) = [n for n in src.notes if "left out" in n]
     assert note.startswith(f"2 file(s) under {tmp_path} were left out") and ".gif, .txt" in note
+    # Linked folders are followed, a link back up the tree is not (it would label the other
+    # classes' images as this one's), nor is a folder twice.
+    dog = tmp_path / "train" / exp["classes"][1]
+    (dog / "up").symlink_to("..")
+    (dog / "self").symlink_to(".")
+    (cat / "2019-again").symlink_to(cat / "2019")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "b.jpg").write_bytes((cat / "0.png").read_bytes())
+    (dog / "more").symlink_to(tmp_path / "elsewhere")
+    src = read_source(cfg("imagefolder", tmp_path))
+    assert list(src.splits["train"].labels) == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert src.splits["train"].entries[-1] == str(dog / "more" / "b.jpg")
     (tmp_path / "val" / "bird").mkdir()
     with pytest.raises(UserError, match="classes that train/ lacks"):
         read_source(cfg("imagefolder", tmp_path))

@@ -546,8 +546,12 @@ def read_svhn(path: Path, card: Card, cfg: PrepareConfig) -> Source:
 def walk_images(folder: Path, left_out: list[Path] | None = None) -> Iterator[Path]:
     """The image files under `folder`, its sub-folders too (as torchvision's ImageFolder walks
     a class folder), as found; other files go to `left_out`. Links to folders are followed,
-    each folder once."""
+    each folder once, except a link back to `folder` or a folder above it: that would walk the
+    other classes' images into this one."""
     seen: set[tuple[int, int]] = set()
+    for above in Path(folder).resolve().parents:
+        st = os.stat(above)
+        seen.add((st.st_dev, st.st_ino))
     for top, dirs, files in os.walk(folder, followlinks=True):
         st = os.stat(top)
         if (st.st_dev, st.st_ino) in seen:
