@@ -316,6 +316,31 @@ def recipe_names() -> list[str]:
                   if p.name.endswith(".yaml"))
 
 
+# W&B's own environment variables, as wandb.init reads them; WANDB_MODE's old words too.
+WANDB_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
+               "disabled": "off"}
+
+
+def wandb_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The tracking keys W&B's environment sets (WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY,
+    WANDB_RUN_GROUP): they sit over the recipe and under flags and --set."""
+    import os
+
+    env = os.environ if environ is None else environ
+    out = {}
+    mode = env.get("WANDB_MODE", "").strip().lower()
+    if mode:
+        if mode not in WANDB_MODES:
+            raise UserError(f"WANDB_MODE={env['WANDB_MODE']!r} is not a W&B mode: set it to online, "
+                            "offline or disabled, or unset it")
+        out["tracking.wandb"] = WANDB_MODES[mode]
+    for var, key in (("WANDB_PROJECT", "tracking.project"), ("WANDB_ENTITY", "tracking.entity"),
+                     ("WANDB_RUN_GROUP", "tracking.group")):
+        if env.get(var, "").strip():
+            out[key] = env[var].strip()
+    return out
+
+
 def load_recipe(name_or_path: str) -> Config:
     """A recipe by name (`cifar`, `svhn`, `imagenet`, `smoke`) or a YAML file path."""
     import yaml

@@ -1,7 +1,8 @@
 """Fixtures shared by every test module.
 
 - Every session gets its own short cluster folder (`DENSENET_PIPE_CLUSTER_DIR`) and no
-  `RAY_ADDRESS`: tests never touch a developer's `.cluster/` or cluster.
+  `RAY_ADDRESS` nor W&B settings (`WANDB_MODE`, ...): tests never touch a developer's
+  `.cluster/` or cluster.
 - `ray_cluster`: one real local Ray cluster for the whole session, started the way users
   start it (`densenet-pipe cluster up --nodes 3 --cpus-per-node 1`) and stopped with
   `cluster down`; anything submitted without `--address` lands on it. Mark the tests that
@@ -105,6 +106,9 @@ def cluster_dir() -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(local_cluster.CLUSTER_DIR_ENV, str(path))
         mp.delenv("RAY_ADDRESS", raising=False)
+        # W&B's own settings in a developer's environment would change what runs record.
+        for name in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP"):
+            mp.delenv(name, raising=False)
         # The S3 storage tests talk to a local S3 server; the cluster's nodes inherit these
         # from here, as real nodes get theirs from their own environment. No instance
         # metadata lookups: this machine has no cloud behind it.

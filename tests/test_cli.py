@@ -172,3 +172,30 @@ def test_a_source_laid_out_wrong_is_refused_before_any_cluster_or_job(dataset, l
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith("error: ") and needle in line, line
     assert local_cluster.running(tmp_path / "cluster") is None and not (tmp_path / "store").exists()
+
+
+def test_w_and_b_s_environment_sets_tracking_under_the_flags(tiny_store, tmp_path, monkeypatch):
+    """WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY and WANDB_RUN_GROUP, as wandb.init reads them,
+    set the run's tracking over the recipe; the flags and --set still win."""
+    monkeypatch.chdir(tmp_path)
+    base = ["train", "densenet_simple", "--recipe", "smoke", "--data", str(tiny_store), "--dry-run"]
+
+    def tracking(*args: str) -> dict:
+        r = runner.invoke(app, [*base, *args])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)["tracking"]
+
+    assert tracking()["wandb"] == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_PROJECT", "pets")
+    monkeypatch.setenv("WANDB_ENTITY", "lab")
+    monkeypatch.setenv("WANDB_RUN_GROUP", "week-49")
+    assert tracking() | {"tags": []} == {"wandb": "off", "project": "pets", "entity": "lab",
+                                        "group": "week-49", "tags": []}
+    flagged = tracking("--wandb", "offline", "--wandb-project", "other", "--set", "tracking.entity=me")
+    assert (flagged["wandb"], flagged["project"], flagged["entity"]) == ("offline", "other", "me")
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    assert tracking()["wandb"] == "offline"
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    r = runner.invoke(app, base)
+    assert r.exit_code == 2 and "WANDB_MODE='sometimes' is not a W&B mode" in r.stderr, r.output

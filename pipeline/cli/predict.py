@@ -158,7 +158,7 @@ def export(
     fmt: Annotated[ExportFormat, typer.Option("--format", help="safetensors, torchscript or onnx.")],
     out: Annotated[Optional[Path], typer.Option(help="Model file to write, or a folder to write it into (default: beside the checkpoint).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing export.")] = False,
-    wandb: Annotated[Optional[str], typer.Option(help="online, offline or off (default: the training run's).")] = None,
+    wandb: Annotated[Optional[str], typer.Option(help="online, offline or off (default: $WANDB_MODE, else the training run's).")] = None,
     registry: Annotated[Optional[str], typer.Option(help="Online: link the export into this W&B registry collection.")] = None,
     weights: Weights = WeightsChoice.auto,
     epoch: Epoch = None,
@@ -173,6 +173,10 @@ def export(
 
     if wandb not in (None, "online", "offline", "off"):
         raise UserError(f"unknown --wandb {wandb!r}: use online, offline or off")
+    if wandb is None:
+        from ..config import wandb_environment
+
+        wandb = wandb_environment().get("tracking.wandb")  # WANDB_MODE, else the run's own
     sidecar = run_export(at_epoch(checkpoint, epoch), fmt.value, out, force=force, wandb_mode=wandb, registry=registry,
                          weights=weights.value,
                          log=output.info)

@@ -52,8 +52,10 @@ def default_store(model_name: str, recipe: str | None, local: bool) -> str:
 
 def build_config(recipe: str | None, model_name: str | None, flags: dict[str, Any],
                  sets: list[str] | None) -> C.Config:
-    """Recipe defaults, then flags (only those given), then --set overrides; validated."""
+    """Recipe defaults, then W&B's environment (WANDB_MODE, WANDB_PROJECT, ...), then flags
+    (only those given), then --set overrides; validated."""
     cfg = C.load_recipe(recipe or default_recipe(model_name or "densenet_bc100_k12"))
+    cfg = C.apply_overrides(cfg, C.wandb_environment())
     given = {k: v for k, v in flags.items() if v is not None}
     if model_name:
         given["model.name"] = model_name
