@@ -93,7 +93,7 @@ def run(data: dict[str, Any]) -> None:
     top_k, batch_size, fmt, split, gpu = conf.top_k, conf.batch_size, conf.format, conf.split, conf.gpu
     weights = conf.weights
     out = Path(common.resolve_path(conf.out))
-    infer.check_rows_out(out, conf.force)
+    storage.check_out_file(out, "--out", force=conf.force)
     net = infer.load(checkpoint, weights)  # here first: a checkpoint that is not ours is one line
     one = inputs[0] if len(inputs) == 1 else ""
     store = one if one and (storage.is_uri(one) or (Path(one) / MANIFEST).is_file()) else None

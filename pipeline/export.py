@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from . import storage
 from .errors import UserError
 
 FORMATS = {"safetensors": ".safetensors", "torchscript": ".pt", "onnx": ".onnx"}
@@ -86,7 +87,6 @@ def run_exported(fmt: str, path: Path, images: np.ndarray, spec=None) -> np.ndar
 
 def default_out(checkpoint_file: str, fmt: str) -> Path:
     """Beside the checkpoint: RUN-epoch-NNNN.<ext> in the checkpoint's folder, when local."""
-    from . import storage
 
     folder = storage.parent(checkpoint_file)
     name = f"{storage.name(storage.parent(folder))}-{storage.name(folder)}{FORMATS[fmt]}"
@@ -116,12 +116,7 @@ def export(checkpoint_path: str | Path, fmt: str, out: Path | None = None, *, fo
         out = out / default_out(net.checkpoint, fmt).name
     sidecar_path = out.with_name(out.name + ".json")
     for path in (out, sidecar_path):
-        if path.exists() and not force:
-            raise UserError(f"{path} exists: pass --force to replace it, or choose another --out")
-        if path.is_dir():
-            raise UserError(f"{path} is a folder: --out names the model file to write")
-    if not out.parent.is_dir():
-        raise UserError(f"{out.parent} does not exist: create it or choose another --out")
+        storage.check_out_file(path, "--out", force=force)
     res = net.preprocess.resolution
     rng = np.random.default_rng(0)
     images = rng.standard_normal((PARITY_BATCH, 3, res, res)).astype(np.float32)
@@ -172,7 +167,6 @@ def _track(net, sidecar: dict[str, Any], out: Path, sidecar_path: Path, wandb_mo
         log(f"warning: --registry {registry} needs W&B online (an API key); the export is logged "
             "offline, unlinked: `wandb sync` it, then link it in the W&B app")
         registry = None
-    from . import storage
 
     run = cfg.cluster.run_name or storage.name(storage.parent(storage.parent(net.checkpoint)))
     tracker = Tracker.start(cfg, run_id=f"{run}-export-{sidecar['format']}-{time.strftime('%Y%m%d-%H%M%S')}",

@@ -250,17 +250,6 @@ def row_format(fmt: str | None, out: str | Path | None) -> str:
     return suffix if suffix in ("json", "csv") else "table"
 
 
-def check_rows_out(out: Path, force: bool) -> None:
-    """Before any image is read: the rows' file can be written, and nothing is there unless
-    --force says to replace it."""
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder: name the file to write")
-    if out.exists() and not force:
-        raise UserError(f"{out} exists: pass --force to replace it, or choose another --out")
-    if not out.parent.is_dir():
-        raise UserError(f"{out.parent} does not exist: create it or choose another --out")
-
-
 def write_rows(out: Path, text: str) -> None:
     """Readers see the old file or the whole new one."""
     tmp = out.with_name(f".{out.name}.tmp")

@@ -49,6 +49,22 @@ def parent(location: str | os.PathLike) -> str:
     return base.rstrip("/").rsplit("/", 1)[0] + (f"?{query}" if query else "")
 
 
+def check_out_file(path: Path, flag: str, *, force: bool = False, holds: str | None = None,
+                   ours=None) -> None:
+    """A local file a command is about to write, checked before any work: not a folder, its
+    folder there, and a file already there replaced only with --force, or when `ours(path)`
+    says it is a `holds` this command wrote before."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder: name the file to write")
+    if path.exists() and not force and not (ours is not None and ours(path)):
+        if ours is None:
+            raise UserError(f"{path} exists: pass --force to replace it, or choose another {flag}")
+        raise UserError(f"{flag} {path} exists and holds no {holds}: choose another {flag} "
+                        f"(a {holds} written before is replaced)")
+    if not path.parent.is_dir():
+        raise UserError(f"{path.parent} does not exist: create it or choose another {flag}")
+
+
 def check(location: str) -> str:
     """A UserError for a location that cannot be used; else the location unchanged."""
     if not is_uri(location):

@@ -16,7 +16,6 @@ import torch
 
 from fixtures_data import make_synthetic_store
 from pipeline import config as C, runs, submit
-from pipeline.errors import UserError
 from pipeline.train import checkpoint
 from pipeline.train.loop import _resize, build_parts, hold
 from pipeline.train.trainer import Placement, strategy

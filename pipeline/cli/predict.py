@@ -74,8 +74,10 @@ def predict(
     many = bool(stores) or any(Path(i).is_dir() for i in inputs)
     if out is not None and (address is None or not many or in_process):
         # Here, before any work; a remote cluster's job checks its own path.
+        from ..storage import check_out_file
+
         out = out.expanduser().absolute()
-        infer.check_rows_out(out, force)
+        check_out_file(out, "--out", force=force)
     if many and not in_process:
         _predict_job(checkpoint, inputs, top_k, fmt, out, split, actors, gpu, batch_size, address, detach,
                      weights.value, force)

@@ -158,16 +158,16 @@ def train(
 
 def check_config_out(path: Path) -> None:
     """--save-config replaces a config written before, never another file."""
-    if path.is_dir():
-        raise UserError(f"--save-config {path} is a folder: name the file to write")
-    if path.exists():
+    from ..storage import check_out_file
+
+    def is_config(p: Path) -> bool:
         try:
-            C.Config.load(path)
+            C.Config.load(p)
         except (UserError, ValueError, TypeError, AttributeError):
-            raise UserError(f"--save-config {path} exists and holds no config: choose another path "
-                            "(a config written before is replaced)") from None
-    if not path.parent.is_dir():
-        raise UserError(f"{path.parent} does not exist: create it or choose another --save-config")
+            return False
+        return True
+
+    check_out_file(path, "--save-config", holds="config", ours=is_config)
 
 
 def finalize_paths(cfg: C.Config, address: str | None) -> C.Config:
