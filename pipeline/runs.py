@@ -158,6 +158,8 @@ def parse_nodes(text: str) -> tuple[int | None, int]:
         low, high = int(lo), int(hi if sep else lo)
     except ValueError:
         raise UserError(f"--nodes {text!r} is not a count: give N (e.g. 4) or MIN-MAX (e.g. 2-4)") from None
+    if not sep and low < 1:
+        raise UserError(f"--nodes must be >= 1, got {low}")
     if not 1 <= low <= high:
         raise UserError(f"--nodes {text!r}: need 1 <= MIN <= MAX (e.g. 2-4)")
     return (low if sep else None), high

@@ -68,6 +68,7 @@ def test_models_table_and_overrides():
     (["models", "densenet99"], "unknown model 'densenet99'; known models: densenet121"),
     (["models", "densenet_bc100_k12", "--depth", "101"], "(depth - 4) must be a positive multiple of 6"),
     (["models", "--format", "xml"], "'xml' is not one of 'table', 'json'"),
+    (["export", "runs/x"], "Missing option '--format'. Choose from: safetensors, torchscript, onnx (see"),
     (["train", "densenet_bc100_k12", "--depth", "102", "--dry-run"], "multiple of 6"),
     (["train", "densenet_bc100_k12", "--batch-size", "63", "--nodes", "2", "--dry-run"], "does not divide"),
     (["train", "densenet_bc100_k12", "--set", "optim.lrr=1", "--dry-run"], "unknown key optim.lrr"),

@@ -28,7 +28,8 @@ def test_nodes_is_a_count_or_a_range(text, parsed):
 
 
 @pytest.mark.parametrize("text, message", [("4-2", "need 1 <= MIN <= MAX"), ("0-2", "need 1 <= MIN <= MAX"),
-                                           ("two", "is not a count"), ("2-", "is not a count")])
+                                           ("two", "is not a count"), ("2-", "is not a count"),
+                                           ("0", "--nodes must be >= 1, got 0")])
 def test_a_bad_nodes_range_is_one_line_exit_2(cli, text, message):
     r = cli("train", "densenet_simple", "--nodes", text, "--data", "/srv/stores/cifar10", "--address", "http://127.0.0.1:9", "--dry-run")
     assert r.exit_code == 2 and message in r.stderr and "Traceback" not in r.output

@@ -32,7 +32,9 @@ class _Group(TyperGroup):
         except UsageError as e:
             # click prints usage, a hint and the error on four lines; ours is one.
             where = e.ctx.command_path if e.ctx is not None else ctx.command_path
-            output.error(f"{e.format_message().rstrip('.')} (see `{where} -h`)")
+            # Some of click's messages run over lines ("Choose from:\n\ta,\n\tb."): one line.
+            message = " ".join(e.format_message().split()).rstrip(".")
+            output.error(f"{message} (see `{where} -h`)")
             raise typer.Exit(code=2) from None
 
 
