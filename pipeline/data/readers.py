@@ -229,8 +229,8 @@ def check_layout(cfg: PrepareConfig) -> Path:
     elif cfg.dataset == "imagenet":
         _imagenet_train(path)
     elif cfg.dataset in ("cifar10", "cifar100") and path.is_dir():
-        folder, names, fix = _cifar_layout(cfg.dataset)
-        _cifar_folder(path, folder, names, fix)
+        folder, files, fix = _cifar_layout(cfg.dataset)
+        _cifar_folder(path, folder, [n for names in files.values() for n in names], fix)
     return path
 
 
@@ -354,14 +354,15 @@ def _check_member_size(where: str, size: int, fix: str, cap: int = MAX_MEMBER_BY
         raise UserError(f"{where} is {size:,} bytes, more than the format allows ({cap:,}): {fix}")
 
 
-def _cifar_layout(dataset: str) -> tuple[str, list[str], str]:
-    """(the archive's folder, the batch files it holds, the fix to name) of CIFAR-10 or -100."""
+def _cifar_layout(dataset: str) -> tuple[str, dict[str, list[str]], str]:
+    """(the archive's folder, its batch files by role: train, val, meta, the fix to name) of
+    CIFAR-10 or -100."""
     ten = dataset == "cifar10"
     folder = "cifar-10-batches-py" if ten else "cifar-100-python"
     archive = f"{'cifar-10' if ten else 'cifar-100'}-python.tar.gz"
-    names = ([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"] if ten
-             else ["train", "test", "meta"])
-    return folder, names, f"pass the official {archive} (python version) or its extracted {folder}/"
+    files = ({"train": [f"data_batch_{i}" for i in range(1, 6)], "val": ["test_batch"], "meta": ["batches.meta"]}
+             if ten else {"train": ["train"], "val": ["test"], "meta": ["meta"]})
+    return folder, files, f"pass the official {archive} (python version) or its extracted {folder}/"
 
 
 def _cifar_folder(path: Path, folder: str, names: list[str], fix: str) -> Path:
@@ -403,11 +404,9 @@ def _cifar_files(path: Path, folder: str, names: list[str], fix: str) -> tuple[d
 
 def read_cifar(path: Path, card: Card, cfg: PrepareConfig) -> Source:
     ten = card.name == "cifar10"
-    folder, names, fix = _cifar_layout(card.name)
-    train_names = [f"data_batch_{i}" for i in range(1, 6)] if ten else ["train"]
-    val_names = ["test_batch"] if ten else ["test"]
-    meta_name = "batches.meta" if ten else "meta"
-    raw, files = _cifar_files(path, folder, names, fix)
+    folder, layout, fix = _cifar_layout(card.name)
+    train_names, val_names, (meta_name,) = layout["train"], layout["val"], layout["meta"]
+    raw, files = _cifar_files(path, folder, [*train_names, *val_names, meta_name], fix)
     label_key = "labels" if ten else "fine_labels"
 
     def load(names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
