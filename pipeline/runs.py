@@ -207,9 +207,17 @@ def check_private_folder(path: Path, what: str) -> None:
                         f"its state is unpickled on resume; run `chmod go-w {path}` first")
 
 
-# What a resumed run may change; everything else comes from the run's own config.json.
-RESUME_MAY_CHANGE = ("train.epochs", "cluster.wait_for_nodes", "tracking.wandb", "train.hold_file",
-                     "cluster.resize_interval_s")
+# What a resumed run may change: how long it trains, where it runs and how it reports, never
+# what it learns; everything else comes from the run's own config.json. The global batch is
+# fixed, so a run resumed on other nodes takes the same optimizer steps with a new split
+# (a checkpoint holds no per-worker state); an elastic run's node range sets its lr
+# scaling, so it keeps its own (`_ELASTIC_FIXED`).
+RESUME_MAY_CHANGE = ("train.epochs", "cluster.nodes", "cluster.workers_per_node",
+                     "cluster.cpus_per_worker", "cluster.wait_for_nodes", "cluster.max_failures",
+                     "cluster.resize_interval_s", "data.loader_workers", "data.stage",
+                     "data.cache_dir", "data.cache_max_gb", "data.os_cache", "tracking.wandb",
+                     "train.log_every_steps", "train.keep_checkpoints", "train.hold_file")
+_ELASTIC_FIXED = ("cluster.nodes", "cluster.workers_per_node")
 # What names the run and how to reach it, not how it trains.
 _RESUME_IDENTITY = ("cluster.storage", "cluster.run_name", "cluster.address", "train.resume",
                     "train.resume_changes", "train.resume_from_epoch", "data.store")
@@ -274,9 +282,19 @@ def resume_config(saved: dict, asked: dict, changed: list[str], run: str) -> dic
         new, old = _get(asked, key), _get(saved, key)
         if new == old:
             continue
+        if key == "cluster.min_nodes" and old is None:
+            raise UserError(f"--resume {run} trained on a fixed {_get(saved, 'cluster.nodes')} node(s), and "
+                            "an elastic range sets a run's lr scaling from its start: resume with "
+                            "--nodes N, or start a new run with --name for --nodes MIN-MAX")
+        if key in _ELASTIC_FIXED and _get(saved, "cluster.min_nodes") is not None:
+            raise UserError(f"--resume {run} is an elastic run of {_get(saved, 'cluster.min_nodes')}-"
+                            f"{_get(saved, 'cluster.nodes')} nodes: its node range sets its lr "
+                            f"scaling, so {key} stays {old!r}, not {new!r} (start a new run with "
+                            "--name for another range)")
         if key not in RESUME_MAY_CHANGE:
             raise UserError(f"--resume {run} trains with the run's own config: {key} was {old!r}, "
-                            f"now {new!r}; a resumed run may change only {', '.join(RESUME_MAY_CHANGE)} "
-                            "(start a new run with --name for anything else)")
+                            f"now {new!r}; a resume may change how long, where and how verbosely "
+                            f"the run trains ({', '.join(RESUME_MAY_CHANGE)}), not what it learns: "
+                            "start a new run with --name for that")
         _set(out, key, new)
     return out

@@ -175,6 +175,24 @@ def test_a_source_laid_out_wrong_is_refused_before_any_cluster_or_job(dataset, l
     assert local_cluster.running(tmp_path / "cluster") is None and not (tmp_path / "store").exists()
 
 
+def test_prepare_takes_its_source_as_an_argument_too(tmp_path, monkeypatch):
+    """`prepare imagefolder PATH` is what a new user types first: the same as --source."""
+    monkeypatch.chdir(tmp_path)
+    for split in ("train", "val"):
+        (tmp_path / "pics" / split / "cat").mkdir(parents=True)
+    as_argument = runner.invoke(app, ["prepare", "imagefolder", "pics", "--dry-run"])
+    as_option = runner.invoke(app, ["prepare", "imagefolder", "--source", "pics", "--dry-run"])
+    assert as_argument.exit_code == 0, as_argument.output
+    assert json.loads(as_argument.stdout)["source"] == str(tmp_path / "pics")
+    assert json.loads(as_argument.stdout) == json.loads(as_option.stdout)
+    both = runner.invoke(app, ["prepare", "imagefolder", "pics", "--source", "pics", "--dry-run"])
+    assert both.exit_code == 0, both.output
+    for args, needle in ((["imagefolder", "pics", "--source", "other"], "two sources, 'pics' and --source 'other'"),
+                         (["synthetic", "pics"], "synthetic makes its images and takes no source")):
+        r = runner.invoke(app, ["prepare", *args, "--dry-run"])
+        assert r.exit_code == 2 and r.stderr.startswith("error: ") and needle in r.stderr, r.output
+
+
 def test_w_and_b_s_environment_sets_tracking_under_the_flags(tiny_store, tmp_path, monkeypatch):
     """WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY and WANDB_RUN_GROUP, as wandb.init reads them,
     set the run's tracking over the recipe; the flags and --set still win."""

@@ -88,11 +88,33 @@ def test_resume_trains_with_the_runs_own_config_and_only_the_allowed_changes():
     assert merged["optim"] == saved["optim"] and merged["model"] == saved["model"]
     assert merged["data"]["store"] == "/s/cifar"
     asked["optim"]["batch_size"] = 32
-    with pytest.raises(UserError, match=r"optim.batch_size was 64, now 32; a resumed run may change only"):
+    with pytest.raises(UserError, match=r"optim.batch_size was 64, now 32; a resume may change how long, "
+                                         r"where .*not what it learns"):
         runs.resume_config(saved, asked, ["optim.batch_size"], "r")
     asked["model"]["name"] = "densenet121"
     with pytest.raises(UserError, match="model.name was 'densenet_simple', now 'densenet121'"):
         runs.resume_config(saved, asked, ["model.name"], "r")
+
+
+def test_a_resume_may_move_a_fixed_size_run_to_other_nodes_but_not_an_elastic_one():
+    """Where a run trains is not what it learns: the global batch is fixed, so a run may
+    resume on the nodes a shared cluster has left. An elastic run's range sets its lr
+    scaling, and a fixed run cannot turn elastic half-way."""
+    saved = C.apply_overrides(C.Config.from_dict(_saved()), {"cluster.nodes": 4}).to_dict()
+    asked = C.apply_overrides(C.Config.from_dict(saved), {
+        "cluster.nodes": 2, "cluster.workers_per_node": 2, "data.loader_workers": 1}).to_dict()
+    changed = ["cluster.nodes", "cluster.workers_per_node", "data.loader_workers"]
+    merged = runs.resume_config(saved, asked, changed, "r")
+    assert (merged["cluster"]["nodes"], merged["cluster"]["workers_per_node"]) == (2, 2)
+    assert merged["data"]["loader_workers"] == 1 and merged["optim"] == saved["optim"]
+    asked["cluster"]["min_nodes"] = 1
+    with pytest.raises(UserError, match=r"trained on a fixed 4 node\(s\).*resume with --nodes N"):
+        runs.resume_config(saved, asked, [*changed, "cluster.min_nodes"], "r")
+    elastic = C.apply_overrides(C.Config.from_dict(saved), {"cluster.min_nodes": 2}).to_dict()
+    with pytest.raises(UserError, match=r"elastic run of 2-4 nodes: .*cluster.nodes stays 4, not 2"):
+        runs.resume_config(elastic, asked, ["cluster.nodes"], "r")
+    longer = C.apply_overrides(C.Config.from_dict(elastic), {"train.epochs": 50}).to_dict()
+    assert runs.resume_config(elastic, longer, ["train.epochs"], "r")["train"]["epochs"] == 50
 
 
 def test_a_resume_with_nothing_left_to_train_is_refused(tmp_path):

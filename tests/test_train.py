@@ -131,6 +131,27 @@ def test_evaluate_matches_the_last_epochs_val_error(trained, store):
     assert tta["tta"] == "10crop" and tta["top1_error"] < 0.5
 
 
+@pytest.mark.timeout(600)
+def test_a_run_resumes_on_fewer_nodes_with_its_global_batch(trained, cli, store, tmp_path):
+    """A shared cluster may have fewer nodes than a run started on: the 2-node run, copied,
+    resumes on 1 node, the global batch (and so the steps of an epoch) unchanged."""
+    import shutil
+
+    folder, _ = trained
+    shutil.copytree(folder, tmp_path / "learn", symlinks=True)
+    r = cli("train", "densenet_simple", "--storage", tmp_path, "--resume", "learn", "--epochs", "4",
+            "--nodes", "1", "--wandb", "off")
+    assert r.exit_code == 0, r.output
+    assert "1 worker(s) on 1 node(s)" in r.output
+    assert "the run trained on 2 worker(s) and resumes on 1: the global batch stays 64" in r.output
+    history = json.loads((tmp_path / "learn" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "learn" / "config.json").read_text())["cluster"]["nodes"] == 1
+    state = checkpoint.load(tmp_path / "learn")
+    assert state["epoch"] == 4 and len(state["placement"]) == 1
+    assert history[-1]["val_top1_error"] < 0.3
+
+
 def _wait_for(location: str, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while not storage.exists(location):

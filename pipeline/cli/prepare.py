@@ -60,6 +60,18 @@ def prepare_memory(workers: int) -> int:
     return (1 << 30) + workers * (512 << 20)
 
 
+def _one_source(dataset: str, positional: str | None, option: str | None) -> str | None:
+    """`prepare imagefolder PATH` is what people type first: the same as --source PATH."""
+    if positional is None:
+        return option
+    if dataset == "synthetic":
+        raise UserError(f"synthetic makes its images and takes no source, not {positional!r}: "
+                        "drop it, or choose the dataset it is")
+    if option is not None and option != positional:
+        raise UserError(f"two sources, {positional!r} and --source {option!r}: give one")
+    return positional
+
+
 class Family(str, Enum):
     small = "small"
     imagenet = "imagenet"
@@ -68,6 +80,7 @@ class Family(str, Enum):
 @app.command("prepare")
 def prepare(
     dataset: Annotated[str, typer.Argument(metavar="DATASET", autocompletion=complete_datasets, help=f"One of: {', '.join(DATASETS)}.")],
+    source_arg: Annotated[Optional[str], typer.Argument(metavar="[SOURCE]", show_default=False, help="The same as --source.")] = None,
     source: Annotated[Optional[str], typer.Option(help="Official archive/.mat/folder (see datasets/README.md); default: the sources.DATASET setting.")] = None,
     out: Annotated[Optional[str], typer.Option(help="Store to write: a folder or a URI such as s3://bucket/stores/NAME (default: STORE_ROOT/DATASET; see `config show`).")] = None,
     max_resolution: Annotated[Optional[int], typer.Option(help="Longest side in pixels; larger images are downscaled.")] = None,
@@ -94,6 +107,7 @@ def prepare(
     stop_on_interrupt: StopOnInterrupt = False,
 ) -> None:
     """Write an FFCV store (train.beton, val.beton, manifest.json) from a dataset, as a Ray job."""
+    source = _one_source(dataset, source_arg, source)
     cfg = build_prepare_config(dataset, {
         "source": source, "out": out, "max_resolution": max_resolution, "write_mode": write_mode,
         "jpeg_quality": jpeg_quality, "compress_probability": compress_probability,

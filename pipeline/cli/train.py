@@ -146,13 +146,19 @@ def train(
                                       "train.resume_changes": changed,
                                       "train.resume_from_epoch": from_epoch})
     cfg = finalize_paths(cfg, address)
+    # The job trains a resumed run with its saved config and places its workers by it: the
+    # nodes to start are the run's, not the recipe's. A change a resume may not make is
+    # refused here, before submitting.
+    placed = cfg
+    if cfg.train.resume and address is None:
+        placed = runs.resumed(cfg, cfg.cluster.storage)
     if save_config:
         check_config_out(save_config)
         cfg.save(save_config)
     if dry_run:
         output.result(cfg.to_json())
         return
-    code = submit_job("train", cfg, address, detach, stop_on_interrupt)
+    code = submit_job("train", cfg, address, detach, stop_on_interrupt, placed=placed)
     raise typer.Exit(code)
 
 
@@ -204,15 +210,15 @@ def finalize_paths(cfg: C.Config, address: str | None) -> C.Config:
         from ..train.trainer import check_run_dir
 
         check_run_dir(cfg, cfg.train.resume)
-        if cfg.train.resume:
-            runs.resumed(cfg, cfg.cluster.storage)  # a change a resume may not make: say so now
     return cfg
 
 
-def submit_job(job: str, cfg: C.Config, address: str | None, detach: bool, stop_on_interrupt: bool) -> int:
+def submit_job(job: str, cfg: C.Config, address: str | None, detach: bool, stop_on_interrupt: bool,
+               placed: C.Config | None = None) -> int:
+    """Submit `cfg`; the cluster's nodes are sized by `placed` (a resumed run's own config)."""
     from .. import submit
 
-    c = cfg.cluster
+    c = (placed or cfg).cluster
     wpn = c.workers_per_node or 1
     # An elastic run needs MIN nodes to start; the embedded cluster is made with MAX.
     resources = {"nodes": c.min_nodes or c.nodes, "max_nodes": c.nodes, "cpus_per_node": wpn * c.cpus_per_worker,

@@ -310,6 +310,9 @@ def restore(parts: Parts, session: Session, cfg: Config, run_dir: str,
     workers_before = len(state.get("placement") or []) or session.world
     if max_workers is not None and workers_before != session.world:
         _resize(parts, state["epoch"], workers_before, session.world, max_workers, cfg, say)
+    elif workers_before != session.world:
+        say(f"the run trained on {workers_before} worker(s) and resumes on {session.world}: the "
+            f"global batch stays {cfg.optim.batch_size}, {parts.steps} steps an epoch")
     if parts.ema is not None:
         if "model_ema" in state:
             parts.ema.load_state_dict(state["model_ema"])
