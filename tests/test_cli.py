@@ -193,6 +193,28 @@ def test_prepare_takes_its_source_as_an_argument_too(tmp_path, monkeypatch):
         assert r.exit_code == 2 and r.stderr.startswith("error: ") and needle in r.stderr, r.output
 
 
+def test_a_resume_sizes_the_local_cluster_by_the_runs_own_nodes(tiny_store, tmp_path, monkeypatch):
+    """The job trains a resumed run with its saved config, so the local cluster must have the
+    run's nodes, not the recipe's default; `--nodes` on the resume moves it."""
+    from pipeline import config as C, submit
+    from pipeline.train import checkpoint
+
+    saved = C.apply_overrides(C.load_recipe("smoke"), {
+        "model.name": "densenet_simple", "data.store": str(tiny_store), "cluster.nodes": 3,
+        "optim.batch_size": 48,
+        "cluster.storage": str(tmp_path), "cluster.run_name": "r", "train.epochs": 2})
+    (tmp_path / "r").mkdir(mode=0o700)
+    saved.save(tmp_path / "r" / "config.json")
+    checkpoint.save(tmp_path / "r" / "epoch-0001", {"epoch": 1})
+    asked: list[dict] = []
+    monkeypatch.setattr(submit, "run_job", lambda job, cfg, **kw: asked.append(kw["resources"]) or 0)
+    for more, nodes in (([], 3), (["--nodes", "2"], 2)):
+        r = runner.invoke(app, ["train", "densenet_simple", "--storage", str(tmp_path), "--resume", "r",
+                                "--epochs", "3", *more])
+        assert r.exit_code == 0, r.output
+        assert asked[-1]["nodes"] == asked[-1]["max_nodes"] == nodes
+
+
 def test_w_and_b_s_environment_sets_tracking_under_the_flags(tiny_store, tmp_path, monkeypatch):
     """WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY and WANDB_RUN_GROUP, as wandb.init reads them,
     set the run's tracking over the recipe; the flags and --set still win."""
