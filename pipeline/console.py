@@ -2,8 +2,7 @@
 
     keep = ConsoleFilter()
     for line in job_lines:
-        shown = keep(line)          # None: Ray's, Tune's or W&B's own chatter
-        if shown is not None:
+        for shown in keep(line):    # none for Ray's, Tune's or W&B's own chatter
             print(shown)
 
 Ray prefixes every actor's output with `(ClassName pid=N, ip=...)` and colours it; Train's
@@ -50,16 +49,23 @@ class ConsoleFilter:
         self.in_traceback: set[str] = set()
         self.ignored: set[str] = set()
         self.last = ""
-        # Whether the line before was shown and not blank: a blank line is shown only after
-        # one of ours, so the blank lines around dropped chatter go with it.
+        # A blank line is held until the next line: shown only between two of ours, so the
+        # blank lines that frame Tune's tables and messages go with them.
         self.after_shown = False
+        self.held_blank = False
 
-    def __call__(self, line: str) -> str | None:
+    def __call__(self, line: str) -> list[str]:
+        """The lines to show for one raw line: none, the line, or a held blank line and it."""
         shown = self._keep(line)
-        if shown is not None and not shown.strip() and not self.after_shown:
-            shown = None
-        self.after_shown = bool(shown and shown.strip())
-        return shown
+        if shown is None:
+            self.held_blank = self.after_shown = False
+            return []
+        if not shown.strip():
+            self.held_blank = self.after_shown
+            return []
+        out = ["", shown] if self.held_blank else [shown]
+        self.held_blank, self.after_shown = False, True
+        return out
 
     def _keep(self, line: str) -> str | None:
         line = _REPEATED.sub("", strip_ansi(line)).rstrip()

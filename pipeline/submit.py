@@ -634,8 +634,7 @@ def run_job(job: str, cfg: dict, *, address: str | None, detach: bool = False,
         keep, raw = ConsoleFilter(), show
 
         def show(line: str) -> None:
-            shown = keep(line)
-            if shown is not None:
+            for shown in keep(line):
                 raw(shown)
     return follow(server, job_id, show, stop_on_interrupt=stop_on_interrupt, address=address, driver=driver)
 

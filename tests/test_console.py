@@ -52,7 +52,7 @@ error: 1 trial(s) failed
 
 def test_only_our_lines_and_the_useful_line_of_an_error_remain():
     keep = ConsoleFilter()
-    shown = [s for s in (keep(line) for line in RAW.splitlines()) if s is not None]
+    shown = [s for line in RAW.splitlines() for s in keep(line)]
     assert shown == [
         "train: started, config 8af9defc4e97",
         "run r: 2 worker(s) on 2 node(s), global batch 64",
@@ -68,7 +68,7 @@ def test_only_our_lines_and_the_useful_line_of_an_error_remain():
         "epoch 1/4: train loss 2.2986 top-1 err 0.8945",
         "trial   k   L",
         "-----  --  --",
-        "",
+        # The blank lines around W&B's chatter go with it.
         "done: best val top-1 error 0.0300 at epoch 3",
         "error: 1 trial(s) failed",
     ]
@@ -83,3 +83,13 @@ def test_verbose_shows_the_stream_as_it_is(cli, monkeypatch):
     r = cli("--verbose", "models", "--format", "json")
     assert r.exit_code == 0
     assert os.environ.get(submit.VERBOSE_ENV) == "1"
+
+
+def test_a_blank_line_shows_only_between_two_of_ours():
+    """Tune frames each status message with blank lines: dropped with the message, even when
+    one of ours came just before; a blank line between two of ours stays."""
+    keep = ConsoleFilter()
+    raw = ["trial_1: epoch 2/2: train loss 0.44", "", "Trial trial_1 completed after 2 iterations",
+           "╭────╮", "", "trial_2: epoch 1/2: train loss 0.75", "", "", "trial   k   L", ""]
+    assert [s for line in raw for s in keep(line)] == [
+        "trial_1: epoch 2/2: train loss 0.44", "trial_2: epoch 1/2: train loss 0.75", "", "trial   k   L"]

@@ -48,7 +48,13 @@ def _run(store, run_dir, stop_after: int | None = None, resume: bool = False, **
 
 @pytest.mark.timeout(300)
 def test_local_loop_learns_and_a_resumed_run_ends_with_the_same_weights(store, tmp_path, capsys):
-    _run(store, tmp_path / "straight")
+    _run(store, tmp_path / "straight", **{"train.log_every_steps": 3})
+    out = capsys.readouterr().out
+    # A progress line every 3 of the epoch's 8 steps; the epoch's own line stands for the last.
+    assert [line.split(" loss")[0] for line in out.splitlines() if " step " in line] == [
+        f"epoch {e}/3 step {s}/8" for e in (1, 2, 3) for s in (3, 6)]
+    assert [line.split(":")[0] for line in out.splitlines() if ": train loss" in line] == [
+        "epoch 1/3", "epoch 2/3", "epoch 3/3"]
     straight = checkpoint.load(tmp_path / "straight")
     assert [h["epoch"] for h in straight["history"]] == [1, 2, 3]
     assert straight["history"][-1]["val_top1_error"] < 0.5  # chance is 0.9

@@ -92,13 +92,20 @@ def test_real_sweep_with_asha_table_plot_wandb_and_resume(ray_cluster, cli, hard
     assert [row["best_val_top1_error"] for row in rows] == sorted(row["best_val_top1_error"] for row in rows)
     assert any(row["stopped_early"] for row in rows), rows
     assert all(row["params"] > 0 and row["macs"] > 0 for row in rows)
-    # Trials train side by side into one console: every line of theirs names its trial, and
-    # each epoch a trial reported is told once, before the table.
-    before_table = r.output.split("\ntrial  ")[0]
+    # Trials train side by side into one console: every line of theirs names its trial and
+    # comes before the table, in the order the trial said it: its start, then each epoch it
+    # trained once (for one the scheduler stopped, the epochs Tune was told, and any its
+    # worker finished before the stop reached it).
+    before_table, table_on = r.output.split("\ntrial  ")
     for row in rows:
-        told = re.findall(rf"^{row['trial']}: epoch (\d)/4: train loss", before_table, re.M)
-        assert told == [str(e) for e in range(1, row["epochs_run"] + 1)], (row, r.output)
-    assert not re.search(r"^epoch \d", r.output, re.M), r.output
+        mine = [line for line in before_table.splitlines() if line.startswith(row["trial"] + ": ")]
+        assert "1 worker(s) on 1 node(s)" in mine[0], (row, r.output)
+        told = [int(e) for e in re.findall(r": epoch (\d)/4: train loss", "\n".join(mine))]
+        assert told == list(range(1, len(told) + 1)) and len(told) >= row["epochs_run"], (row, r.output)
+        if not row["stopped_early"]:
+            assert len(told) == row["epochs_run"], (row, r.output)
+    assert not re.search(r"^(trial_\w+: )?epoch \d", table_on, re.M), r.output
+    assert not re.search(r"^epoch \d", r.output, re.M) and "\n\n" not in r.output, r.output
     with open(folder / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
     assert (folder / "val_error_vs_params_macs.png").stat().st_size > 10_000
@@ -194,6 +201,11 @@ def test_a_failed_trial_and_a_stopped_sweep_keep_their_wandb_record(ray_cluster,
     hold.unlink()
     r = cli(*args, "--resume", "s2")
     assert r.exit_code == 1 and "1 trial(s) failed, the first with" in r.output, r.output
+    # The trial's rank 0 is a Ray Train worker here: its lines, named by the trial, still
+    # come through the sweep's driver, in order, before the table.
+    resumed = r.output.split("\ntrial  ")[0]
+    assert re.findall(r"^trial_\w+: (resumed from epoch 1|epoch \d/3: train loss)", resumed, re.M) == [
+        "resumed from epoch 1", "epoch 2/3: train loss", "epoch 3/3: train loss"], r.output
     # The one line names why: the diverged loss, not the Ray actor it happened in.
     assert "training diverged; lower optim.lr" in r.output.split("trial(s) failed")[1], r.output
     resumed = checkpoint.load(trials / stopped.config["cluster"]["run_name"])

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from functools import partial
 import math
 import random
 import resource
@@ -43,10 +42,6 @@ def _say(line: str) -> None:
     # Straight to stdout, flushed: the job log is a file, and W&B may wrap `print`.
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
-
-
-def _say_as(who: str, line: str) -> None:
-    _say(f"{who}: {line}")
 
 
 def _seed(seed: int, epoch: int, rank: int) -> None:
@@ -416,7 +411,10 @@ def train_one_epoch(net: nn.Module, parts: Parts, loader, cfg: Config, epoch: in
             elapsed = time.perf_counter() - t0
             lr = parts.optimizer.param_groups[0]["lr"]
             img_s = tally.n * world / elapsed
-            say(_progress(epoch, epochs, step, steps, tally.loss, lr, img_s, elapsed))
+            if step < steps:
+                # The epoch's line follows the last step and says more; a sweep trial's
+                # line from its own process could only reach the console after it.
+                say(_progress(epoch, epochs, step, steps, tally.loss, lr, img_s, elapsed))
             tracker.log({"step/loss": loss_value, "step/lr": lr, "step/images_per_s": img_s,
                          "epoch": epoch + step / steps}, step=parts.global_step + step)
     return tally, time.perf_counter() - t0
@@ -621,12 +619,11 @@ def train_loop(loop_config: dict[str, Any], session: Session) -> None:
     primary = rank == 0
     say = _say if primary else (lambda _line: None)
     # A sweep's trials train side by side into one console: each line names its trial, as
-    # the sweep's table does, and the sweep's driver tells their epochs from what they report
-    # to Tune (a line from a trial's process reaches the console late, or not at all when
-    # the trial ends first).
-    trial = bool(loop_config.get("trial"))
-    if trial and primary:
-        say = partial(_say_as, cfg.cluster.run_name)
+    # the sweep's table does, and goes through the sweep's driver, in order.
+    if loop_config.get("trial") and primary:
+        from ..tune.lines import trial_say
+
+        say = trial_say(cfg.cluster.run_name)
     device = session.device
     if device.type == "cpu":
         torch.set_num_threads(worker_cpus(cfg))
@@ -685,8 +682,7 @@ def train_loop(loop_config: dict[str, Any], session: Session) -> None:
         history.append(row)
         is_best = row["val_top1_error"] < best
         best = min(best, row["val_top1_error"])
-        if not trial:
-            say(epoch_line(row, epochs))
+        say(epoch_line(row, epochs))
         parts.global_step += parts.steps
         tracker.log({f"epoch/{k}": v for k, v in row.items()}, step=parts.global_step)
 

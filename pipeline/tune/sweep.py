@@ -122,21 +122,6 @@ def _trial_recorders(base: Config, trials_dir: str, max_epochs: int, dataset):
     return TrialRecorders()
 
 
-def _epoch_lines(max_epochs: int):
-    """A Tune callback, run in the sweep driver, that prints each trial's epoch as Tune gets
-    its report, named by the trial: every one, in order, before the table."""
-    from ray.tune import Callback
-
-    from ..train.loop import epoch_line
-
-    class EpochLines(Callback):
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if "epoch" in result and "val_top1_error" in result:
-                print(f"{trial}: {epoch_line(result, max_epochs)}", flush=True)
-
-    return EpochLines()
-
-
 def _max_concurrent(cfg: Config) -> int:
     import ray
 
@@ -178,7 +163,7 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
     tracked = resolve_mode(cfg.tracking.wandb) != "disabled"
     trial = tune.with_resources(_trial_fn(base.to_dict(), trials_dir, manifest_sha256, tracked),
                                 trial_resources(base))
-    callbacks = [_epoch_lines(cfg.train.epochs)]
+    callbacks = []
     if tracked:
         callbacks.append(_trial_recorders(base, trials_dir, cfg.train.epochs, dataset_artifact(manifest)))
     if s.resume:
@@ -213,9 +198,11 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
                                       callbacks=callbacks),
         )
     from .. import tracking
+    from .lines import TrialLines
 
     try:
-        grid = tuner.fit()
+        with TrialLines.printing():
+            grid = tuner.fit()
     except BaseException as e:
         # `jobs stop` (SIGTERM, which Ray turns into SystemExit) or a crash of Tune itself.
         tracking.finish_all_recorders("stopped_by_user" if isinstance(e, (SystemExit, KeyboardInterrupt))
