@@ -63,11 +63,26 @@ def resolve_path(path: str) -> str:
     """An absolute path (or the URI unchanged) for `path` as the job sees it.
 
     Ray Train workers start in the job's code copy, not in the driver's folder: resolve every
-    path in the driver before handing a config to workers.
+    path in the driver before handing a config to workers. Without a base folder a relative
+    path would point into that copy, which Ray deletes: what a job wrote there would be lost
+    and what it read is not there, so such a path is refused.
     """
     if "://" in path or not path:
         return path
-    return str(Path(path).expanduser().resolve())
+    given = Path(path).expanduser()
+    if not given.is_absolute() and base_folder() is None:
+        raise UserError(f"{path} is a relative path, and this cluster sets no {HOME_ENV} on its "
+                        "nodes: the job runs in a copy of the code that Ray deletes; pass an "
+                        f"absolute path on the cluster or a URI, or set {HOME_ENV} to a shared "
+                        "folder on every node (cluster/README.md)")
+    return str(given.resolve())
+
+
+def home_folder() -> Path:
+    """Where a job on a remote cluster puts what the user named no place for: the base
+    folder, else ~/densenet-pipe on the driver's node (a training run's default storage
+    is the runs/ folder in it)."""
+    return base_folder() or Path.home() / "densenet-pipe"
 
 
 def main(run: Callable[[dict[str, Any]], Any], argv: list[str] | None = None) -> None:

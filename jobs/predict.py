@@ -2,7 +2,8 @@
 
 Config keys: checkpoint, inputs (folders and image files, or one store), top_k, batch_size,
 actors (model-holding Ray Data actors), gpu, split (for a store), format (table|json|csv),
-out (the file the rows go to, written whole at the end), force (replace an existing out).
+out (the file the rows go to, written whole at the end; empty: `default_out`), force
+(replace an existing out).
 
 Every actor loads the checkpoint once and classifies batches: image paths for files and
 folders (every node must see them, as with stores), index ranges of the split for a store
@@ -92,7 +93,7 @@ def run(data: dict[str, Any]) -> None:
     inputs = [common.resolve_path(i) for i in conf.inputs]
     top_k, batch_size, fmt, split, gpu = conf.top_k, conf.batch_size, conf.format, conf.split, conf.gpu
     weights = conf.weights
-    out = Path(common.resolve_path(conf.out))
+    out = Path(common.resolve_path(conf.out) if conf.out else default_out(fmt))
     storage.check_out_file(out, "--out", force=conf.force)
     net = infer.load(checkpoint, weights)  # here first: a checkpoint that is not ours is one line
     one = inputs[0] if len(inputs) == 1 else ""
@@ -131,6 +132,13 @@ def run(data: dict[str, Any]) -> None:
     bad = sum(1 for r in rows if r["error"])
     print(f"wrote {len(rows):,} row(s) to {out}" + (f"; {bad} image(s) could not be read" if bad else ""),
           flush=True)
+
+
+def default_out(fmt: str) -> str:
+    """Where the rows go when the user named no file (a remote cluster: the CLI's folder is
+    not there): predictions-TIME.FORMAT in the job's home folder."""
+    suffix = "txt" if fmt == "table" else fmt
+    return str(common.home_folder() / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.{suffix}")
 
 
 def _told(rows: Iterable[dict], count: int) -> Iterator[dict]:

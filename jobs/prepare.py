@@ -25,6 +25,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     from pipeline.data.prepare_config import PrepareConfig
 
     signal.signal(signal.SIGTERM, _stop)
+    cfg = {**cfg, **{key: common.resolve_path(cfg[key]) for key in ("source", "out") if cfg.get(key)}}
     m = prepare(PrepareConfig.from_dict(cfg), log=lambda s: print(s, flush=True))
     summary = {"store": m.path, "dataset": m.dataset, "num_classes": m.num_classes,
                "train": m.splits["train"].count, "val": m.splits["val"].count,

@@ -138,19 +138,23 @@ def _predict_job(checkpoint: str, inputs: list[str], top_k: int, fmt: RowFormat,
             folder = Path(i).expanduser()
             if "://" not in i and folder.is_dir() and not (folder / MANIFEST).is_file():
                 infer.check_folder(folder)  # before a job is submitted for nothing
-    out = out or Path(f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.{ 'txt' if fmt is RowFormat.table else fmt.value}")
+    if out is None and local:
+        out = Path(f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.{'txt' if fmt is RowFormat.table else fmt.value}")
 
     def where(p: str | Path) -> str:
         return str(Path(p).expanduser().absolute()) if local and "://" not in str(p) else str(p)
 
+    # A remote job without --out picks its own place on the cluster (jobs.predict.default_out)
+    # and names it in its last line.
     cfg = {"checkpoint": where(checkpoint), "inputs": [where(i) for i in inputs], "top_k": top_k,
            "batch_size": batch_size, "actors": actors, "gpu": gpu, "split": split,
-           "format": fmt.value, "out": where(out), "weights": weights, "force": force}
+           "format": fmt.value, "out": where(out) if out is not None else "", "weights": weights,
+           "force": force}
     resources = {"nodes": 1, "cpus_per_node": 1, "gpus_per_node": 1 if gpu else 0}
     code = submit.run_job("predict", cfg, address=address, detach=detach, resources=resources)
     if code:
         raise typer.Exit(code=code)
-    if not detach:
+    if not detach and local:
         output.result(cfg["out"])
 
 

@@ -133,5 +133,5 @@ def prepare(
                           stop_on_interrupt=stop_on_interrupt, driver=driver)
     if code:
         raise typer.Exit(code=code)
-    if not detach:
-        output.result(cfg.out)
+    if not detach and (address is None or is_uri(cfg.out) or Path(cfg.out).is_absolute()):
+        output.result(cfg.out)  # a relative one names a place on the cluster: its job said where
