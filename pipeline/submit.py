@@ -584,13 +584,25 @@ def driver_fit(server: JobServer, driver: dict[str, float] | None) -> dict[str, 
     return out
 
 
+def submitter() -> str:
+    """user@host: who submitted a job, recorded in its metadata. A shared cluster's jobs are
+    everyone's (Ray's token lets anyone stop any job); `jobs list` shows whose each is."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in this environment
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
 def _submit_package(server: JobServer, job: str, cfg: dict[str, Any], package: Package,
                     driver: dict[str, float] | None = None) -> str:
     uri = server.upload(package.data)
     job_id = f"{job}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     entrypoint = f"{server.python} -m jobs.{job} --config {package.config_path}"
     metadata = {"densenet_pipe_job": job, "config_digest": config_digest(cfg),
-                "command": f"densenet-pipe {job}"}
+                "command": f"densenet-pipe {job}", "user": submitter()}
     return server.submit(entrypoint, {"working_dir": uri, "env_vars": job_env(cfg, server, job)},
                          metadata, job_id, driver)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -202,6 +203,36 @@ def test_stop_a_running_job(ray_cluster, cli):
     assert _wait_status(cli, job_id, {"STOPPED"}, timeout=5) == "STOPPED"
     again = cli("jobs", "stop", job_id)
     assert again.exit_code == 0 and "already ended: STOPPED" in again.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_job_someone_else_submitted_is_listed_as_theirs_and_stopped_only_with_force(ray_cluster, cli):
+    """A shared cluster holds everyone's jobs and one token lets anyone stop any of them."""
+    server = submit.connect(None, start=False)
+    theirs = server.submit(f"{server.python} -c 'import time; time.sleep(600)'", {},
+                           {"densenet_pipe_job": "train", "user": "someone@elsewhere"},
+                           f"train-theirs-{secrets.token_hex(2)}")
+    mine = cli("doctor", "--quick", "--detach").stdout.strip()
+    assert _wait_status(cli, theirs, {"RUNNING"}) == "RUNNING"
+    listed = cli("jobs", "list")
+    row = next(line for line in listed.stdout.splitlines() if line.startswith(theirs))
+    assert "someone@elsewhere" in row
+    only_mine = _ids(cli("jobs", "list", "--mine", "--format", "json"))
+    assert mine in only_mine and theirs not in only_mine
+    assert submit.submitter() in cli("jobs", "status", mine).stdout
+    refused = cli("jobs", "stop", theirs)
+    assert refused.exit_code == 2, refused.output
+    assert refused.stderr.strip() == (f"error: job {theirs} was submitted by someone@elsewhere, not by you "
+                                      f"({submit.submitter()}): pass --force to stop it anyway")
+    assert _wait_status(cli, theirs, {"STOPPED"}, timeout=2) == "RUNNING"
+    stopped = cli("jobs", "stop", theirs, "--force")
+    assert stopped.exit_code == 0 and f"job {theirs} stopped" in stopped.stderr, stopped.output
+
+
+def _ids(result) -> list[str]:
+    assert result.exit_code == 0, result.output
+    return [j["submission_id"] for j in json.loads(result.stdout)]
 
 
 @pytest.mark.ray

@@ -34,24 +34,32 @@ def _took(job: dict[str, Any]) -> str:
     return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.1f}m"
 
 
+def _user(job: dict[str, Any]) -> str:
+    return (job.get("metadata") or {}).get("user", "")
+
+
 @jobs_app.command("list")
-def list_jobs(address: Address = None, fmt: Format = TableFormat.table) -> None:
-    """Every submitted job, newest first."""
-    from ..submit import connect
+def list_jobs(address: Address = None, fmt: Format = TableFormat.table,
+              mine: Annotated[bool, typer.Option("--mine", help="Only the jobs you submitted from this machine.")] = False,
+              ) -> None:
+    """Every submitted job, newest first, with who submitted it."""
+    from ..submit import connect, submitter
 
     jobs = connect(address, start=False).list_jobs()
+    if mine:
+        jobs = [j for j in jobs if _user(j) == submitter()]
     if fmt == "json":
         output.as_json(jobs)
         return
     if not jobs:
-        output.info("no jobs yet")
+        output.info("no jobs of yours yet" if mine else "no jobs yet")
         return
     output.table(
-        ["ID", "JOB", "STATUS", "STARTED", "TOOK", "CONFIG"],
+        ["ID", "JOB", "STATUS", "USER", "STARTED", "TOOK", "CONFIG"],
         [[j["submission_id"], (j.get("metadata") or {}).get("densenet_pipe_job", ""),
-          j.get("status"), _when(j.get("start_time")), _took(j),
+          j.get("status"), _user(j), _when(j.get("start_time")), _took(j),
           (j.get("metadata") or {}).get("config_digest", "")] for j in jobs],
-        align="llllrl",
+        align="lllllrl",
     )
 
 
@@ -67,7 +75,8 @@ def status(job_id: JobId, address: Address = None, fmt: Format = TableFormat.tab
     meta = job.get("metadata") or {}
     fields = [
         ("id", job.get("submission_id")), ("status", job.get("status")),
-        ("job", meta.get("densenet_pipe_job", "")), ("config", meta.get("config_digest", "")),
+        ("job", meta.get("densenet_pipe_job", "")), ("user", meta.get("user", "")),
+        ("config", meta.get("config_digest", "")),
         ("started", _when(job.get("start_time"))), ("ended", _when(job.get("end_time"))),
         ("took", _took(job)), ("exit code", job.get("driver_exit_code")),
         ("entrypoint", job.get("entrypoint")),
@@ -106,15 +115,25 @@ def logs(
 
 
 @jobs_app.command("stop")
-def stop(job_id: JobId, address: Address = None) -> None:
+def stop(job_id: JobId, address: Address = None,
+         force: Annotated[bool, typer.Option("--force", help="Stop it even when someone else submitted it.")] = False,
+         ) -> None:
     """Stop a running job and wait until it has stopped (it gets 30 s to end its W&B runs)."""
     from .. import submit
 
     server = submit.connect(address, start=False)
-    before = server.job(job_id).get("status")
+    job = server.job(job_id)
+    before = job.get("status")
     if before in submit.TERMINAL:
         output.info(f"job {job_id} already ended: {before}")
         return
+    # On a shared cluster one token lets anyone stop anything: a job another user (or no
+    # one through this CLI) submitted is stopped only when asked for by name and --force.
+    owner = _user(job)
+    if owner != submit.submitter() and not force:
+        by = f"submitted by {owner}" if owner else "not submitted with densenet-pipe"
+        raise UserError(f"job {job_id} was {by}, not by you ({submit.submitter()}): pass --force "
+                        "to stop it anyway")
     server.stop(job_id)
     after = submit.wait_terminal(server, job_id, timeout=submit.STOP_WAIT_S).get("status")
     if after not in submit.TERMINAL:
