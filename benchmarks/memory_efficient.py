@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from prepare_nodes import cpu_name  # noqa: E402
 
 
 def _rss_mib() -> float:
@@ -120,7 +123,7 @@ def main() -> None:
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     p, e = results["plain"], results["efficient"]
     print(f"{a.model}, {a.size}x{a.size}, batch {a.batch}, {a.threads} threads, fp32, best of {a.steps} steps; "
-          f"{_cpu_name()}")
+          f"{cpu_name()}")
     print(f"{'mode':<18}{'peak MiB':>10}{'step s':>9}{'mem ratio':>11}{'time ratio':>12}")
     for name, r in (("plain (baseline)", p), ("memory-efficient", e)):
         print(f"{name:<18}{r['peak_mib']:>10.0f}{r['step_s']:>9.2f}"
@@ -130,16 +133,6 @@ def main() -> None:
         print(f"in alternation, {a.rounds} rounds in one process: plain {r['plain_s']:.2f} s, memory-efficient "
               f"{r['efficient_s']:.2f} s a step (medians); time ratio {r['ratio']:.2f} "
               f"(median of the rounds' ratios; {r['ratio_min']:.2f}-{r['ratio_max']:.2f}; target 1.25)")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":
