@@ -317,7 +317,12 @@ _OWNED: dict[str, Any] = {}
 
 
 def recorder_name(run_id: str) -> str:
-    return f"wandb-{_safe_id(run_id)}"
+    """The Recorder actor's name: the run and the Ray job it belongs to. Run names are the
+    user's (two people's `--name baseline` in their own storage can train at once on one
+    cluster); the job id keeps one job's rank 0 off another job's W&B run."""
+    import ray
+
+    return f"wandb-{ray.get_runtime_context().get_job_id()}-{_safe_id(run_id)}"
 
 
 # The Tracker methods rank 0 calls through the driver's Recorder (`RemoteTracker`).

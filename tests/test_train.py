@@ -383,6 +383,32 @@ def test_a_whole_node_killed_mid_run_restarts_on_the_nodes_left(ray_cluster, cli
     assert len(local_cluster.running().alive()) == 3
 
 
+@pytest.mark.timeout(600)
+def test_two_users_runs_of_one_name_at_once_keep_their_own_w_and_b_records(ray_cluster, cli, store, tmp_path):
+    """A run name is the user's: two people's `--name twin`, each in their own storage, train
+    at once on one cluster. Each job's rank 0 logs to its own driver's W&B run."""
+    jobs, holds = {}, {}
+    for who in ("ann", "bob"):
+        holds[who] = tmp_path / f"HOLD-{who}"
+        holds[who].touch()
+        r = cli("train", "densenet_simple", "--recipe", "smoke", "--data", store, "--storage", tmp_path / who,
+                "--name", "twin", "--nodes", "1", "--epochs", "2", "--wandb", "offline",
+                "--set", f"train.hold_file={holds[who]}", "--detach")
+        assert r.exit_code == 0, r.output
+        jobs[who] = r.stdout.strip().splitlines()[-1]
+    for who in jobs:  # both hold after epoch 1: both runs are alive at once
+        _wait_for(str(tmp_path / who / "twin" / "epoch-0001" / "checkpoint.done"), 300)
+    for who, job in jobs.items():
+        holds[who].unlink()
+        r = cli("jobs", "logs", job, "--follow")
+        assert r.exit_code == 0, r.output
+    for who in jobs:
+        (data,) = (tmp_path / who / "twin").glob("wandb/offline-run-*/*.wandb")
+        view = RunView.read(data)
+        assert view.config["cluster"]["storage"] == str(tmp_path / who)
+        assert view.epochs() == [1, 2] and view.summary["ended"] == "finished"
+
+
 @pytest.mark.timeout(300)
 def test_init_from_weights_of_another_net_is_one_line_from_the_job(ray_cluster, cli, store, runs, tmp_path):
     """The job's driver checks `--init-from` against the net before any worker starts."""

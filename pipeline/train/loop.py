@@ -412,8 +412,7 @@ def train_one_epoch(net: nn.Module, parts: Parts, loader, cfg: Config, epoch: in
             lr = parts.optimizer.param_groups[0]["lr"]
             img_s = tally.n * world / elapsed
             if step < steps:
-                # The epoch's line follows the last step and says more; a sweep trial's
-                # line from its own process could only reach the console after it.
+                # The epoch's line follows the last step at once and says more.
                 say(_progress(epoch, epochs, step, steps, tally.loss, lr, img_s, elapsed))
             tracker.log({"step/loss": loss_value, "step/lr": lr, "step/images_per_s": img_s,
                          "epoch": epoch + step / steps}, step=parts.global_step + step)
