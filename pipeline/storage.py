@@ -157,6 +157,23 @@ def makedirs(location: str | os.PathLike) -> None:
     fs.create_dir(path, recursive=True)
 
 
+def claim_dir(location: str | os.PathLike) -> bool:
+    """Make the folder; False when it was there already. On a filesystem the making is
+    atomic, so of two jobs claiming one name at once exactly one gets True. An object store
+    has no atomic create: there it is `makedirs`, True unless the prefix already holds files."""
+    if not is_uri(location):
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(location).mkdir()
+        except FileExistsError:
+            return False
+        return True
+    if exists(location):
+        return False
+    makedirs(location)
+    return True
+
+
 @_remote
 def size(location: str | os.PathLike) -> int:
     """A file's size in bytes (OSError when it is not there)."""

@@ -39,6 +39,24 @@ def test_local_write_is_atomic_and_listdir_sorted(tmp_path):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("where", ["path", "s3"])
+def test_of_jobs_claiming_one_run_folder_at_once_one_gets_it(where, tmp_path, request):
+    """Two jobs given one run name in one storage at the same moment both pass the "already
+    exists" check; the claim that follows lets only one of them train into the folder."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = str(tmp_path) if where == "path" else request.getfixturevalue("s3_bucket")
+    run = storage.join(base, f"claimed-{where}", "twin")
+    if where == "path":  # atomic here: of eight at once, exactly one
+        with ThreadPoolExecutor(8) as pool:
+            assert sorted(pool.map(lambda _: storage.claim_dir(run), range(8))) == [False] * 7 + [True]
+    else:  # an object store has no atomic create: one after the other
+        assert storage.claim_dir(run) is True
+        assert storage.claim_dir(run) is False
+    assert storage.is_dir(run)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["path", "s3"])
 def test_a_run_taken_back_sets_newer_checkpoints_aside(where, tmp_path, request):
     """`--from-epoch`'s move, on a folder and on object storage (moto's S3 server)."""
     import hashlib

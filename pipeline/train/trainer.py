@@ -264,7 +264,11 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
         print(f"resuming {cfg.cluster.run_name} after epoch {state['epoch']}", flush=True)
     placement = plan_placement(cfg)
     check_nodes(cfg, manifest_sha256, placement.workers_per_node * placement.cpus_per_worker)
-    storage.makedirs(folder)
+    if cfg.train.resume:
+        storage.makedirs(folder)
+    elif not storage.claim_dir(folder):
+        # Another job took the name since the check above (two submitted at once).
+        runs.check_new_or_resumed("run", cfg.cluster.run_name, cfg.cluster.storage, False, True)
     cfg.save(storage.join(folder, "config.json"))
     at_max = f" at {placement.nodes} nodes" if placement.min_nodes is not None else ""
     print(f"run {cfg.cluster.run_name}: {placement.describe()}, global batch {cfg.optim.batch_size}"

@@ -159,6 +159,9 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
     from ..train.trainer import check_nodes
 
     check_nodes(cfg, manifest_sha256, 0.0)
+    if not s.resume and not storage.claim_dir(folder):
+        # Another job took the name since the check above (two submitted at once).
+        runs.check_new_or_resumed("sweep", s.name, cfg.cluster.storage, False, True)
     trials_dir = storage.join(folder, "trials")
     tracked = resolve_mode(cfg.tracking.wandb) != "disabled"
     trial = tune.with_resources(_trial_fn(base.to_dict(), trials_dir, manifest_sha256, tracked),
