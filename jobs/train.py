@@ -18,7 +18,9 @@ def prepare_config(data: dict[str, Any]):
     from pipeline.runs import check_classes, check_resizing, default_storage, resumed
     from pipeline.storage import check
 
-    cfg = validate(Config.from_dict(data))
+    cfg = Config.from_dict(data)
+    # A resume is validated as the run's saved config with the allowed changes (`resumed`).
+    cfg = cfg if cfg.train.resume else validate(cfg)
     # The CLI fills in ./runs for the embedded cluster; a remote cluster's default is its own.
     storage = check(cfg.cluster.storage or default_storage(local_cluster=False))
     if cfg.train.resume:

@@ -208,7 +208,8 @@ def test_a_resume_sizes_the_local_cluster_by_the_runs_own_nodes(tiny_store, tmp_
     checkpoint.save(tmp_path / "r" / "epoch-0001", {"epoch": 1})
     asked: list[dict] = []
     monkeypatch.setattr(submit, "run_job", lambda job, cfg, **kw: asked.append(kw["resources"]) or 0)
-    for more, nodes in (([], 3), (["--nodes", "2"], 2)):
+    # --nodes 6 splits the run's batch of 48, not the recipe's 64 that it never trained with.
+    for more, nodes in (([], 3), (["--nodes", "2"], 2), (["--nodes", "6"], 6)):
         r = runner.invoke(app, ["train", "densenet_simple", "--storage", str(tmp_path), "--resume", "r",
                                 "--epochs", "3", *more])
         assert r.exit_code == 0, r.output

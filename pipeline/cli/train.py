@@ -51,9 +51,10 @@ def default_store(model_name: str, recipe: str | None, local: bool) -> str:
 
 
 def build_config(recipe: str | None, model_name: str | None, flags: dict[str, Any],
-                 sets: list[str] | None) -> C.Config:
+                 sets: list[str] | None, check: bool = True) -> C.Config:
     """Recipe defaults, then W&B's environment (WANDB_MODE, WANDB_PROJECT, ...), then flags
-    (only those given), then --set overrides; validated."""
+    (only those given), then --set overrides; validated unless `check` is False (a resume:
+    the run's own config, with these flags' allowed changes, is what gets validated)."""
     cfg = C.load_recipe(recipe or default_recipe(model_name or "densenet_bc100_k12"))
     cfg = C.apply_overrides(cfg, C.wandb_environment())
     given = {k: v for k, v in flags.items() if v is not None}
@@ -61,7 +62,7 @@ def build_config(recipe: str | None, model_name: str | None, flags: dict[str, An
         given["model.name"] = model_name
     cfg = C.apply_overrides(cfg, given)
     cfg = C.apply_overrides(cfg, sets or [])
-    return C.validate(cfg)
+    return C.validate(cfg) if check else cfg
 
 
 @app.command("train")
@@ -129,7 +130,9 @@ def train(
     }
     if from_epoch is not None and not resume:
         raise UserError("--from-epoch continues a run: give it with --resume NAME")
-    cfg = build_config(recipe, model, flags, sets)
+    # A resume's flags go on the run's saved config, not the recipe's: `--resume R --nodes 3`
+    # is checked against R's batch, not a recipe default R never used.
+    cfg = build_config(recipe, model, flags, sets, check=not resume)
     if not cfg.data.store and not resume:
         cfg = C.apply_overrides(cfg, {"data.store": default_store(model, recipe, local=address is None)})
     if cfg.model.init_from and address is None:
