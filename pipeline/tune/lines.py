@@ -18,8 +18,9 @@ import sys
 import threading
 from typing import Callable, Iterator
 
-# How often the driver prints what the trials sent.
+# How often the driver prints what the trials sent, and how long it waits for the actor.
 POLL_S = 0.5
+DRAIN_S = 5.0
 
 
 def _actor_name() -> str:
@@ -53,7 +54,7 @@ class TrialLines:
         stop = threading.Event()
 
         def drain() -> None:
-            for line in ray.get(handle.take.remote(), timeout=60):
+            for line in ray.get(handle.take.remote(), timeout=DRAIN_S):
                 show(line)
 
         def poll() -> None:
@@ -66,8 +67,9 @@ class TrialLines:
         try:
             yield
         finally:
+            # Bounded: a stopped sweep has 30 s to end its trials' W&B runs after this.
             stop.set()
-            poller.join()
+            poller.join(timeout=DRAIN_S)
             with contextlib.suppress(Exception):
                 drain()
             with contextlib.suppress(Exception):
