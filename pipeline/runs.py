@@ -251,7 +251,16 @@ def resumed(cfg, storage: str):
         raise UserError(f"no run {name!r} under {storage} to resume: check --resume NAME and --storage") from None
     except ValueError as e:
         raise UserError(f"{saved_at} is not valid JSON ({e}): the run's config is damaged") from None
-    merged = validate(Config.from_dict(resume_config(saved, cfg.to_dict(), cfg.train.resume_changes, name)))
+    asked = Config.from_dict(resume_config(saved, cfg.to_dict(), cfg.train.resume_changes, name))
+    c, o = asked.cluster, asked.optim
+    workers = c.nodes * (c.workers_per_node or 1)
+    if workers >= 1 and o.batch_size % (workers * max(1, o.accumulate)):
+        passes = f" x {o.accumulate} accumulated passes" if o.accumulate > 1 else ""
+        raise UserError(f"--resume {name}: the run's global batch {o.batch_size} does not divide across "
+                        f"{workers} worker(s){passes} ({c.nodes} nodes x {c.workers_per_node or 1}); a "
+                        "resumed run keeps its batch: pick --nodes and --workers-per-node whose "
+                        "workers divide it")
+    merged = validate(asked)
     done = merged.train.resume_from_epoch or trained_epochs(store_io.join(storage, name))
     if done >= merged.train.epochs:
         raise UserError(f"--resume {name}: the run has trained {done} of its {merged.train.epochs} epochs, "

@@ -117,6 +117,24 @@ def test_a_resume_may_move_a_fixed_size_run_to_other_nodes_but_not_an_elastic_on
     assert runs.resume_config(elastic, longer, ["train.epochs"], "r")["train"]["epochs"] == 50
 
 
+def test_a_resume_on_workers_that_do_not_divide_the_runs_batch_says_what_to_change(tmp_path):
+    """The batch is the run's and stays: the line asks for other nodes, not another batch."""
+    from pipeline.train import checkpoint
+
+    saved = C.apply_overrides(C.Config.from_dict(_saved()), {"train.epochs": 4}).to_dict()
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text(json.dumps(saved))
+    checkpoint.save(tmp_path / "r" / "epoch-0001", {"epoch": 1})
+    asked = C.apply_overrides(C.load_recipe("smoke"), {
+        "cluster.run_name": "r", "train.resume": True, "cluster.nodes": 3,
+        "train.resume_changes": ["cluster.nodes"]})
+    with pytest.raises(UserError, match=r"^--resume r: the run's global batch 64 does not divide across 3 "
+                                         r"worker\(s\) \(3 nodes x 1\); a resumed run keeps its batch"):
+        runs.resumed(asked, str(tmp_path))
+    asked = C.apply_overrides(asked, {"cluster.nodes": 4})
+    assert runs.resumed(asked, str(tmp_path)).cluster.nodes == 4
+
+
 def test_a_resume_with_nothing_left_to_train_is_refused(tmp_path):
     """A resumed run whose newest checkpoint (or --from-epoch) is already at its epochs
     would start a job that trains nothing: one line names the epochs and the fix."""
