@@ -90,6 +90,9 @@ def main(run: Callable[[dict[str, Any]], Any], argv: list[str] | None = None) ->
     parser = argparse.ArgumentParser(prog=f"python -m jobs.{name}")
     parser.add_argument("--config", required=True, help="the resolved config JSON")
     args = parser.parse_args(argv)
+    from pipeline.console import WholeLines
+
+    sys.stdout, sys.stderr = WholeLines(sys.stdout), WholeLines(sys.stderr)
     try:
         cfg = load_config(args.config)
         from pipeline.config import digest

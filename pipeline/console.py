@@ -103,3 +103,40 @@ class ConsoleFilter:
         if _RAY_LOG.match(text) or _RAY_MESSAGES.match(text.lstrip()):
             return None
         return text
+
+
+class WholeLines:
+    """A job driver's stdout/stderr: each thread's text reaches the log a whole line at a time.
+
+    `print(line)` is two writes, the text and its newline, and a driver prints from several
+    threads (ours, and Ray's, which forwards every worker's and actor's lines): between the
+    two, another thread's line lands, and a user reads `...2.0 s(Recorder pid=9) wandb: ...`
+    and then a blank line. Text up to each newline is held per thread and written under one
+    lock; `flush` writes what a thread holds.
+    """
+
+    def __init__(self, out) -> None:
+        import threading
+
+        self._out = out
+        self._lock = threading.Lock()
+        self._held = threading.local()
+
+    def write(self, text: str) -> int:
+        held = getattr(self._held, "text", "") + text
+        cut = held.rfind("\n") + 1
+        self._held.text = held[cut:]
+        if cut:
+            with self._lock:
+                self._out.write(held[:cut])
+        return len(text)
+
+    def flush(self) -> None:
+        rest, self._held.text = getattr(self._held, "text", ""), ""
+        with self._lock:
+            if rest:
+                self._out.write(rest)
+            self._out.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._out, name)

@@ -93,3 +93,36 @@ def test_a_blank_line_shows_only_between_two_of_ours():
            "╭────╮", "", "trial_2: epoch 1/2: train loss 0.75", "", "", "trial   k   L", ""]
     assert [s for line in raw for s in keep(line)] == [
         "trial_1: epoch 2/2: train loss 0.44", "trial_2: epoch 1/2: train loss 0.75", "", "trial   k   L"]
+
+
+def test_a_drivers_threads_print_whole_lines_into_one_log():
+    """`print` writes a line and its newline apart; a job driver's threads (ours, Ray's log
+    forwarding) must not land inside each other's lines."""
+    import io
+    import threading
+    import time
+
+    from pipeline.console import WholeLines
+
+    class Log(io.StringIO):
+        def write(self, text: str) -> int:
+            time.sleep(0.0005)  # a log file's write: other threads run meanwhile
+            return super().write(text)
+
+    log = Log()
+    out = WholeLines(log)
+    lines = {who: [f"{who}: line {i} " + who * 40 for i in range(100)] for who in "ab"}
+
+    def speak(who: str) -> None:
+        for line in lines[who]:
+            print(line, file=out, flush=True)
+
+    threads = [threading.Thread(target=speak, args=(who,)) for who in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    written = log.getvalue().splitlines()
+    assert sorted(written) == sorted(lines["a"] + lines["b"])
+    for who in "ab":
+        assert [w for w in written if w.startswith(f"{who}: ")] == lines[who]
