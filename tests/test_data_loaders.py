@@ -146,3 +146,32 @@ def test_10crop_pads_small_images_with_the_black_the_training_translation_fills(
     p = TRANSLATE_PADDING
     padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
     torch.testing.assert_close(pad_as_translated(normalise(images), p, mean, std), normalise(padded))
+
+
+@pytest.mark.timeout(120)
+def test_cpythons_rare_ast_miscount_while_ffcv_generates_code_is_made_again(store, monkeypatch):
+    """CPython 3.11's AST constructor can raise a spurious SystemError under threads
+    (python/cpython#106905) while FFCV generates a loader's code: the loader is built again,
+    and any other SystemError still stops it."""
+    import ffcv.loader
+
+    from pipeline.data import loaders
+
+    real, calls = ffcv.loader.Loader, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise SystemError("AST constructor recursion depth mismatch (before=162, after=182)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ffcv.loader, "Loader", flaky)
+    loader, _ = loaders.make_loader(store, "val", 4, DataSection(augment=False, loader_workers=1))
+    assert len(calls) == 2 and sum(len(y) for _, y in loader) == 8
+
+    def broken(*args, **kwargs):
+        raise SystemError("something else")
+
+    monkeypatch.setattr(ffcv.loader, "Loader", broken)
+    with pytest.raises(SystemError, match="something else"):
+        loaders.make_loader(store, "val", 4, DataSection(augment=False, loader_workers=1))

@@ -148,19 +148,30 @@ def make_loader(store_dir: str | os.PathLike, split: Literal["train", "val"], ba
         raise UserError("order quasi_random does not work with distributed=True: use random")
     if channels_last is None:
         channels_last = data_cfg.channels_last
-    loader = Loader(
-        str(manifest.beton(split)),
-        batch_size=batch_size,
-        num_workers=decode_threads(data_cfg.loader_workers),
-        os_cache=data_cfg.os_cache,
-        order={"random": OrderOption.RANDOM, "sequential": OrderOption.SEQUENTIAL,
-               "quasi_random": OrderOption.QUASI_RANDOM}[order],
-        distributed=distributed,
-        seed=seed,
-        indices=indices,
-        drop_last=train if drop_last is None else drop_last,
-        pipelines={"image": image_pipeline(manifest, train, data_cfg, channels_last=channels_last,
-                                           crop_ratio=crop_ratio),
-                   "label": label_pipeline()},
-    )
+    def build() -> Loader:
+        return Loader(
+            str(manifest.beton(split)),
+            batch_size=batch_size,
+            num_workers=decode_threads(data_cfg.loader_workers),
+            os_cache=data_cfg.os_cache,
+            order={"random": OrderOption.RANDOM, "sequential": OrderOption.SEQUENTIAL,
+                   "quasi_random": OrderOption.QUASI_RANDOM}[order],
+            distributed=distributed,
+            seed=seed,
+            indices=indices,
+            drop_last=train if drop_last is None else drop_last,
+            pipelines={"image": image_pipeline(manifest, train, data_cfg, channels_last=channels_last,
+                                               crop_ratio=crop_ratio),
+                       "label": label_pipeline()},
+        )
+
+    try:
+        loader = build()
+    except SystemError as e:
+        # FFCV generates its pipeline's code with `ast.parse`, and CPython 3.11's AST
+        # constructor rarely miscounts its recursion depth in a process with other threads
+        # running (python/cpython#106905): the same parse succeeds when made again.
+        if "AST constructor recursion depth mismatch" not in str(e):
+            raise
+        loader = build()
     return loader, manifest
