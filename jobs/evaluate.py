@@ -49,8 +49,8 @@ def run(data: dict[str, Any]) -> None:
                       weights=conf.weights, say=lambda line: print(line, flush=True))
     storage.write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"{result['model']} epoch {result['epoch']} ({result['weights']} weights) on {result['dataset']} val ({result['images']} images, "
-          f"tta {result['tta']}): top-1 error {result['top1_error']:.4f}, top-5 error "
-          f"{result['top5_error']:.4f}", flush=True)
+          f"tta {result['tta']}): top-1 error {result['top1_error']:.4f}"
+          + (f", top-5 error {result['top5_error']:.4f}" if result["num_classes"] > 5 else ""), flush=True)
     print(f"wrote {out}", flush=True)
 
 

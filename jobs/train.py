@@ -38,13 +38,14 @@ def prepare_config(data: dict[str, Any]):
 
 
 def _check_init(cfg):
-    """The starting weights fit the net (one line if not), checked here once, not by every worker."""
+    """The starting weights fit the net (one line if not), checked here once, not by every
+    worker. Quietly: rank 0 says what it loaded when it loads it."""
     from pipeline.config import apply_overrides
     from pipeline.models.densenet import build
     from pipeline.models.init import load_into, resolve
 
     location = resolve(cfg.model.init_from, cfg.model.name)
-    load_into(build(cfg.model_spec()), location, say=lambda line: print(line, flush=True))
+    load_into(build(cfg.model_spec()), location, say=lambda line: None)
     return apply_overrides(cfg, {"model.init_from": location})
 
 

@@ -389,8 +389,11 @@ def validate(cfg: Config) -> Config:
          f"optim.clip_grad_norm must be > 0 (or unset), got {o.clip_grad_norm}"),
         (cfg.data.mixup >= 0 and cfg.data.cutmix >= 0, "data.mixup and data.cutmix must be >= 0"),
         (0 <= cfg.data.mix_switch_prob <= 1, "data.mix_switch_prob must be in [0, 1]"),
-        (0 <= t.freeze_epochs < t.epochs,
-         f"train.freeze_epochs must be in [0, {t.epochs}) (train.epochs), got {t.freeze_epochs}"),
+        (t.freeze_epochs >= 0, f"train.freeze_epochs must be >= 0, got {t.freeze_epochs}"),
+        (t.freeze_epochs < t.epochs,
+         f"train.freeze_epochs ({t.freeze_epochs}) must be fewer than train.epochs ({t.epochs}), "
+         f"or nothing but the classifier would learn: pass --freeze-epochs {t.epochs - 1} "
+         f"or --epochs {t.freeze_epochs + 1}"),
         (t.resume_from_epoch is None or t.resume,
          "--from-epoch continues a run: give it with --resume NAME"),
         (t.resume_from_epoch is None or 1 <= t.resume_from_epoch < t.epochs,

@@ -65,6 +65,18 @@ def check_out_file(path: Path, flag: str, *, force: bool = False, holds: str | N
         raise UserError(f"{path.parent} does not exist: create it or choose another {flag}")
 
 
+def check_folder_named(raw: str | None, flag: str, *, takes_folder: bool = True) -> None:
+    """`--out x/` names a folder, as it does for cp: when there is none (or the flag takes
+    only a file) it is refused, not written as a file called x."""
+    if not raw or is_uri(raw) or not raw.endswith(("/", os.sep)):
+        return
+    if not takes_folder:
+        raise UserError(f"{flag} {raw} names a folder: name the file to write")
+    if not Path(raw).expanduser().is_dir():
+        raise UserError(f"{flag} {raw} names a folder, and there is none: create it, or name the "
+                        "file to write")
+
+
 def check(location: str) -> str:
     """A UserError for a location that cannot be used; else the location unchanged."""
     if not is_uri(location):

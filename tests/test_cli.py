@@ -78,6 +78,13 @@ def test_models_table_and_overrides():
     (["train", "densenet_bc100_k12", "--from-epoch", "2", "--dry-run"], "give it with --resume NAME"),
     (["train", "densenet_bc100_k12", "--set", "train.resume=true", "--set", "train.resume_from_epoch=0",
       "--dry-run"], "--from-epoch must be in [1, 300)"),
+    # A trailing slash names a folder, as for cp: never a file called "nowhere-1".
+    (["export", "runs/x", "--format", "onnx", "--out", "nowhere-1/"], "--out nowhere-1/ names a folder, and there is none"),
+    (["evaluate", "runs/x", "--data", "s", "--out", "nowhere-1/"], "--out nowhere-1/ names a folder, and there is none"),
+    (["predict", "runs/x", "a.jpg", "--out", "nowhere-1/"], "--out nowhere-1/ names a folder: name the file to write"),
+    (["train", "densenet121", "--init-from", "w.pth", "--epochs", "1", "--dry-run"],
+     "train.freeze_epochs (1) must be fewer than train.epochs (1), or nothing but the classifier would "
+     "learn: pass --freeze-epochs 0 or --epochs 2"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle):
     r = runner.invoke(app, args)
@@ -130,6 +137,20 @@ def test_train_dry_run_resolves_recipe_flags_and_sets(tmp_path, tiny_store, monk
                                 "--save-config", str(target)])
         assert r.exit_code == 2 and needle in r.stderr, (target, r.output)
         assert kept is None or target.read_bytes() == kept
+    # Weights to start from, without a recipe: the fine-tuning recipe, not the paper's 90
+    # epochs from lr 0.1 that would wash them out; a recipe given is kept.
+    torch_file = tmp_path / "start.pth"
+    torch_file.write_bytes(b"checked by the job")
+    r = runner.invoke(app, ["train", "densenet121", "--data", str(tiny_store), "--init-from", str(torch_file),
+                            "--set", "model.num_classes=10", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    tuned = json.loads(r.stdout)
+    assert "recipe: finetune, the default with --init-from" in r.stderr
+    assert (tuned["train"]["epochs"], tuned["optim"]["lr"], tuned["schedule"]["kind"]) == (15, 0.01, "cosine")
+    assert tuned["model"]["init_from"] == str(torch_file) and tuned["model"]["name"] == "densenet121"
+    r = runner.invoke(app, ["train", "densenet121", "--data", str(tiny_store), "--init-from", str(torch_file),
+                            "--recipe", "imagenet", "--set", "model.num_classes=10", "--dry-run"])
+    assert json.loads(r.stdout)["train"]["epochs"] == 90 and "recipe: finetune" not in r.output
     r = runner.invoke(app, ["train", "densenet_bc100_k12", "--data", str(tiny_store), "--dry-run"])
     assert json.loads(r.stdout)["train"]["epochs"] == 300
     assert json.loads(r.stdout)["train"]["compile"] == "auto"

@@ -434,6 +434,8 @@ def test_a_fine_tune_job_records_its_source_and_every_epoch_in_w_and_b(trained, 
             "--epochs", "2", "--init-from", source, *TRAIN)
     assert r.exit_code == 0, r.output
     assert "warning: W&B" not in r.output, r.output
+    # Said once, by the rank that loads them, not again by the driver that checks them.
+    assert len(re.findall(r"^init: .*: every layer", r.output, re.M)) == 1, r.output
     init = checkpoint.load(runs / "tuned")["init"]
     assert init["source"].startswith(str(source / "epoch-0003"))
     (data,) = (runs / "tuned").rglob("offline-run-*/*.wandb")

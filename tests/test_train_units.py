@@ -242,3 +242,15 @@ def test_a_worker_group_left_unplaced_says_what_it_waits_for(monkeypatch):
     assert len(said) == 1, said
     assert said[0].startswith("waited ") and said[0].endswith("the run starts when they free up")
     assert "the run's 2 worker(s) of 1 CPU each (pack): 1 of 2 CPUs free now" in said[0]
+
+
+def test_the_epoch_line_leaves_out_top5_where_it_is_zero_by_definition():
+    from pipeline.train.loop import epoch_line
+
+    row = {"epoch": 2, "train_loss": 0.5, "train_top1_error": 0.25, "val_loss": 0.6,
+           "val_top1_error": 0.3, "val_top5_error": 0.0, "images_per_s": 1234.0, "epoch_time_s": 3.0}
+    assert epoch_line(row, 5, classes=10) == (
+        "epoch 2/5: train loss 0.5000 top-1 err 0.2500 | val loss 0.6000 top-1 err 0.3000 "
+        "top-5 err 0.0000 | 1,234 img/s, 3.0 s")
+    three = epoch_line(row, 5, classes=3)
+    assert "top-5" not in three and three.startswith("epoch 2/5: ") and "top-1 err 0.3000 | 1,234" in three

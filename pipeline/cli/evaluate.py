@@ -34,6 +34,10 @@ def evaluate(
         raise UserError(f"unknown --tta {tta!r}: use one of {', '.join(TTA)}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if address is None:
+        from ..storage import check_folder_named
+
+        check_folder_named(out, "--out")
     checkpoint = at_epoch(checkpoint, epoch)
     cfg = {"checkpoint": checkpoint, "store": data, "tta": tta, "batch_size": batch_size,
            "stage": (stage or StageMode.auto).value, "gpu": gpu, "weights": weights.value}

@@ -38,7 +38,7 @@ def predict(
     inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Image files, folders of images, or a store (its --split).")],
     top_k: Annotated[int, typer.Option("--top-k", help="Classes per image, most probable first.")] = 5,
     fmt: Annotated[Optional[RowFormat], typer.Option("--format", help="table, json or csv (default: --out's suffix, .csv or .json; else table).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write the rows here (a cluster job's default: predictions-TIME.FORMAT).")] = None,
+    out_given: Annotated[Optional[str], typer.Option("--out", help="Write the rows here (a cluster job's default: predictions-TIME.FORMAT).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
     split: Annotated[Optional[str], typer.Option(help="With a store: the split to classify (default val; a store's train.beton or val.beton given as INPUT names it).")] = None,
     in_process: Annotated[bool, typer.Option("--in-process", help="Run here even for folders and stores, not as a cluster job.")] = False,
@@ -59,8 +59,10 @@ def predict(
     """
     from .. import infer
     from ..data.store import MANIFEST
-    from ..storage import is_uri
+    from ..storage import check_folder_named, is_uri
 
+    check_folder_named(out_given, "--out", takes_folder=False)
+    out = Path(out_given) if out_given is not None else None
     if top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {top_k}")
     if actors < 1 or batch_size < 1:
@@ -162,7 +164,7 @@ def _predict_job(checkpoint: str, inputs: list[str], top_k: int, fmt: RowFormat,
 def export(
     checkpoint: CheckpointArg,
     fmt: Annotated[ExportFormat, typer.Option("--format", help="safetensors, torchscript or onnx.")],
-    out: Annotated[Optional[Path], typer.Option(help="Model file to write, or a folder to write it into (default: beside the checkpoint).")] = None,
+    out_given: Annotated[Optional[str], typer.Option("--out", help="Model file to write, or a folder to write it into (default: beside the checkpoint).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing export.")] = False,
     wandb: Annotated[Optional[str], typer.Option(help="online, offline or off (default: $WANDB_MODE, else the training run's).")] = None,
     registry: Annotated[Optional[str], typer.Option(help="Online: link the export into this W&B registry collection.")] = None,
@@ -176,6 +178,10 @@ def export(
     differ from the PyTorch net's by more than 1e-4 on a fixed batch.
     """
     from ..export import export as run_export
+    from ..storage import check_folder_named
+
+    check_folder_named(out_given, "--out")
+    out = Path(out_given) if out_given is not None else None
 
     if wandb not in (None, "online", "offline", "off"):
         raise UserError(f"unknown --wandb {wandb!r}: use online, offline or off")

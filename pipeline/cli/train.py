@@ -130,9 +130,15 @@ def train(
     }
     if from_epoch is not None and not resume:
         raise UserError("--from-epoch continues a run: give it with --resume NAME")
+    # A net's default recipe is its paper's, from scratch: 90 epochs from lr 0.1 would wash
+    # out the weights --init-from loads.
+    tuning = recipe is None and init_from is not None and not resume
+    recipe = "finetune" if tuning else recipe
     # A resume's flags go on the run's saved config, not the recipe's: `--resume R --nodes 3`
     # is checked against R's batch, not a recipe default R never used.
     cfg = build_config(recipe, model, flags, sets, check=not resume)
+    if tuning:
+        output.info("recipe: finetune, the default with --init-from (--recipe picks another)")
     if not cfg.data.store and not resume:
         cfg = C.apply_overrides(cfg, {"data.store": default_store(model, recipe, local=address is None)})
     if cfg.model.init_from and address is None:

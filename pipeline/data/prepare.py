@@ -243,7 +243,7 @@ def _write_store(tmp: Path, src: Source, settings: WriteSettings, cfg: PrepareCo
     if (resolution, eval_resolution) != (card.resolution, card.eval_resolution):
         log(f"note: the images are at most {max(resolution, eval_resolution)} px on a side: the store "
             f"trains at {resolution} and evaluates at {eval_resolution} px (the card says "
-            f"{card.resolution}/{card.eval_resolution}; --set data.resolution=N overrides)")
+            f"{card.resolution}/{card.eval_resolution}; prepare --resolution N, or train --set data.resolution=N, overrides)")
     manifest = Manifest(
         format_version=FORMAT_VERSION, dataset=src.dataset, num_classes=len(src.classes),
         classes=list(src.classes), splits=splits,

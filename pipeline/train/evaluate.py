@@ -106,7 +106,7 @@ def evaluate(checkpoint_path: str | Path, store: str | Path, *, tta: str = "none
     return {
         "checkpoint": checkpoint.find(checkpoint_path),
         "store": display(str(store)), "dataset": manifest.dataset, "tta": tta, "images": int(tally.n),
-        "epoch": state["epoch"], "model": spec.name, "weights": kind,
+        "epoch": state["epoch"], "model": spec.name, "weights": kind, "num_classes": spec.num_classes,
         "top1_error": tally.top1_error, "top5_error": tally.top5_error,
         "seconds": time.perf_counter() - t0,
     }

@@ -590,12 +590,14 @@ def epoch_row(epoch: int, trained: Tally, val: Tally, ema_val: Tally | None, res
     }
 
 
-def epoch_line(row: dict[str, Any], epochs: int) -> str:
+def epoch_line(row: dict[str, Any], epochs: int, classes: int) -> str:
+    """The epoch's console line; with 5 classes or fewer top-5 error is 0 by definition, so
+    the line leaves it out (the metrics keep it)."""
     ema = f" (EMA {row['val_ema_top1_error']:.4f})" if "val_ema_top1_error" in row else ""
+    top5 = f" top-5 err {row['val_top5_error']:.4f}" if classes > 5 else ""
     return ("epoch {epoch}/{0}: train loss {train_loss:.4f} top-1 err {train_top1_error:.4f}"
-            " | val loss {val_loss:.4f} top-1 err {val_top1_error:.4f} top-5 err "
-            "{val_top5_error:.4f}{ema} | {images_per_s:,.0f} img/s, {epoch_time_s:.1f} s").format(
-                epochs, **row, ema=ema)
+            " | val loss {val_loss:.4f} top-1 err {val_top1_error:.4f}{top5}{ema}"
+            " | {images_per_s:,.0f} img/s, {epoch_time_s:.1f} s").format(epochs, **row, ema=ema, top5=top5)
 
 
 def report_epoch(session: Session, row: dict[str, Any], state, save: bool,
@@ -681,7 +683,7 @@ def train_loop(loop_config: dict[str, Any], session: Session) -> None:
         history.append(row)
         is_best = row["val_top1_error"] < best
         best = min(best, row["val_top1_error"])
-        say(epoch_line(row, epochs))
+        say(epoch_line(row, epochs, manifest.num_classes))
         parts.global_step += parts.steps
         tracker.log({f"epoch/{k}": v for k, v in row.items()}, step=parts.global_step)
 
