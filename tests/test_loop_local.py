@@ -3,7 +3,9 @@ and a resumed run ending with the same weights as an uninterrupted one."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,7 +41,7 @@ def _run(store, run_dir, stop_after: int | None = None, resume: bool = False, **
         **extra}))
     run_dir.mkdir(parents=True, exist_ok=True)
     loop_config = {"config": cfg.to_dict(), "run_dir": str(run_dir), "run_name": run_dir.name,
-                   "manifest_sha256": "x" * 64}
+                   "manifest_sha256": hashlib.sha256((Path(store) / "manifest.json").read_bytes()).hexdigest()}
     try:
         train_loop(loop_config, LocalSession(run_dir, stop_after=stop_after))
     except LocalSession.Stopped:
@@ -119,6 +121,14 @@ def test_ema_weights_are_validated_checkpointed_and_what_evaluate_reads(store, t
     assert raw["top1_error"] == pytest.approx(history[-1]["val_top1_error"], abs=1e-9)
     assert torch.equal(load(tmp_path / "ema").model.state_dict()[conv], ema["weights"][conv])
     assert load(tmp_path / "ema", "raw").weights == "raw"
+    # Another store with the same classes is evaluated, and said to be another one.
+    said: list[str] = []
+    assert by_default["store_trained_on"] is True
+    other = make_synthetic_store(tmp_path / "other", 32, 64, seed=7)
+    elsewhere = evaluate(tmp_path / "ema", other, loader_workers=1, say=said.append)
+    assert elsewhere["store_trained_on"] is False and elsewhere["images"] == 64
+    (note,) = [line for line in said if line.startswith("note: ")]
+    assert f"the net trained on {store}" in note and f"{other} is another store" in note
 
 
 @pytest.mark.timeout(300)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -52,10 +53,12 @@ def complete_jobs(incomplete: str) -> list[str]:
     return [i for i in ids if i and i.startswith(incomplete)]
 
 
+# Listed from the package's folder (not `config.recipe_names`): --help stays free of torch.
+_RECIPES = ", ".join(sorted(p.stem for p in (Path(__file__).parents[1] / "recipes").glob("*.yaml")))
 Recipe = Annotated[
     Optional[str],
     typer.Option("--recipe", autocompletion=complete_recipes,
-                 help="Recipe name (cifar, svhn, imagenet, smoke) or a YAML path."),
+                 help=f"Recipe name ({_RECIPES}) or a YAML path."),
 ]
 class TableFormat(str, Enum):
     """What a listing prints: a plain table for people, JSON for scripts."""

@@ -63,6 +63,12 @@ def evaluate(checkpoint_path: str | Path, store: str | Path, *, tta: str = "none
     manifest, digest = locate(str(store))
     runs.check_checkpoint_classes(spec.num_classes, state.get("store", {}).get("classes"),
                                   manifest.classes, str(store))
+    trained_on = state.get("store", {})
+    other_store = bool(trained_on.get("manifest_sha256")) and trained_on["manifest_sha256"] != digest
+    if other_store:
+        # Legitimate (a new test set with the same classes), but never by accident unsaid.
+        say(f"note: the net trained on {trained_on.get('path') or 'another store'}; {display(str(store))} "
+            "is another store with the same classes (its manifest differs)")
     from ..infer import pick_weights
 
     model = build(spec)
@@ -108,5 +114,6 @@ def evaluate(checkpoint_path: str | Path, store: str | Path, *, tta: str = "none
         "store": display(str(store)), "dataset": manifest.dataset, "tta": tta, "images": int(tally.n),
         "epoch": state["epoch"], "model": spec.name, "weights": kind, "num_classes": spec.num_classes,
         "top1_error": tally.top1_error, "top5_error": tally.top5_error,
+        "store_trained_on": not other_store,
         "seconds": time.perf_counter() - t0,
     }
