@@ -137,6 +137,10 @@ def test_train_dry_run_resolves_recipe_flags_and_sets(tmp_path, tiny_store, monk
                                 "--save-config", str(target)])
         assert r.exit_code == 2 and needle in r.stderr, (target, r.output)
         assert kept is None or target.read_bytes() == kept
+    # A file as --storage is refused here, not by a job on the cluster.
+    r = runner.invoke(app, ["train", "densenet169", "--data", str(tiny_store), "--storage",
+                            str(tmp_path / "photo.png"), "--dry-run"])
+    assert r.exit_code == 2 and "photo.png is a file: runs go into a folder" in r.stderr, r.output
     # Weights to start from, without a recipe: the fine-tuning recipe, not the paper's 90
     # epochs from lr 0.1 that would wash them out; a recipe given is kept.
     torch_file = tmp_path / "start.pth"

@@ -225,6 +225,10 @@ def test_force_replaces_only_a_store_or_an_empty_folder(tmp_path, no_compile, cl
     r = cli("prepare", "synthetic", "--out", work, "--force")
     assert r.exit_code == 2 and r.stderr.count("error:") == 1 and "only a store" in r.stderr
     assert (work / "thesis" / "chapter1.tex").read_text() == "It was a dark and stormy night."
+    # Without --force the refusal does not advise the --force that would be refused too.
+    r = cli("prepare", "synthetic", "--out", work)
+    assert r.exit_code == 2 and "is already a non-empty folder that is not a store (it holds 'thesis')" in r.stderr
+    assert "pass --force" not in r.stderr, r.stderr
 
     store = tmp_path / "syn"
     prepare(_small(store), log=quiet)

@@ -70,13 +70,16 @@ def check_out(out: str | os.PathLike, force: bool) -> Path:
 
 def _check_replace(where: str, foreign: list[str], force: bool, kind: str) -> None:
     """A non-empty `--out` is replaced only with --force, and only when all of it is a store."""
+    holds = f"{foreign[0]!r}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}" if foreign else ""
+    if not force and not foreign:
+        raise UserError(f"{where} is already a store: pass --force to replace it, or choose another --out")
     if not force:
-        what = "a store" if not foreign else f"a non-empty {kind}"
-        raise UserError(f"{where} is already {what}: pass --force to replace it, or choose another --out")
+        # --force would be refused too: advising it would send the user round in a circle.
+        raise UserError(f"{where} is already a non-empty {kind} that is not a store (it holds "
+                        f"{holds}): choose another --out (--force replaces only a store)")
     if foreign:
         raise UserError(f"--force replaces only a store or an empty {kind}, and {where} holds "
-                        f"{foreign[0]!r}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}"
-                        ": choose another --out; nothing was touched")
+                        f"{holds}: choose another --out; nothing was touched")
 
 
 def check_remote_out(out: str, force: bool) -> str:
