@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import runs
-from .errors import UserError
+from .errors import UserError, first_line
 from .parsing import BOOL_WORDS, ConfigError, parse_dataclass  # noqa: F401  (re-exported)
 from .models import spec as model_spec
 
@@ -360,7 +360,13 @@ def load_recipe(name_or_path: str) -> Config:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {name_or_path} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"recipe {name_or_path} is not valid YAML{where} "
+                          f"({getattr(e, 'problem', None) or first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {name_or_path} is not a recipe: a recipe is a YAML mapping of config "
+                          "sections (model:, optim:, train:, ...), as in `train --dry-run`'s output")
     return Config.from_dict(data)
 
 

@@ -18,3 +18,10 @@ def last_line(error: BaseException | str, limit: int = 300) -> str:
     and end with the cause's `Type: message`, the line a user can act on."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     return (lines[-1] if lines else type(error).__name__)[:limit]
+
+
+def first_line(error: BaseException | str, limit: int = 200) -> str:
+    """The first non-empty line of an error's text, for errors that say what went wrong first
+    and list details after (tarfile's "could not be opened successfully:", YAML's parser)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return (lines[0].rstrip(":") if lines else type(error).__name__)[:limit]

@@ -104,9 +104,16 @@ def test_recipe_files_and_errors(tmp_path):
     assert cfg.optim == C.OptimSection()
     with pytest.raises(C.ConfigError, match="unknown recipe 'cifarr'"):
         C.load_recipe("cifarr")
-    (tmp_path / "bad.yaml").write_text("model: [")
-    with pytest.raises(C.ConfigError, match="not valid YAML"):
+    (tmp_path / "bad.yaml").write_text("model: [1\n  bad: :")
+    # One line: where and what, not the parser's multi-line report.
+    with pytest.raises(C.ConfigError) as e:
         C.load_recipe(str(tmp_path / "bad.yaml"))
+    assert str(e.value) == f"recipe {tmp_path / 'bad.yaml'} is not valid YAML at line 2 (expected ',' or ']', but got ':')"
+    # A file that is YAML but not a mapping is named as no recipe, its text not echoed.
+    (tmp_path / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/:/bin/false\n")
+    with pytest.raises(C.ConfigError, match=r"passwd is not a recipe: a recipe is a YAML mapping") as e:
+        C.load_recipe(str(tmp_path / "passwd"))
+    assert "root:x" not in str(e.value)
 
 
 def test_yaml_words_for_choices_and_bools():

@@ -125,6 +125,9 @@ def test_prepare_official_formats_as_ray_jobs(ray_cluster, tmp_path):
     bad.write_bytes(cifar.read_bytes()[:500])
     r = run("cifar10", "--source", str(bad), "--out", str(tmp_path / "s" / "bad"))
     assert r.exit_code == 2 and "truncated or not a tar archive" in r.output
+    # tarfile's multi-line reason is cut to its first line, and the fix still follows it.
+    (line,) = [ln for ln in r.output.splitlines() if "truncated or not a tar archive" in ln]
+    assert line.endswith("or its extracted cifar-10-batches-py/"), line
     assert not (tmp_path / "s" / "bad").exists()
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["cifar10", "imagenet", "svhn"]
 

@@ -28,6 +28,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from .. import errors
 from ..errors import UserError
 from .cards import Card, WriteDefaults, load_card
 from .prepare_config import PrepareConfig, SyntheticSpec
@@ -393,7 +394,7 @@ def _cifar_files(path: Path, folder: str, names: list[str], fix: str) -> tuple[d
                     _check_member_size(f"{path}:{m.name}", m.size, fix)
                     found[n] = tar.extractfile(m).read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise UserError(f"{path} is truncated or not a tar archive ({e}): {fix}") from None
+        raise UserError(f"{path} is truncated or not a tar archive ({errors.first_line(e)}): {fix}") from None
     missing = [n for n in names if n not in found]
     if missing:
         top = sorted({s.split("/", 1)[0] for s in seen})[:3]
@@ -747,7 +748,7 @@ def _devkit(path: Path) -> tuple[list[str], dict[str, str]]:
                             _check_member_size(f"{path}:{m.name}", m.size, fix, _MAX_DEVKIT_BYTES)
                             found[n] = t.extractfile(m).read()
         except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-            raise UserError(f"{path} is truncated or not a tar archive ({e}): {fix}") from None
+            raise UserError(f"{path} is truncated or not a tar archive ({errors.first_line(e)}): {fix}") from None
     missing = [n for n in names if n not in found]
     if missing:
         raise UserError(f"{path} has no {missing[0]}: {fix}")
