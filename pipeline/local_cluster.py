@@ -151,6 +151,38 @@ def ensure(directory: Path | None = None, note: Callable[[str], None] | None = N
     return cluster
 
 
+# What a local node holds before any work (Ray 2.60, measured with `free` around
+# `cluster up`): the head (GCS, dashboard, job server, raylet) about 660 MiB, each further
+# node (raylet, agents) about 250 MiB; rounded up.
+HEAD_MIB, NODE_MIB = 700, 300
+
+
+def available_mib() -> int | None:
+    """This machine's MemAvailable in MiB (None where /proc/meminfo has no such line)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(to_start: int, head: bool, nodes: int, available: int | None) -> None:
+    """Nodes that would take more than half the memory available before doing any work are
+    refused: on one machine every node is its own raylet and agents, and `--nodes 100`
+    would start them one by one until the machine ran out."""
+    if available is None or to_start <= 0:
+        return
+    need = to_start * NODE_MIB + (HEAD_MIB - NODE_MIB if head else 0)
+    if need > available // 2:
+        most = max(1, (available // 2 - (HEAD_MIB - NODE_MIB if head else 0)) // NODE_MIB)
+        raise UserError(f"--nodes {nodes}: a local node takes about {NODE_MIB} MiB before any work, so "
+                        f"{to_start} {'more ' if not head else ''}would take {need / 1024:.1f} GiB of the {available / 1024:.1f} GiB "
+                        f"this machine has free; ask for at most {most + (nodes - to_start)} here, and "
+                        "use a real cluster (cluster/README.md) for more")
+
+
 def up(nodes: int = 1, cpus_per_node: float | None = None, gpus_per_node: int | None = None,
        *, directory: Path | None = None, object_store_memory: int | None = None,
        note: Callable[[str], None] | None = None,
@@ -180,6 +212,8 @@ def up(nodes: int = 1, cpus_per_node: float | None = None, gpus_per_node: int | 
     note = note or (lambda _msg: None)
     with _locked(directory):
         cluster = running(directory)
+        have = 0 if cluster is None else len(cluster.alive())
+        check_memory(nodes - have, cluster is None, nodes, available_mib())
         if cluster is None:
             _stop_leftovers(load(directory))
             with _starting():

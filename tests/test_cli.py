@@ -82,6 +82,7 @@ def test_models_table_and_overrides():
     (["export", "runs/x", "--format", "onnx", "--out", "nowhere-1/"], "--out nowhere-1/ names a folder, and there is none"),
     (["evaluate", "runs/x", "--data", "s", "--out", "nowhere-1/"], "--out nowhere-1/ names a folder, and there is none"),
     (["predict", "runs/x", "a.jpg", "--out", "nowhere-1/"], "--out nowhere-1/ names a folder: name the file to write"),
+    (["predict", "runs/x", "stores/x", "--split", "test"], "unknown --split 'test': a store has train and val"),
     (["train", "densenet121", "--init-from", "w.pth", "--epochs", "1", "--dry-run"],
      "train.freeze_epochs (1) must be fewer than train.epochs (1), or nothing but the classifier would "
      "learn: pass --freeze-epochs 0 or --epochs 2"),

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from pipeline import local_cluster
+from pipeline.errors import UserError
 
 
 def _descendants(cluster: local_cluster.LocalCluster) -> set[int]:
@@ -187,7 +188,10 @@ def test_bad_cluster_input_is_one_line_exit_2(cli, tmp_path, monkeypatch):
     for args, needle in ((["--nodes", "0"], "--nodes must be >= 1"),
                          (["--cpus-per-node", "0"], "--cpus-per-node must be > 0"),
                          (["--nodes", "2", "--gpus-per-node", str(gpus + 1)],
-                          f"this machine has {gpus}")):
+                          f"this machine has {gpus}"),
+                         # More nodes than half this machine's free memory holds idle.
+                         (["--nodes", str((local_cluster.available_mib() // 2) // local_cluster.NODE_MIB + 2)],
+                          "MiB before any work")):
         result = cli("cluster", "up", *args)
         assert result.exit_code == 2, result.output
         assert result.stderr == f"error: {result.stderr[7:]}" and needle in result.stderr
@@ -198,6 +202,18 @@ def test_bad_cluster_input_is_one_line_exit_2(cli, tmp_path, monkeypatch):
     result = cli("cluster", "status", "--address", f"127.0.0.1:{port}")
     assert result.exit_code == 2 and "cannot reach Ray job server" in result.stderr
     assert local_cluster.load(tmp_path) is None
+
+
+def test_nodes_that_would_fill_half_the_free_memory_idle_are_refused():
+    local_cluster.check_memory(10, True, 10, 8000)  # 3.3 GiB of 7.8: started
+    with pytest.raises(UserError, match=r"--nodes 14: .* 14 would take 4.5 GiB of the 7.8 GiB this machine "
+                                        r"has free; ask for at most 12 here"):
+        local_cluster.check_memory(14, True, 14, 8000)
+    # Growing a running cluster of 3: the 2 more are what count, the 3 already hold theirs.
+    with pytest.raises(UserError, match=r"--nodes 5: .* 2 more would take 0.6 GiB .* ask for at most 4 here"):
+        local_cluster.check_memory(2, False, 5, 1000)
+    local_cluster.check_memory(0, False, 3, 100)  # nothing to start
+    local_cluster.check_memory(50, True, 50, None)  # no /proc/meminfo: not guessed
 
 
 def test_a_node_is_known_by_its_start_ticks_not_the_wall_clock():

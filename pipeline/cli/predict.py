@@ -61,6 +61,8 @@ def predict(
     from ..data.store import MANIFEST
     from ..storage import check_folder_named, is_uri
 
+    if split not in (None, "train", "val"):
+        raise UserError(f"unknown --split {split!r}: a store has train and val")
     check_folder_named(out_given, "--out", takes_folder=False)
     out = Path(out_given) if out_given is not None else None
     if top_k < 1:
