@@ -192,8 +192,22 @@ def predict_paths(net: Trained, paths: list[Path], top_k: int = 5, batch_size: i
                 logits = net.model(torch.from_numpy(np.stack(batch)).to(device))
             for j, row in zip(slots, _rows(net, logits, names, top_k)):
                 out[j] = row
+        for path, row in zip(chunk, out):
+            # torchvision's ImageFolder layout: a folder named after one of the net's classes
+            # labels the images in it, so a held-out folder is scored as a store would be.
+            if row is not None and path.parent.name in net.classes:
+                row["label"] = path.parent.name
         rows += [r for r in out if r is not None]
     return rows
+
+
+def scored(rows: list[dict[str, Any]]) -> str | None:
+    """"top-1 error E on N labelled image(s)" over the rows with a label and no error."""
+    labelled = [r for r in rows if r.get("label") and not r["error"] and r["top"]]
+    if not labelled:
+        return None
+    wrong = sum(1 for r in labelled if r["top"][0]["class"] != r["label"])
+    return f"top-1 error {wrong / len(labelled):.4f} on {len(labelled):,} labelled image(s)"
 
 
 def predict_store(net: Trained, store: str | Path, split: str = "val", top_k: int = 5,

@@ -99,6 +99,11 @@ def test_predict_files_folders_and_a_store_agree_and_a_bad_image_is_a_row(folder
     assert "1 of 13 image(s) could not be read" in r.stderr
     assert all(len(row["top"]) == 2 and row["top"][0]["probability"] >= row["top"][1]["probability"]
                for row in rows[:-1])
+    # A folder named after a class labels its images (ImageFolder's layout), and the rows are
+    # scored; the broken file's folder names no class.
+    assert [row["label"] for row in rows[:-1]] == [f.parent.name for f in files] and "label" not in rows[-1]
+    wrong = sum(row["top"][0]["class"] != row["label"] for row in rows[:-1])
+    assert f"top-1 error {wrong / 12:.4f} on 12 labelled image(s)" in r.stderr, r.stderr
 
     by_store = predict_store(load(run), store, top_k=1)
     assert [row["top"][0]["class"] for row in by_store] == [row["top"][0]["class"] for row in rows[:-1]]

@@ -466,6 +466,8 @@ def test_predict_a_store_and_a_folder_as_ray_data_jobs(trained, cli, store, tmp_
     assert [row["input"] for row in rows] == [row["input"] for row in here]
     assert [row["top"][0]["class"] for row in rows] == [row["top"][0]["class"] for row in here]
     assert all(row["label"] for row in rows)
+    wrong = sum(row["top"][0]["class"] != row["label"] for row in rows)
+    assert f"top-1 error {wrong / 128:.4f} on 128 labelled image(s)" in r.output, r.output
 
     from pipeline.data.prepare_config import SyntheticSpec
 
