@@ -281,7 +281,12 @@ def check_writable(location: str) -> None:
         delete(probe)
     except UserError as e:
         where = _split(location)[0]
-        raise UserError(f"storage {where} cannot be written from here ({str(e).split(': ', 1)[-1]}): "
+        if "NO_SUCH_BUCKET" in str(e) or "bucket does not exist" in str(e).lower():
+            scheme, _, rest = where.partition("://")
+            raise UserError(f"storage {where}: the bucket {scheme}://{rest.split('/', 1)[0]} does not "
+                            "exist: create it first, or fix the URI") from None
+        why = str(e).split(": ", 1)[-1].split("; check the URI", 1)[0]
+        raise UserError(f"storage {where} cannot be written from here ({why}): "
                         "give every node credentials in its environment (AWS_ACCESS_KEY_ID/"
                         "AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS) or an instance role"
                         ) from None

@@ -97,6 +97,22 @@ def test_missing_store_and_unreachable_server_are_one_line(s3_bucket):
         staging.locate("s3://runs/x?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1")
 
 
+def test_a_store_for_a_bucket_that_is_not_there_is_refused_before_any_writing(s3_bucket, tmp_path):
+    """Found as a user: the upload failed with pyarrow's NO_SUCH_BUCKET after the whole
+    store was written (hours, for ImageNet). A probe object settles it first."""
+    said: list[str] = []
+    out = f"s3://nobucket/stores/x?{s3_bucket.split('?', 1)[1]}"
+    with pytest.raises(UserError) as e:
+        prepare(PrepareConfig.from_dict({"dataset": "synthetic", "out": out, "workers": 1,
+                                         "synthetic": {"train_size": 64, "val_size": 32}}), log=said.append)
+    assert str(e.value) == ("storage s3://nobucket/stores/x: the bucket s3://nobucket does not exist: "
+                            "create it first, or fix the URI")
+    assert said == []
+    # A bucket that is there takes the probe and keeps nothing of it.
+    storage.check_writable(storage.join(s3_bucket, "stores", "probe"))
+    assert storage.listdir(storage.join(s3_bucket, "stores", "probe")) == []
+
+
 def _stage_in_process(args):
     location, digest, cache = args
     lines: list[str] = []

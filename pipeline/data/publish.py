@@ -82,13 +82,17 @@ def _check_replace(where: str, foreign: list[str], force: bool, kind: str) -> No
                         f"{holds}: choose another --out; nothing was touched")
 
 
-def check_remote_out(out: str, force: bool) -> str:
-    """`--out` in object storage: the same rules as a folder (`check_out`), read remotely."""
+def check_remote_out(out: str, force: bool, probe: bool = True) -> str:
+    """`--out` in object storage: the same rules as a folder (`check_out`), read remotely;
+    with `probe`, a small object written and removed there, so that a missing bucket or
+    credentials fail now, not at the upload after hours of writing."""
     from .. import storage
 
     storage.check(out)
     where = out.split("?", 1)[0]
     entries = storage.listdir(out)
+    if probe:
+        storage.check_writable(out)
     if not entries:
         return out
     ours = set()
@@ -108,7 +112,7 @@ def publish_remote(local: Path, out: str, force: bool, log: Callable[[str], None
     first: readers then see no store, never a mix of old and new files."""
     from .. import storage
 
-    check_remote_out(out, force)  # it may have appeared while we wrote
+    check_remote_out(out, force, probe=False)  # it may have appeared while we wrote
     where = out.split("?", 1)[0]
     old = storage.listdir(out)
     if MANIFEST in old:
