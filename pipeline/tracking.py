@@ -53,6 +53,19 @@ def _netrc_has_key() -> bool:
         return False
 
 
+def offline_line(where: str) -> str:
+    """Where an offline run is and how to upload it: `wandb sync` reads a local folder only,
+    so a run kept in object storage is copied down first."""
+    if not storage.is_uri(where):
+        return f"W&B offline run: {where}; upload it later with `wandb sync {where}`"
+    plain = where.split("?", 1)[0]
+    scheme = plain.split("://", 1)[0]
+    copy = {"s3": "aws s3 cp --recursive", "gs": "gcloud storage cp -r"}.get(scheme, "copy")
+    local = plain.rstrip("/").rsplit("/", 1)[-1]
+    return (f"W&B offline run: {plain}; upload it later: copy it to a disk ({copy} {plain} ./{local}), "
+            f"then `wandb sync ./{local}`")
+
+
 def _warn(what: str, e: BaseException) -> None:
     print(f"warning: W&B {what} failed, training goes on: {type(e).__name__}: {str(e)[:200]}",
           file=sys.stderr, flush=True)
@@ -143,8 +156,7 @@ class Tracker:
             tracker.where = str(storage.join(upload_to, Path(run.dir).parent.relative_to(run_dir / "wandb").as_posix())
                                 if upload_to else Path(run.dir).parent)
             if announce:
-                print(f"W&B offline run: {tracker.where}; upload it later with `wandb sync {tracker.where}`",
-                      flush=True)
+                print(offline_line(tracker.where), flush=True)
         return tracker
 
     @property
@@ -400,7 +412,7 @@ def start_recorder(cfg: Config, *, run_id: str, run_dir: str | Path, group: str 
     if announce and where:
         if cfg.tracking.wandb == "online":
             print("W&B: no API key found, logging offline", flush=True)
-        print(f"W&B offline run: {where}; upload it later with `wandb sync {where}`", flush=True)
+        print(offline_line(where), flush=True)
     return name
 
 

@@ -101,6 +101,14 @@ def test_a_run_in_object_storage_reaches_it_without_waiting_for_a_checkpoint(no_
     finally:
         tracker.finish(ended="stopped_by_user")
     assert in_bucket().exit_code == ENDED["stopped_by_user"]
+    # `wandb sync` reads local folders only: the line says to copy the run down first, and
+    # shows the URI without its endpoint query.
+    line = tracking.offline_line(tracker.where)
+    plain, folder = tracker.where.split("?")[0], tracker.where.split("?")[0].rsplit("/", 1)[-1]
+    assert line == (f"W&B offline run: {plain}; upload it later: copy it to a disk (aws s3 cp --recursive "
+                    f"{plain} ./{folder}), then `wandb sync ./{folder}`")
+    assert tracking.offline_line("/runs/r/wandb/offline-run-1") == (
+        "W&B offline run: /runs/r/wandb/offline-run-1; upload it later with `wandb sync /runs/r/wandb/offline-run-1`")
 
 
 def test_a_torn_or_empty_file_reads_as_what_was_written(no_key, tmp_path):
