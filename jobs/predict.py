@@ -132,7 +132,7 @@ def run(data: dict[str, Any]) -> None:
     bad = sum(1 for r in rows if r["error"])
     if infer.scored(rows):
         print(infer.scored(rows), flush=True)
-    print(f"wrote {len(rows):,} row(s) to {out}" + (f"; {bad} image(s) could not be read" if bad else ""),
+    print(f"wrote {len(rows):,} row(s) to {str(out).split('?', 1)[0]}" + (f"; {bad} image(s) could not be read" if bad else ""),
           flush=True)
 
 

@@ -238,6 +238,9 @@ def test_resumed_run_in_s3_ends_with_the_same_weights(trained, cli, store, s3_bu
     resumed = cli("train", *common, "--resume", "broken", "--from-epoch", "1")
     assert resumed.exit_code == 0, resumed.output
     assert "resumed from epoch 1" in resumed.output
+    # Locations are printed without their endpoint query, as everywhere in the log.
+    plain = run.split("?")[0]
+    assert f"curves {plain}/curves.png\n" in resumed.output and "?endpoint_override" not in resumed.output, resumed.output
     assert "set aside" not in resumed.output
     assert not [n for n in storage.listdir(run) if n.startswith("superseded-")]
     # A later run downloads nothing: every node reads the copy already on its disk.
@@ -258,6 +261,7 @@ def test_resumed_run_in_s3_ends_with_the_same_weights(trained, cli, store, s3_bu
     r = cli("evaluate", run, "--data", s3_store)
     assert r.exit_code == 0, r.output
     assert "already staged" in r.output
+    assert f"wrote {plain}/epoch-0003/evaluation-synthetic-none.json\n" in r.output, r.output
     result = json.loads(storage.read_text(storage.join(run, "epoch-0003", "evaluation-synthetic-none.json")))
     assert result["epoch"] == 3 and result["top1_error"] == pytest.approx(history[-1]["val_top1_error"], abs=1e-9)
 
