@@ -132,6 +132,9 @@ def test_real_sweep_with_asha_table_plot_wandb_and_resume(ray_cluster, cli, hard
     assert table["sweep/results/_type"] == "table-file" and table["sweep/results/nrows"] == 4
 
     before = {p: p.stat().st_mtime_ns for p in folder.glob("trials/*/history.json")}
+    # Without its flags a resume says to give them again, before anything is submitted.
+    r = cli("sweep", "densenet_bc", "--data", args[args.index("--data") + 1], "--resume", "s1")
+    assert r.exit_code == 2 and "--resume s1: give the sweep's flags again as first given" in r.stderr, r.output
     r = cli(*args[:-4], "--resume", "s1", "--wandb", "offline")
     assert r.exit_code == 0, r.output
     assert "resuming sweep s1" in r.output

@@ -112,6 +112,10 @@ def plan_space(cfg: Config) -> SpacePlan:
             raise ConfigError(f"--space {text!r}: a range needs --search random or optuna "
                               "(grid search takes listed values: choice: or grid:)")
         plan.params[key] = param
+    if not plan.params and s.resume:
+        # Tune restores the trials' values; the settings they train with come from the flags.
+        raise ConfigError(f"--resume {s.name}: give the sweep's flags again as first given "
+                          "(--growth-rate, --depth, --space, --epochs, ...): the trials go on with them")
     if not plan.params:
         raise ConfigError("the search space is empty: give --growth-rate, --depth or --space")
     for key, param in plan.params.items():
