@@ -132,6 +132,12 @@ def test_real_sweep_with_asha_table_plot_wandb_and_resume(ray_cluster, cli, hard
     assert table["sweep/results/_type"] == "table-file" and table["sweep/results/nrows"] == 4
 
     before = {p: p.stat().st_mtime_ns for p in folder.glob("trials/*/history.json")}
+    # A new sweep of the same name, or a resume of one that is not there, is refused here,
+    # before a job is submitted.
+    r = cli(*args)
+    assert r.exit_code == 2 and "sweep 's1' already exists in" in r.stderr and "submitted" not in r.output, r.output
+    r = cli(*args[:-4], "--resume", "s9")
+    assert r.exit_code == 2 and "no sweep 's9' under" in r.stderr and "submitted" not in r.output, r.output
     # Without its flags a resume says to give them again, before anything is submitted.
     r = cli("sweep", "densenet_bc", "--data", args[args.index("--data") + 1], "--resume", "s1")
     assert r.exit_code == 2 and "--resume s1: give the sweep's flags again as first given" in r.stderr, r.output

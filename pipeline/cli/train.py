@@ -222,6 +222,10 @@ def finalize_paths(cfg: C.Config, address: str | None) -> C.Config:
         from ..train.trainer import check_run_dir
 
         check_run_dir(cfg, cfg.train.resume)
+    elif address is None and cfg.cluster.storage and "://" not in cfg.cluster.storage:
+        # Here, not after a job has started; the job checks again (Tune's own state).
+        runs.check_new_or_resumed("sweep", cfg.sweep.name, cfg.cluster.storage, cfg.sweep.resume,
+                                  (Path(cfg.cluster.storage) / cfg.sweep.name).exists())
     return cfg
 
 
