@@ -49,23 +49,14 @@ class ConsoleFilter:
         self.in_traceback: set[str] = set()
         self.ignored: set[str] = set()
         self.last = ""
-        # A blank line is held until the next line: shown only between two of ours, so the
-        # blank lines that frame Tune's tables and messages go with them.
-        self.after_shown = False
-        self.held_blank = False
 
     def __call__(self, line: str) -> list[str]:
-        """The lines to show for one raw line: none, the line, or a held blank line and it."""
+        """The lines to show for one raw line: none or the line. Blank lines are never shown:
+        ours print none, and the ones that frame Tune's and W&B's messages come on stderr,
+        which reaches the log in no fixed order with stdout, so one can land between two of
+        ours (seen in a fresh-clone run, between a trial's last line and the sweep table)."""
         shown = self._keep(line)
-        if shown is None:
-            self.held_blank = self.after_shown = False
-            return []
-        if not shown.strip():
-            self.held_blank = self.after_shown
-            return []
-        out = ["", shown] if self.held_blank else [shown]
-        self.held_blank, self.after_shown = False, True
-        return out
+        return [] if shown is None or not shown.strip() else [shown]
 
     def _keep(self, line: str) -> str | None:
         line = _REPEATED.sub("", strip_ansi(line)).rstrip()
