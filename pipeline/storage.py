@@ -343,13 +343,16 @@ def open_bytes(location: str | os.PathLike) -> io.BytesIO | Path:
 
 
 def local_scratch(location: str | os.PathLike, purpose: str) -> Path:
-    """A local folder standing in for `location` where a tool needs a real disk (W&B)."""
+    """A local folder standing in for `location` where a tool needs a real disk (W&B): the
+    location itself for a path; for a URI a new folder each call, so that nothing an earlier
+    run left in one is copied into this run's location (a fresh-clone run once read an
+    earlier test's finished W&B run from a folder keyed by the URI alone)."""
     if not is_uri(location):
         return Path(location)
     import hashlib
     import tempfile
 
     digest = hashlib.sha1(str(location).encode()).hexdigest()[:10]
-    folder = Path(tempfile.gettempdir()) / "densenet-pipe" / purpose / f"{name(location)}-{digest}"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    base = Path(tempfile.gettempdir()) / "densenet-pipe" / purpose
+    base.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{name(location)}-{digest}-", dir=base))

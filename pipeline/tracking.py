@@ -26,6 +26,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import threading
 import time
@@ -319,7 +320,9 @@ class Tracker:
         if self._mirror is not None:
             self._stop_mirror.set()
             self._mirror.join()
-        self.sync()
+        if self.sync() and self.upload_to and self.local_dir is not None:
+            # Every file is in the run's location now; the stand-in folder goes.
+            shutil.rmtree(self.local_dir, ignore_errors=True)
         self.run = None
 
 

@@ -99,8 +99,15 @@ def test_a_run_in_object_storage_reaches_it_without_waiting_for_a_checkpoint(no_
             time.sleep(0.5)
         assert view.exit_code is None and view.config["model"]["name"] == "densenet_simple"
     finally:
+        scratch = tracker.local_dir
         tracker.finish(ended="stopped_by_user")
     assert in_bucket().exit_code == ENDED["stopped_by_user"]
+    # The local stand-in folder goes once its files are in the bucket, and the next run of
+    # this location gets a new one: nothing of this run is copied into another's.
+    assert scratch is not None and not scratch.exists()
+    first, second = storage.local_scratch(run, "wandb"), storage.local_scratch(run, "wandb")
+    first.rmdir(), second.rmdir()
+    assert first != second
     # `wandb sync` reads local folders only: the line says to copy the run down first, and
     # shows the URI without its endpoint query.
     line = tracking.offline_line(tracker.where)
