@@ -51,7 +51,7 @@ def run(data: dict[str, Any]) -> None:
     print(f"{result['model']} epoch {result['epoch']} ({result['weights']} weights) on {result['dataset']} val ({result['images']} images, "
           f"tta {result['tta']}): top-1 error {result['top1_error']:.4f}"
           + (f", top-5 error {result['top5_error']:.4f}" if result["num_classes"] > 5 else ""), flush=True)
-    print(f"wrote {str(out).split('?', 1)[0]}", flush=True)
+    print(f"wrote {storage.display(out)}", flush=True)
 
 
 def _check_replaceable(out: str) -> None:

@@ -130,9 +130,9 @@ def run(data: dict[str, Any]) -> None:
     text = infer.render(rows, fmt, min(top_k, len(net.classes)))
     infer.write_rows(out, text)
     bad = sum(1 for r in rows if r["error"])
-    if infer.scored(rows):
-        print(infer.scored(rows), flush=True)
-    print(f"wrote {len(rows):,} row(s) to {str(out).split('?', 1)[0]}" + (f"; {bad} image(s) could not be read" if bad else ""),
+    if score := infer.scored(rows):
+        print(score, flush=True)
+    print(f"wrote {len(rows):,} row(s) to {display(out)}" + (f"; {bad} image(s) could not be read" if bad else ""),
           flush=True)
 
 

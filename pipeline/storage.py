@@ -29,6 +29,11 @@ def _split(location: str) -> tuple[str, str]:
     return base, query
 
 
+def display(location: str | os.PathLike) -> str:
+    """A location without its query (endpoints and options stay out of log lines)."""
+    return str(location).split("?", 1)[0]
+
+
 def join(location: str | os.PathLike, *parts: str) -> str:
     """`location/part/...`, keeping a URI's query at the end."""
     if not is_uri(location):

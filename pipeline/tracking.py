@@ -59,7 +59,7 @@ def offline_line(where: str) -> str:
     so a run kept in object storage is copied down first."""
     if not storage.is_uri(where):
         return f"W&B offline run: {where}; upload it later with `wandb sync {where}`"
-    plain = where.split("?", 1)[0]
+    plain = storage.display(where)
     scheme = plain.split("://", 1)[0]
     copy = {"s3": "aws s3 cp --recursive", "gs": "gcloud storage cp -r"}.get(scheme, "copy")
     local = plain.rstrip("/").rsplit("/", 1)[-1]

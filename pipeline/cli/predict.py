@@ -98,8 +98,8 @@ def predict(
     else:
         infer.write_rows(out, text)
         output.info(f"wrote {len(rows)} row(s) to {out}")
-    if infer.scored(rows):
-        output.info(infer.scored(rows))
+    if score := infer.scored(rows):
+        output.info(score)
     if bad:
         output.warn(f"{bad} of {len(rows)} image(s) could not be read; their rows say why")
 

@@ -207,8 +207,9 @@ def finalize_paths(cfg: C.Config, address: str | None) -> C.Config:
     if cfg.cluster.storage is None and address is None:
         updates["cluster.storage"] = runs.default_storage(local_cluster=True)
     elif cfg.cluster.storage and "://" not in cfg.cluster.storage and address is None:
-        updates["cluster.storage"] = str(Path(cfg.cluster.storage).expanduser().resolve())
-        if Path(updates["cluster.storage"]).exists() and not Path(updates["cluster.storage"]).is_dir():
+        folder = Path(cfg.cluster.storage).expanduser().resolve()
+        updates["cluster.storage"] = str(folder)
+        if folder.exists() and not folder.is_dir():
             raise UserError(f"--storage {cfg.cluster.storage} is a file: runs go into a folder, e.g. "
                             f"--storage {Path(cfg.cluster.storage).parent / 'runs'}")
     elif cfg.cluster.storage:

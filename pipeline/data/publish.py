@@ -89,7 +89,7 @@ def check_remote_out(out: str, force: bool, probe: bool = True) -> str:
     from .. import storage
 
     storage.check(out)
-    where = out.split("?", 1)[0]
+    where = storage.display(out)
     entries = storage.listdir(out)
     if probe:
         storage.check_writable(out)
@@ -113,7 +113,7 @@ def publish_remote(local: Path, out: str, force: bool, log: Callable[[str], None
     from .. import storage
 
     check_remote_out(out, force, probe=False)  # it may have appeared while we wrote
-    where = out.split("?", 1)[0]
+    where = storage.display(out)
     old = storage.listdir(out)
     if MANIFEST in old:
         storage.delete(storage.join(out, MANIFEST))

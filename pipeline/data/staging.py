@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .. import storage
+from ..storage import display  # noqa: F401  (its callers import it from here too)
 from ..errors import UserError
 from .store import MANIFEST, Manifest, check_manifest, open_store, parse_manifest, sha256_file
 
@@ -39,11 +40,6 @@ STAGED = ".staged.json"
 NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "glusterfs", "ceph", "beegfs",
               "gpfs", "afs", "9p", "davfs", "ocfs2", "wekafs"}
 _CHUNK = 8 << 20
-
-
-def display(location: str | os.PathLike) -> str:
-    """A location without its query (endpoints and options stay out of log lines)."""
-    return str(location).split("?", 1)[0]
 
 
 def locate(location: str, *, verify: bool = True) -> tuple[Manifest, str]:

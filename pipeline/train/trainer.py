@@ -272,7 +272,7 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
     cfg.save(storage.join(folder, "config.json"))
     at_max = f" at {placement.nodes} nodes" if placement.min_nodes is not None else ""
     print(f"run {cfg.cluster.run_name}: {placement.describe()}, global batch {cfg.optim.batch_size}"
-          f"{at_max}, folder {folder.split('?', 1)[0]}", flush=True)
+          f"{at_max}, folder {storage.display(folder)}", flush=True)
     recorder = tracking.start_recorder(cfg, run_id=cfg.cluster.run_name, run_dir=folder,
                                        group=cfg.tracking.group, dataset=dataset_artifact(manifest))
     ended = "failed"
@@ -292,5 +292,5 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
     if history:
         best = min(history, key=lambda h: h["val_top1_error"])
         print(f"done: best val top-1 error {best['val_top1_error']:.4f} at epoch {best['epoch']}; "
-              f"curves {storage.join(folder, 'curves.png').split('?', 1)[0]}", flush=True)
+              f"curves {storage.display(storage.join(folder, 'curves.png'))}", flush=True)
     return folder
