@@ -15,16 +15,18 @@ def prepare_config(data: dict[str, Any]):
     from pipeline.config import Config, apply_overrides, validate
     from pipeline.data.staging import locate
     from pipeline.errors import UserError
-    from pipeline.runs import check_classes, check_resizing, default_storage, resumed
+    from pipeline.runs import check_classes, check_resizing, default_storage, resumed, resumed_sweep
     from pipeline.storage import check
 
     cfg = Config.from_dict(data)
-    # A resume is validated as the run's saved config with the allowed changes (`resumed`).
-    cfg = cfg if cfg.train.resume else validate(cfg)
+    # A resume is validated as the run's (or sweep's) saved config with the allowed changes.
+    cfg = cfg if cfg.train.resume or cfg.sweep.resume else validate(cfg)
     # The CLI fills in ./runs for the embedded cluster; a remote cluster's default is its own.
     storage = check(cfg.cluster.storage or default_storage(local_cluster=False))
     if cfg.train.resume:
         cfg = resumed(cfg, common.resolve_path(storage))
+    elif cfg.sweep.resume:
+        cfg = resumed_sweep(cfg, common.resolve_path(storage))
     if not cfg.data.store:
         raise UserError("no training data: pass --data STORE (a folder made by `densenet-pipe prepare`)")
     manifest, digest = locate(common.resolve_path(cfg.data.store))

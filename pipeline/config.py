@@ -191,7 +191,10 @@ class SweepSection:
     # 0: as many trials at once as the cluster holds.
     max_concurrent: int = 0
     name: str | None = None
+    # A resumed sweep goes on with its saved sweep.json; resume_changes lists the keys the
+    # user gave (see runs.resumed_sweep).
     resume: bool = False
+    resume_changes: list[str] = field(default_factory=list)
 
 
 @dataclass

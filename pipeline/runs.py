@@ -277,20 +277,27 @@ def trained_epochs(run_dir: str) -> int:
     return int(match[1]) if match else 0
 
 
-def resume_config(saved: dict, asked: dict, changed: list[str], run: str) -> dict:
-    """The config a resumed run trains with: the run's saved config, plus the few changes
-    allowed (`RESUME_MAY_CHANGE`) among the keys the user gave (`changed`). Any other key
-    the user gave with a new value is refused, naming both values."""
+def resume_config(saved: dict, asked: dict, changed: list[str], run: str, kind: str = "run") -> dict:
+    """The config a resumed run (or sweep) goes on with: its saved config, plus the few changes
+    allowed (`RESUME_MAY_CHANGE`, `SWEEP_RESUME_MAY_CHANGE`) among the keys the user gave
+    (`changed`). Any other key the user gave with a new value is refused, naming both values."""
+    may_change, identity = ((RESUME_MAY_CHANGE, _RESUME_IDENTITY) if kind == "run"
+                            else (SWEEP_RESUME_MAY_CHANGE, _SWEEP_IDENTITY))
     out = json.loads(json.dumps(saved))
-    for key in _RESUME_IDENTITY:
+    for key in identity:
         if _get(asked, key) not in (None, ""):
             _set(out, key, _get(asked, key))
     for key in changed:
-        if key in _RESUME_IDENTITY:
+        if key in identity:
             continue
         new, old = _get(asked, key), _get(saved, key)
         if new == old:
             continue
+        if kind == "sweep" and key not in may_change:
+            raise UserError(f"--resume {run} goes on with the sweep's own config: {key} was {old!r}, "
+                            f"now {new!r}; a resumed sweep may change where and how verbosely its "
+                            f"trials run ({', '.join(may_change)}), not what they learn: start a new "
+                            "sweep with --name for that")
         if key == "cluster.min_nodes" and old is None:
             raise UserError(f"--resume {run} trained on a fixed {_get(saved, 'cluster.nodes')} node(s), and "
                             "an elastic range sets a run's lr scaling from its start: resume with "
@@ -300,10 +307,63 @@ def resume_config(saved: dict, asked: dict, changed: list[str], run: str) -> dic
                             f"{_get(saved, 'cluster.nodes')} nodes: its node range sets its lr "
                             f"scaling, so {key} stays {old!r}, not {new!r} (start a new run with "
                             "--name for another range)")
-        if key not in RESUME_MAY_CHANGE:
+        if key not in may_change:
             raise UserError(f"--resume {run} trains with the run's own config: {key} was {old!r}, "
                             f"now {new!r}; a resume may change how long, where and how verbosely "
-                            f"the run trains ({', '.join(RESUME_MAY_CHANGE)}), not what it learns: "
+                            f"the run trains ({', '.join(may_change)}), not what it learns: "
                             "start a new run with --name for that")
         _set(out, key, new)
     return out
+
+
+# A sweep keeps what its trials learn and how many run at once (Tune restores its own
+# scheduler, search and limits from its saved state), and its epochs: ASHA compares trials
+# at the same epochs, and the finished ones are not trained on.
+SWEEP_RESUME_MAY_CHANGE = ("cluster.wait_for_nodes", "data.loader_workers", "data.stage", "data.cache_dir",
+                           "data.cache_max_gb", "data.os_cache", "tracking.wandb", "train.log_every_steps",
+                           "train.keep_checkpoints", "train.hold_file")
+_SWEEP_IDENTITY = ("cluster.storage", "cluster.address", "sweep.name", "sweep.resume",
+                   "sweep.resume_changes", "data.store")
+SWEEP_FILE = "sweep.json"
+
+
+def save_sweep(folder: str, cfg, manifest_sha256: str) -> None:
+    """What a resumed sweep goes on with: its config and the store its trials train on."""
+    from . import storage as store_io
+
+    store_io.write_text(store_io.join(folder, SWEEP_FILE), json.dumps(
+        {"config": cfg.to_dict(), "manifest_sha256": manifest_sha256}, indent=2) + "\n")
+
+
+def saved_sweep(folder: str) -> dict | None:
+    """A sweep folder's sweep.json; None for a sweep started before sweeps saved one."""
+    from . import storage as store_io
+
+    at = store_io.join(folder, SWEEP_FILE)
+    try:
+        saved = json.loads(store_io.read_text(at))
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise UserError(f"{store_io.display(at)} is not valid JSON ({e}): the sweep's config is damaged") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise UserError(f"{store_io.display(at)} holds no sweep config: the sweep's config is damaged")
+    return saved
+
+
+def resumed_sweep(cfg, storage: str):
+    """The config a resumed sweep goes on with: its saved sweep.json under `storage`, with the
+    changes a resume may make, so `sweep densenet_bc --resume NAME` needs no other flag. The
+    CLI calls it for an early answer when it sees the storage; the job as the final word. A
+    sweep saved before sweep.json existed goes on with the flags as given."""
+    from . import storage as store_io
+    from .config import Config, validate
+
+    name = cfg.sweep.name
+    folder = store_io.join(storage, name)
+    check_new_or_resumed("sweep", name, storage, True, store_io.exists(folder))
+    saved = saved_sweep(folder)
+    if saved is None:
+        return validate(cfg)
+    merged = resume_config(saved["config"], cfg.to_dict(), cfg.sweep.resume_changes, name, kind="sweep")
+    return validate(Config.from_dict(merged))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -133,6 +134,53 @@ def test_a_resume_on_workers_that_do_not_divide_the_runs_batch_says_what_to_chan
         runs.resumed(asked, str(tmp_path))
     asked = C.apply_overrides(asked, {"cluster.nodes": 4})
     assert runs.resumed(asked, str(tmp_path)).cluster.nodes == 4
+
+
+def _sweep(**changes) -> C.Config:
+    return C.apply_overrides(C.load_recipe("smoke"), {
+        "sweep.name": "s", "sweep.growth_rates": [4, 8], "sweep.depths": [10], "train.epochs": 3,
+        "data.store": "/s/cifar", "cluster.storage": "/r", **changes})
+
+
+def test_a_resumed_sweep_goes_on_with_its_saved_config_and_only_the_allowed_changes(tmp_path):
+    """`sweep FAMILY --resume NAME` needs no other flag: the trials go on with what they
+    started with. A flag given again with its value is fine; with another value, what the
+    trials learn (or how many run, or for how long) is refused, naming both values."""
+    (tmp_path / "s").mkdir()
+    runs.save_sweep(str(tmp_path / "s"), _sweep(), "ab" * 32)
+    assert runs.saved_sweep(str(tmp_path / "s"))["manifest_sha256"] == "ab" * 32
+
+    def asked(changed: list[str], **flags) -> C.Config:
+        # What the CLI builds: the default recipe, the flags given, the names of those given.
+        return C.apply_overrides(C.load_recipe("cifar"), {
+            "sweep.name": "s", "sweep.resume": True, "sweep.resume_changes": changed,
+            "cluster.storage": str(tmp_path), **flags})
+
+    merged = runs.resumed_sweep(asked(["sweep.family", "sweep.name", "sweep.resume"],
+                                      **{"sweep.family": "densenet_bc"}), str(tmp_path))
+    assert merged.sweep.growth_rates == [4, 8] and merged.train.epochs == 3 and merged.sweep.resume
+    assert merged.data.store == "/s/cifar" and merged.cluster.storage == str(tmp_path)
+    assert merged.optim == _sweep().optim and merged.model == _sweep().model
+    again = asked(["sweep.growth_rates", "train.epochs", "tracking.wandb"],
+                  **{"sweep.growth_rates": [4, 8], "train.epochs": 3, "tracking.wandb": "off"})
+    merged = runs.resumed_sweep(again, str(tmp_path))
+    assert merged.tracking.wandb == "off" and merged.train.epochs == 3
+    for key, value, old in [("train.epochs", 5, 3), ("sweep.growth_rates", [4], [4, 8]),
+                            ("sweep.max_concurrent", 4, 0), ("cluster.nodes", 2, 1)]:
+        with pytest.raises(UserError, match=rf"^--resume s goes on with the sweep's own config: "
+                                            + re.escape(f"{key} was {old!r}, now {value!r}; ") + ".*start a new sweep"):
+            runs.resumed_sweep(asked([key], **{key: value}), str(tmp_path))
+    with pytest.raises(UserError, match=r"no sweep 'gone' under .* to resume"):
+        runs.resumed_sweep(asked([], **{"sweep.name": "gone"}), str(tmp_path))
+    (tmp_path / "s" / runs.SWEEP_FILE).write_text("{not json")
+    with pytest.raises(UserError, match=r"sweep.json is not valid JSON .*the sweep's config is damaged"):
+        runs.resumed_sweep(asked([]), str(tmp_path))
+
+
+def test_a_sweep_saved_before_sweep_json_goes_on_with_the_flags_as_given(tmp_path):
+    (tmp_path / "old").mkdir()
+    asked = _sweep(**{"sweep.name": "old", "sweep.resume": True, "train.epochs": 7})
+    assert runs.resumed_sweep(asked, str(tmp_path)).train.epochs == 7
 
 
 def test_a_resume_with_nothing_left_to_train_is_refused(tmp_path):

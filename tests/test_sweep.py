@@ -138,12 +138,14 @@ def test_real_sweep_with_asha_table_plot_wandb_and_resume(ray_cluster, cli, hard
     assert r.exit_code == 2 and "sweep 's1' already exists in" in r.stderr and "submitted" not in r.output, r.output
     r = cli(*args[:-4], "--resume", "s9")
     assert r.exit_code == 2 and "no sweep 's9' under" in r.stderr and "submitted" not in r.output, r.output
-    # Without its flags a resume says to give them again, before anything is submitted.
-    r = cli("sweep", "densenet_bc", "--data", args[args.index("--data") + 1], "--resume", "s1")
-    assert r.exit_code == 2 and "--resume s1: give the sweep's flags again as first given" in r.stderr, r.output
-    r = cli(*args[:-4], "--resume", "s1", "--wandb", "offline")
+    # A resume goes on with the sweep's saved config: another value for what its trials learn
+    # is refused before anything is submitted, and no other flag is needed.
+    r = cli("sweep", "densenet_bc", "--resume", "s1", "--storage", tmp_path, "--epochs", "5")
+    assert r.exit_code == 2 and "train.epochs was 4, now 5" in r.stderr and "submitted" not in r.output, r.output
+    r = cli("sweep", "densenet_bc", "--resume", "s1", "--storage", tmp_path)
     assert r.exit_code == 0, r.output
     assert "resuming sweep s1" in r.output
+    assert len(json.loads((folder / "results.json").read_text())) == 4
     assert {p: p.stat().st_mtime_ns for p in folder.glob("trials/*/history.json")} == before
 
 

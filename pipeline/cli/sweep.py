@@ -54,6 +54,9 @@ def sweep(
     stop_on_interrupt: StopOnInterrupt = False,
 ) -> None:
     """Sweep growth rate, depth and any config key with Ray Tune; each trial trains with Ray Train."""
+    from ..config import apply_overrides
+    from ..runs import resumed_sweep
+    from ..storage import is_uri
     from ..tune.space import plan_space
     from .train import build_config
 
@@ -62,7 +65,7 @@ def sweep(
     if resume and name and resume != name:
         raise UserError(f"--resume {resume} and --name {name} disagree: give only --resume")
     sweep_name = resume or name or f"sweep-{family}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cfg = build_config(recipe or "cifar", None, {
+    flags = {
         "data.store": data, "data.stage": stage.value if stage else None, "sweep.family": family, "sweep.growth_rates": _ints(growth_rate, "--growth-rate"),
         "sweep.depths": _ints(depth, "--depth"), "sweep.space": space, "sweep.search": search,
         "sweep.samples": samples, "sweep.scheduler": scheduler, "sweep.grace_period": grace_period,
@@ -72,12 +75,24 @@ def sweep(
         "cluster.workers_per_node": workers_per_node, "cluster.use_gpu": gpus,
         "cluster.storage": storage, "tracking.wandb": wandb, "tracking.project": wandb_project,
         "cluster.address": address,
-    }, sets)
-    plan = plan_space(cfg)
-    for line in plan.dropped:
-        output.info(line)
+    }
+    # A resume goes on with the sweep's saved config; the flags given are checked against it.
+    cfg = build_config(recipe or "cifar", None, flags, sets, check=not resume)
+    if resume:
+        changed = sorted({k for k, v in flags.items() if v is not None}
+                         | {s.split("=", 1)[0].strip() for s in sets or []})
+        cfg = apply_overrides(cfg, {"sweep.resume_changes": changed})
+    else:
+        for line in plan_space(cfg).dropped:
+            output.info(line)
     cfg = finalize_paths(cfg, address)
+    # The job's word is final; where the CLI sees the sweep's folder it answers first, and
+    # sizes the embedded cluster by the sweep's own trials.
+    placed = cfg
+    if resume and address is None and not is_uri(cfg.cluster.storage):
+        placed = resumed_sweep(cfg, cfg.cluster.storage)
+        plan_space(placed)
     if dry_run:
         output.result(cfg.to_json())
         return
-    raise typer.Exit(submit_job("sweep", cfg, address, detach, stop_on_interrupt))
+    raise typer.Exit(submit_job("sweep", cfg, address, detach, stop_on_interrupt, placed=placed))

@@ -193,7 +193,7 @@ def finalize_paths(cfg: C.Config, address: str | None) -> C.Config:
     own ~/densenet-pipe/runs, resolved by the job.
     """
     updates: dict[str, Any] = {}
-    if not cfg.data.store and not cfg.train.resume:
+    if not cfg.data.store and not cfg.train.resume and not cfg.sweep.resume:
         raise UserError("no training data: pass --data STORE (a folder made by `densenet-pipe prepare`)")
     if address is None and cfg.data.store:
         from ..data.staging import locate
