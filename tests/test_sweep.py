@@ -206,6 +206,10 @@ def test_a_failed_trial_and_a_stopped_sweep_keep_their_wandb_record(ray_cluster,
     r = cli("jobs", "status", job_id)
     assert "STOPPED" in r.output
 
+    # Its trials go on only on the store they trained on.
+    other = make_synthetic_store(tmp_path / "other", 64, 32, seed=4)
+    r = cli(*[other if a == hard_store else a for a in args], "--resume", "s2")
+    assert r.exit_code == 2 and "the sweep's trials trained on a store whose manifest sha256" in r.output, r.output
     # Resumed: the stopped trial goes on from its checkpoint to the end; the failed one is
     # kept as failed, so the sweep still says so (exit 1).
     before = checkpoint.load(trials / stopped.config["cluster"]["run_name"])["history"]
