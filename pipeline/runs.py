@@ -189,6 +189,9 @@ def per_worker_batch(global_batch: int, nodes: int, per_node: int = 1, accumulat
 def check_new_or_resumed(kind: str, name: str, where: str, resume: bool, exists: bool) -> None:
     """A new run or sweep must not be there yet (nothing of an earlier one is overwritten);
     a resumed one must."""
+    from .storage import display
+
+    where = display(where)
     if resume and not exists:
         raise UserError(f"no {kind} {name!r} under {where} to resume: check --resume NAME and --storage")
     if not resume and exists:
@@ -248,7 +251,8 @@ def resumed(cfg, storage: str):
     try:
         saved = json.loads(store_io.read_text(saved_at))
     except FileNotFoundError:
-        raise UserError(f"no run {name!r} under {storage} to resume: check --resume NAME and --storage") from None
+        raise UserError(f"no run {name!r} under {store_io.display(storage)} to resume: check --resume NAME "
+                        "and --storage") from None
     except ValueError as e:
         raise UserError(f"{saved_at} is not valid JSON ({e}): the run's config is damaged") from None
     asked = Config.from_dict(resume_config(saved, cfg.to_dict(), cfg.train.resume_changes, name))

@@ -303,3 +303,14 @@ def test_a_sweep_trial_trains_in_its_own_process_only_when_it_is_one_worker():
     assert not runs.trial_in_process(2, 1, False, None)
     assert not runs.trial_in_process(1, 2, False, None)
     assert not runs.trial_in_process(1, 1, False, 1)  # elastic
+
+
+def test_a_missing_or_taken_name_in_object_storage_is_named_without_the_uris_query():
+    """The endpoint query is how to reach the bucket, not where the run is; lines show the
+    location as users write it in `aws s3 ls`."""
+    where = "s3://bkt/runs?endpoint_override=127.0.0.1:9000&scheme=http"
+    with pytest.raises(UserError, match=r"^no sweep 's' under s3://bkt/runs to resume") as e:
+        runs.check_new_or_resumed("sweep", "s", where, True, False)
+    with pytest.raises(UserError, match=r"^run 'r' already exists in s3://bkt/runs: ") as e2:
+        runs.check_new_or_resumed("run", "r", where, False, True)
+    assert "endpoint_override" not in str(e.value) + str(e2.value)
