@@ -1,6 +1,6 @@
 """`python -m jobs.evaluate --config cfg.json`: top-1/top-5 error of a checkpoint on a store.
 
-Config keys: checkpoint, store (a path or URI), tta (none|flip|10crop), batch_size,
+Config keys: checkpoint, store (a path or URI; empty: the store the net trained on), tta (none|flip|10crop), batch_size,
 loader_workers, stage (auto|always|never, see `pipeline.data.staging`), gpu (the driver
 holds one GPU and evaluates on it), out (a JSON file for the result, or a folder to
 write it into; default: evaluation-<store>-<tta>.json beside the checkpoint).
@@ -18,7 +18,7 @@ from jobs import common
 @dataclass
 class EvaluateConfig:
     checkpoint: str
-    store: str
+    store: str = ""
     # Values are checked where they are used, with the flag's name in the error.
     tta: str = "none"
     batch_size: int = 128
@@ -37,7 +37,13 @@ def run(data: dict[str, Any]) -> None:
 
     conf = parse_dataclass(EvaluateConfig, data)
     ckpt = common.resolve_path(conf.checkpoint)
-    store = common.resolve_path(conf.store)
+    if conf.store:
+        store = common.resolve_path(conf.store)
+    else:
+        from pipeline.train.evaluate import trained_store
+
+        store = trained_store(checkpoint.load(ckpt), ckpt)
+        print(f"data: {storage.display(store)} (the store the net trained on)", flush=True)
     # Where the result goes is settled before the work: a folder takes it under its default name.
     name = f"evaluation-{storage.name(store)}-{conf.tta}.json"
     out = common.resolve_path(conf.out) if conf.out else storage.join(storage.parent(checkpoint.find(ckpt)), name)

@@ -264,3 +264,22 @@ def test_evaluate_into_a_folder_writes_its_default_name_there(run, store, tmp_pa
     with pytest.raises(UserError, match="exists and holds no evaluation result"):
         job.run({"checkpoint": str(run), "store": str(store), "out": str(tmp_path / "notes.json")})
     assert (tmp_path / "notes.json").read_text() == '{"mine": true}'
+
+
+
+@pytest.mark.timeout(120)
+def test_evaluate_without_data_reads_the_store_the_net_trained_on(run, store, tmp_path, capsys):
+    """`evaluate RUN` is the next step after training: the checkpoint names its store. One
+    that is gone, or a checkpoint that names none, is one line asking for --data."""
+    from jobs import evaluate as job
+    from pipeline.train.evaluate import trained_store
+
+    job.run({"checkpoint": str(run), "loader_workers": 1, "out": str(tmp_path / "e.json")})
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["store"] == str(store) and result["images"] == 12 and result["store_trained_on"] is True
+    assert f"data: {store} (the store the net trained on)" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"^the net trained on /gone/pets, which is not there now \(moved "
+                                        r"or removed\): pass --data STORE"):
+        trained_store({"store": {"path": "/gone/pets"}}, str(run))
+    with pytest.raises(UserError, match=r"does not record the store it trained on: pass --data STORE$"):
+        trained_store({"store": {}}, str(run))

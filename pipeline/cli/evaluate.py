@@ -1,4 +1,4 @@
-"""`densenet-pipe evaluate CHECKPOINT --data STORE`: top-1/top-5 error as a Ray job."""
+"""`densenet-pipe evaluate CHECKPOINT [--data STORE]`: top-1/top-5 error as a Ray job."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import UserError
-from . import app
+from . import app, output
 from .options import Address, Detach, Epoch, Stage, StageMode, StopOnInterrupt, Weights, WeightsChoice, at_epoch
 
 TTA = ("none", "flip", "10crop")
@@ -17,7 +17,7 @@ TTA = ("none", "flip", "10crop")
 @app.command("evaluate")
 def evaluate(
     checkpoint: Annotated[str, typer.Argument(metavar="CHECKPOINT", help="A checkpoint folder (epoch-NNNN), its checkpoint.pt, or a run folder (its newest).")],
-    data: Annotated[str, typer.Option("--data", help="Store with the val split: a folder or a URI (s3://..., gs://...).")],
+    data: Annotated[Optional[str], typer.Option("--data", help="Store with the val split: a folder or a URI (s3://..., gs://...); default: the store the net trained on.")] = None,
     tta: Annotated[str, typer.Option(help="none, flip or 10crop (the paper's ImageNet protocol).")] = "none",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,
     out: Annotated[Optional[str], typer.Option(help="Result JSON file, or a folder to write it into (default: beside the checkpoint).")] = None,
@@ -39,7 +39,7 @@ def evaluate(
 
         check_folder_named(out, "--out")
     checkpoint = at_epoch(checkpoint, epoch)
-    cfg = {"checkpoint": checkpoint, "store": data, "tta": tta, "batch_size": batch_size,
+    cfg = {"checkpoint": checkpoint, "store": data or "", "tta": tta, "batch_size": batch_size,
            "stage": (stage or StageMode.auto).value, "gpu": gpu, "weights": weights.value}
     if out:
         cfg["out"] = out
@@ -50,7 +50,14 @@ def evaluate(
 
         found = find(checkpoint if is_uri(checkpoint) else Path(checkpoint).expanduser())
         cfg["checkpoint"] = found if is_uri(found) else str(Path(found).resolve())
-        load(cfg["checkpoint"])  # torch, but a corrupt file fails here, not in the job
+        state = load(cfg["checkpoint"])  # torch, but a corrupt file fails here, not in the job
+        if data is None:
+            from ..storage import display
+            from ..train.evaluate import trained_store
+
+            data = trained_store(state, cfg["checkpoint"])
+            output.info(f"data: {display(data)} (the store the net trained on; --data picks another)")
+            cfg["store"] = data
         if is_uri(data):
             check(data)
         else:

@@ -48,6 +48,22 @@ def pad_as_translated(images: torch.Tensor, pad: int, mean: list[float], std: li
     return out
 
 
+def trained_store(state: dict[str, Any], checkpoint_path: str) -> str:
+    """The store a checkpoint's net trained on, as the training job saw it: `evaluate`'s
+    default --data."""
+    from .. import storage
+
+    path = (state.get("store") or {}).get("path")
+    if not path:
+        raise UserError(f"{storage.display(checkpoint_path)} does not record the store it trained on: "
+                        "pass --data STORE")
+    there = storage.exists(storage.join(path, "manifest.json")) if storage.is_uri(path) else (Path(path) / "manifest.json").is_file()
+    if not there:
+        raise UserError(f"the net trained on {storage.display(path)}, which is not there now (moved or "
+                        "removed): pass --data STORE with the same classes")
+    return path
+
+
 def evaluate(checkpoint_path: str | Path, store: str | Path, *, tta: str = "none",
              batch_size: int = 128, loader_workers: int = 2, amp_mode: str = "auto",
              stage: str = "auto", gpu: bool = False, weights: str = "auto",
