@@ -199,6 +199,46 @@ def check_new_or_resumed(kind: str, name: str, where: str, resume: bool, exists:
                         f"it, or --name for a new {kind}")
 
 
+# The job that trains a run (or runs a sweep) now: set in its environment by `submit`, and
+# written into the folder it works in, so a second job for the same folder can tell.
+JOB_ID_ENV = "DENSENET_PIPE_JOB_ID"
+JOB_FILE = "job.json"
+_LIVE = ("PENDING", "RUNNING")
+
+
+def live_jobs() -> set[str] | None:
+    """Submission ids of this cluster's pending and running jobs (the caller is connected to
+    Ray); None when Ray's state API does not answer."""
+    try:
+        from ray.util.state import list_jobs
+
+        return {j.submission_id for j in list_jobs(limit=10_000, raise_on_missing_output=False)
+                if j.submission_id and str(getattr(j.status, "value", j.status)) in _LIVE}
+    except Exception:  # noqa: BLE001 - no answer is not a reason to refuse the user's job
+        return None
+
+
+def hold_folder(folder: str, kind: str, name: str, live: Callable[[], set[str] | None] = live_jobs) -> None:
+    """Record this job as the one working in `folder`, refusing when the job recorded there is
+    another that is still pending or running on this cluster: two jobs training one run
+    prune, set aside and overwrite each other's checkpoints. Called before anything in the
+    folder is touched. A job on another cluster sharing the storage cannot be seen here."""
+    from . import storage as store_io
+
+    me = os.environ.get(JOB_ID_ENV)
+    at = store_io.join(folder, JOB_FILE)
+    try:
+        other = json.loads(store_io.read_text(at)).get("job")
+    except (FileNotFoundError, ValueError, AttributeError):
+        other = None
+    if other and other != me and other in (live() or ()):
+        verb = "trained" if kind == "run" else "run"
+        raise UserError(f"{kind} {name!r} is being {verb} by job {other}, still running on this cluster: "
+                        f"wait for it to end, or stop it with `densenet-pipe jobs stop {other}`")
+    if me:
+        store_io.write_text(at, json.dumps({"job": me, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+
+
 def check_private_folder(path: Path, what: str) -> None:
     """A local folder we are about to unpickle from must be ours and writable by us alone."""
     st = os.stat(path)

@@ -603,8 +603,8 @@ def _submit_package(server: JobServer, job: str, cfg: dict[str, Any], package: P
     entrypoint = f"{server.python} -m jobs.{job} --config {package.config_path}"
     metadata = {"densenet_pipe_job": job, "config_digest": config_digest(cfg),
                 "command": f"densenet-pipe {job}", "user": submitter()}
-    return server.submit(entrypoint, {"working_dir": uri, "env_vars": job_env(cfg, server, job)},
-                         metadata, job_id, driver)
+    env = {**job_env(cfg, server, job), runs.JOB_ID_ENV: job_id}
+    return server.submit(entrypoint, {"working_dir": uri, "env_vars": env}, metadata, job_id, driver)
 
 
 # Set by `densenet-pipe --verbose`: follow jobs with Ray's, Tune's and W&B's own lines.

@@ -314,3 +314,25 @@ def test_a_missing_or_taken_name_in_object_storage_is_named_without_the_uris_que
     with pytest.raises(UserError, match=r"^run 'r' already exists in s3://bkt/runs: ") as e2:
         runs.check_new_or_resumed("run", "r", where, False, True)
     assert "endpoint_override" not in str(e.value) + str(e2.value)
+
+
+def test_a_folder_held_by_a_live_job_is_refused_to_another_and_taken_over_when_it_ended(tmp_path, monkeypatch):
+    """job.json names the job working in a run or sweep folder; a second job for the same
+    folder is refused while that one is pending or running on the cluster."""
+    folder = tmp_path / "r"
+    folder.mkdir()
+    monkeypatch.setenv(runs.JOB_ID_ENV, "train-1")
+    runs.hold_folder(str(folder), "run", "r", live=lambda: {"train-1"})
+    assert json.loads((folder / runs.JOB_FILE).read_text())["job"] == "train-1"
+    # Ray Train restarting the same job's workers is the same job.
+    runs.hold_folder(str(folder), "run", "r", live=lambda: {"train-1"})
+    monkeypatch.setenv(runs.JOB_ID_ENV, "train-2")
+    with pytest.raises(UserError, match=r"^run 'r' is being trained by job train-1, still running on this "
+                                        r"cluster: wait for it to end, or stop it with `densenet-pipe jobs stop train-1`$"):
+        runs.hold_folder(str(folder), "run", "r", live=lambda: {"train-1", "train-2"})
+    assert json.loads((folder / runs.JOB_FILE).read_text())["job"] == "train-1"
+    with pytest.raises(UserError, match=r"^sweep 'r' is being run by job train-1"):
+        runs.hold_folder(str(folder), "sweep", "r", live=lambda: {"train-1"})
+    # Ended (or unknown to this cluster, or the state API silent): the new job takes it.
+    runs.hold_folder(str(folder), "run", "r", live=lambda: None)
+    assert json.loads((folder / runs.JOB_FILE).read_text())["job"] == "train-2"

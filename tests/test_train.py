@@ -220,6 +220,10 @@ def test_resumed_run_in_s3_ends_with_the_same_weights(trained, cli, store, s3_bu
     staged = re.findall(r"node (\w{8}): store s3://\S+: (staged at|already staged)", log)
     assert len({node for node, _ in staged}) == 3, log
     assert [how for _, how in staged].count("staged at") == 1 and log.count(": staged at") == 1, log
+    # While the job trains the run, a resume of it is refused: the two would prune, set aside
+    # and overwrite each other's checkpoints.
+    live = cli("train", *common, "--resume", "broken", "--from-epoch", "1")
+    assert live.exit_code == 2 and f"run 'broken' is being trained by job {job_id}, still running" in live.output, live.output
     assert cli("jobs", "stop", job_id).exit_code == 0
     # The stopped run's W&B record is whole and says the user stopped it (copied to S3).
     stopped = _s3_wandb_view(run, tmp_path)

@@ -252,6 +252,7 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
     if cfg.train.resume:
         from . import checkpoint
 
+        runs.hold_folder(folder, "run", cfg.cluster.run_name)
         if cfg.train.resume_from_epoch is not None:
             checkpoint.set_aside_after(folder, cfg.train.resume_from_epoch)
         # A corrupt latest checkpoint would otherwise fail every worker restart in turn.
@@ -269,6 +270,8 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
     elif not storage.claim_dir(folder):
         # Another job took the name since the check above (two submitted at once).
         runs.check_new_or_resumed("run", cfg.cluster.run_name, cfg.cluster.storage, False, True)
+    else:
+        runs.hold_folder(folder, "run", cfg.cluster.run_name)
     cfg.save(storage.join(folder, "config.json"))
     at_max = f" at {placement.nodes} nodes" if placement.min_nodes is not None else ""
     print(f"run {cfg.cluster.run_name}: {placement.describe()}, global batch {cfg.optim.batch_size}"

@@ -160,6 +160,7 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
 
     check_nodes(cfg, manifest_sha256, 0.0)
     if s.resume:
+        runs.hold_folder(folder, "sweep", s.name)
         saved = runs.saved_sweep(folder)
         trained_on = (saved or {}).get("manifest_sha256")
         if trained_on and manifest_sha256 and trained_on != manifest_sha256:
@@ -170,6 +171,7 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
         # Another job took the name since the check above (two submitted at once).
         runs.check_new_or_resumed("sweep", s.name, cfg.cluster.storage, False, True)
     else:
+        runs.hold_folder(folder, "sweep", s.name)
         runs.save_sweep(folder, cfg, manifest_sha256)
     trials_dir = storage.join(folder, "trials")
     tracked = resolve_mode(cfg.tracking.wandb) != "disabled"
