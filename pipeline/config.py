@@ -172,6 +172,9 @@ class TrackingSection:
     entity: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
+    # The W&B run id: set once when a run (or a sweep's summary) starts, its name and a random
+    # suffix, and kept by resumes (tracking.new_run_id says why not the name alone).
+    run_id: str | None = None
 
 
 @dataclass

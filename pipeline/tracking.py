@@ -348,12 +348,12 @@ class Recorder:
     """The Ray actor that holds one run's W&B run for the job driver that started it."""
 
     def __init__(self, cfg: dict[str, Any], run_id: str, run_dir: str, job_type: str,
-                 group: str | None) -> None:
+                 group: str | None, name: str | None = None) -> None:
         # Its own wandb-core: a WANDB_SERVICE inherited from whoever started the node would
         # put every run of the cluster through one other process, which stalls and dies.
         os.environ.pop("WANDB_SERVICE", None)
         self.tracker = Tracker.start(Config.from_dict(cfg), run_id=run_id, run_dir=run_dir,
-                                     job_type=job_type, group=group, announce=False)
+                                     job_type=job_type, name=name, group=group, announce=False)
         self.attached = 0
 
     def where(self) -> tuple[bool, str | None]:
@@ -388,7 +388,7 @@ class Recorder:
 
 def start_recorder(cfg: Config, *, run_id: str, run_dir: str | Path, group: str | None = None,
                    job_type: str = "train", dataset: tuple[str, str, dict[str, Any]] | None = None,
-                   announce: bool = True) -> str | None:
+                   announce: bool = True, name: str | None = None) -> str | None:
     """Start (or find) the Recorder actor for `run_id` on this node; its name, or None when
     W&B is off or could not start. `dataset` is (manifest JSON text, artifact name, metadata)."""
     if resolve_mode(cfg.tracking.wandb) == "disabled":
@@ -396,27 +396,27 @@ def start_recorder(cfg: Config, *, run_id: str, run_dir: str | Path, group: str 
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    name = recorder_name(run_id)
+    actor = recorder_name(run_id)
     try:
         # On the driver's node: paths in the config resolve there as they do for the driver.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         handle = ray.remote(num_cpus=0, max_restarts=0)(Recorder).options(
-            name=name, namespace=RECORDER_NAMESPACE, get_if_exists=True, scheduling_strategy=here,
-        ).remote(cfg.to_dict(), run_id, str(run_dir), job_type, group)
+            name=actor, namespace=RECORDER_NAMESPACE, get_if_exists=True, scheduling_strategy=here,
+        ).remote(cfg.to_dict(), run_id, str(run_dir), job_type, group, name)
         active, where = ray.get(handle.where.remote(), timeout=300)
     except Exception as e:  # noqa: BLE001
         _warn("recorder start", e)
         return None
     if not active:
         return None
-    _OWNED[name] = handle
+    _OWNED[actor] = handle
     if dataset is not None:
         handle.call.remote("use_dataset", *dataset)
     if announce and where:
         if cfg.tracking.wandb == "online":
             print("W&B: no API key found, logging offline", flush=True)
         print(offline_line(where), flush=True)
-    return name
+    return actor
 
 
 def finish_recorder(name: str | None, ended: str, summary: dict[str, Any] | None = None) -> None:
@@ -522,6 +522,22 @@ def _wait_for_exit_record(path: Path, timeout: float = 60.0) -> None:
             pass
         time.sleep(0.1)
     _warn("finish", TimeoutError(f"{path} has no exit record after {timeout:g} s"))
+
+
+def new_run_id(name: str) -> str:
+    """The W&B id of a new run: its name and a random suffix. W&B ids are unique in a project,
+    and a run started with an id that exists resumes that run: with the name alone, two
+    users' `--name baseline` runs (or a run started again after its folder was deleted)
+    would be written into one W&B run, the second's steps dropped as out of order."""
+    import secrets
+
+    return f"{_safe_id(name)[:119]}-{secrets.token_hex(4)}"
+
+
+def run_id_of(cfg: Config) -> str:
+    """A training run's W&B id: the one it started with, or for a run started before ids
+    were kept, its name."""
+    return cfg.tracking.run_id or cfg.cluster.run_name
 
 
 def _safe_id(text: str) -> str:

@@ -94,6 +94,7 @@ class RunView:
     """What one offline run file holds, in plain Python."""
 
     run_id: str = ""
+    name: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
@@ -106,7 +107,7 @@ class RunView:
         for r in records:
             kind = r.WhichOneof("record_type")
             if kind == "run":
-                view.run_id = r.run.run_id
+                view.run_id, view.name = r.run.run_id, r.run.display_name
                 for item in r.run.config.update:
                     view.config[_key(item)] = _value(item.value_json)
             elif kind == "config":

@@ -226,5 +226,6 @@ def test_an_elastic_run_grows_when_a_node_joins_and_shrinks_when_one_is_killed(
     assert state["epoch"] == 4 and len(set(state["placement"])) == 2
     (data,) = folder.glob("wandb/offline-run-*/*.wandb")
     view = RunView.read(data)
-    assert view.run_id == "elastic" and view.epochs() == [1, 2, 3, 4]
+    assert view.run_id == json.loads((folder / "config.json").read_text())["tracking"]["run_id"]
+    assert view.run_id.startswith("elastic-") and view.name == "elastic" and view.epochs() == [1, 2, 3, 4]
     assert view.summary["ended"] == "finished"

@@ -127,7 +127,7 @@ def test_real_sweep_with_asha_table_plot_wandb_and_resume(ray_cluster, cli, hard
         assert view.summary["best_val_top1_error"] <= row["best_val_top1_error"] + 1e-12
         assert view.exit_code == 0
         assert any("step/loss" in h for h in view.history)
-    (summary,) = (folder / "wandb").glob("offline-run-*s1-summary")
+    (summary,) = (folder / "wandb").glob("offline-run-*-s1-*-summary")
     table = RunView.read(next(summary.glob("*.wandb"))).history[0]
     assert table["sweep/results/_type"] == "table-file" and table["sweep/results/nrows"] == 4
 

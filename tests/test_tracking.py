@@ -194,3 +194,14 @@ def test_every_call_rank_0_sends_the_driver_s_recorder_is_one_it_takes():
             if callable(value) and not name.startswith("_")} - {"connect", "finish"}
     assert sent == FORWARDED
     assert all(callable(getattr(Tracker, name, None)) for name in FORWARDED)
+
+
+def test_a_runs_wandb_id_is_its_name_and_a_suffix_and_an_old_run_keeps_its_name():
+    from pipeline.tracking import new_run_id, run_id_of
+
+    a, b = new_run_id("baseline"), new_run_id("baseline")
+    assert a != b and a.startswith("baseline-") and len(a) == len("baseline-") + 8
+    assert new_run_id("a/b c").startswith("a-b-c-") and len(new_run_id("x" * 300)) <= 128
+    cfg = C.apply_overrides(C.load_recipe("smoke"), {"cluster.run_name": "old"})
+    assert run_id_of(cfg) == "old"
+    assert run_id_of(C.apply_overrides(cfg, {"tracking.run_id": a})) == a

@@ -102,8 +102,12 @@ def test_checkpoint_is_self_describing_and_placed_on_two_nodes(trained, store):
 @pytest.mark.timeout(600)
 def test_wandb_offline_run_per_training_run(trained):
     folder, output = trained
-    (run,) = (folder / "wandb").glob("offline-run-*-learn")
+    (run,) = (folder / "wandb").glob("offline-run-*-learn-*")
     view = RunView.read(next(run.glob("*.wandb")))
+    # The W&B id is the run's name and a random suffix, kept in its config: a run of the same
+    # name elsewhere (another user's, or this one started again) is another W&B run.
+    assert view.run_id == json.loads((folder / "config.json").read_text())["tracking"]["run_id"]
+    assert re.fullmatch(r"learn-[0-9a-f]{8}", view.run_id) and view.name == "learn"
     history = json.loads((folder / "history.json").read_text())
     assert view.epochs() == [1, 2, 3]
     assert [h["epoch/val_top1_error"] for h in view.history if "epoch/epoch" in h] == \
@@ -259,7 +263,10 @@ def test_resumed_run_in_s3_ends_with_the_same_weights(trained, cli, store, s3_bu
     assert {"epoch-0003", "config.json", "history.json", "curves.png", "wandb"} <= set(storage.listdir(run))
     history = json.loads(storage.read_text(storage.join(run, "history.json")))
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert any(n.startswith("offline-run-") for n in storage.listdir(storage.join(run, "wandb")))
+    # The resumed run went on in the same W&B run: both offline records carry the run's id.
+    records = [n for n in storage.listdir(storage.join(run, "wandb")) if n.startswith("offline-run-")]
+    saved_id = json.loads(storage.read_text(storage.join(run, "config.json")))["tracking"]["run_id"]
+    assert len(records) == 2 and {n.split("-", 3)[3] for n in records} == {saved_id}, (records, saved_id)
     assert not (tmp_path / "runs").exists() and not (Path.cwd() / "runs" / "broken").exists()
 
     r = cli("evaluate", run, "--data", s3_store)
@@ -382,7 +389,7 @@ def test_a_whole_node_killed_mid_run_restarts_on_the_nodes_left(ray_cluster, cli
         # The restarted rank 0 went on with the same W&B run: one run, every epoch, the restart counted.
         (data,) = folder.glob("wandb/offline-run-*/*.wandb")
         view = RunView.read(data)
-        assert view.run_id == "node-lost" and view.epochs() == [1, 2, 3]
+        assert view.run_id.startswith("node-lost-") and view.name == "node-lost" and view.epochs() == [1, 2, 3]
         assert view.summary["worker_restarts"] >= 1 and view.summary["ended"] == "finished"
         assert view.exit_code == 0
     finally:

@@ -199,7 +199,8 @@ def _open_tracker(cfg: Config, loop_config: dict[str, Any], primary: bool, manif
         return Tracker()
     if loop_config.get("tracker"):
         return RemoteTracker.connect(loop_config["tracker"])
-    tracker = Tracker.start(cfg, run_id=loop_config["run_name"], run_dir=loop_config["run_dir"],
+    tracker = Tracker.start(cfg, run_id=cfg.tracking.run_id or loop_config["run_name"],
+                            name=loop_config["run_name"], run_dir=loop_config["run_dir"],
                             group=cfg.tracking.group)
     if tracker.active:
         tracker.use_dataset(*dataset_artifact(manifest))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import runs, storage
-from ..config import Config
+from ..config import Config, apply_overrides
 from ..errors import JobFailed, UserError, last_line
 
 
@@ -272,12 +272,15 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
         runs.check_new_or_resumed("run", cfg.cluster.run_name, cfg.cluster.storage, False, True)
     else:
         runs.hold_folder(folder, "run", cfg.cluster.run_name)
+        if not cfg.tracking.run_id:
+            cfg = apply_overrides(cfg, {"tracking.run_id": tracking.new_run_id(cfg.cluster.run_name)})
     cfg.save(storage.join(folder, "config.json"))
     at_max = f" at {placement.nodes} nodes" if placement.min_nodes is not None else ""
     print(f"run {cfg.cluster.run_name}: {placement.describe()}, global batch {cfg.optim.batch_size}"
           f"{at_max}, folder {storage.display(folder)}", flush=True)
-    recorder = tracking.start_recorder(cfg, run_id=cfg.cluster.run_name, run_dir=folder,
-                                       group=cfg.tracking.group, dataset=dataset_artifact(manifest))
+    recorder = tracking.start_recorder(cfg, run_id=tracking.run_id_of(cfg), name=cfg.cluster.run_name,
+                                       run_dir=folder, group=cfg.tracking.group,
+                                       dataset=dataset_artifact(manifest))
     ended = "failed"
     try:
         with PlacementWatch(say=lambda line: print(line, flush=True)):

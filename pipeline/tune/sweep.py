@@ -19,7 +19,7 @@ from .. import runs, storage
 from ..config import Config, apply_overrides, validate
 from ..errors import JobFailed, UserError, last_line
 from ..models import spec as model_spec
-from ..tracking import recorder_name
+from ..tracking import new_run_id, recorder_name
 from ..train.plots import save_png
 from .space import plan_space, sample_overrides
 
@@ -51,8 +51,9 @@ def trial_resources(cfg: Config) -> dict[str, float]:
 
 
 def trial_config(base: Config, overrides: dict[str, Any], trial_name: str, trials_dir: str) -> Config:
+    # A trial's W&B id is its Tune trial name (random per sweep), not the sweep's id.
     changes = {**overrides, "cluster.run_name": trial_name, "cluster.storage": str(trials_dir),
-               "train.resume": False}
+               "train.resume": False, "tracking.run_id": None}
     if not in_process(base):
         # The trial function holds TRIAL_CPU on some node; its workers ask for that much less,
         # so a node with a whole number of CPUs still fits its share of workers beside the trial.
@@ -172,6 +173,8 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
         runs.check_new_or_resumed("sweep", s.name, cfg.cluster.storage, False, True)
     else:
         runs.hold_folder(folder, "sweep", s.name)
+        if not cfg.tracking.run_id:
+            cfg = apply_overrides(cfg, {"tracking.run_id": new_run_id(s.name)})
         runs.save_sweep(folder, cfg, manifest_sha256)
     trials_dir = storage.join(folder, "trials")
     tracked = resolve_mode(cfg.tracking.wandb) != "disabled"
@@ -311,8 +314,9 @@ def log_table(cfg: Config, folder: str, rows: list[dict[str, Any]]) -> None:
     """The sweep's table as a W&B table, in a summary run of the sweep's group."""
     from ..tracking import Tracker
 
-    tracker = Tracker.start(cfg, run_id=f"{cfg.sweep.name}-summary", run_dir=folder,
-                            job_type="sweep", group=cfg.sweep.name)
+    tracker = Tracker.start(cfg, run_id=f"{cfg.tracking.run_id or cfg.sweep.name}-summary",
+                            name=f"{cfg.sweep.name}-summary", run_dir=folder, job_type="sweep",
+                            group=cfg.sweep.name)
     tracker.log_table("sweep/results", COLUMNS, [[r[c] for c in COLUMNS] for r in rows])
     tracker.finish(summary={"best_val_top1_error": rows[0]["best_val_top1_error"],
                             "best_trial": rows[0]["trial"]})
