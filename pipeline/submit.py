@@ -596,6 +596,14 @@ def submitter() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+def job_name(job: str, cfg: dict[str, Any]) -> str:
+    """The run a train job trains or the sweep a sweep job runs, for `jobs list`: on a shared
+    cluster, which job is whose work."""
+    section, key = {"train": ("cluster", "run_name"), "sweep": ("sweep", "name")}.get(job, ("", ""))
+    value = (cfg.get(section) or {}).get(key) if section else None
+    return str(value) if value else ""
+
+
 def _submit_package(server: JobServer, job: str, cfg: dict[str, Any], package: Package,
                     driver: dict[str, float] | None = None) -> str:
     uri = server.upload(package.data)
@@ -603,6 +611,9 @@ def _submit_package(server: JobServer, job: str, cfg: dict[str, Any], package: P
     entrypoint = f"{server.python} -m jobs.{job} --config {package.config_path}"
     metadata = {"densenet_pipe_job": job, "config_digest": config_digest(cfg),
                 "command": f"densenet-pipe {job}", "user": submitter()}
+    name = job_name(job, cfg)
+    if name:
+        metadata["name"] = name
     env = {**job_env(cfg, server, job), runs.JOB_ID_ENV: job_id}
     return server.submit(entrypoint, {"working_dir": uri, "env_vars": env}, metadata, job_id, driver)
 

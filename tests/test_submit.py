@@ -211,13 +211,14 @@ def test_a_job_someone_else_submitted_is_listed_as_theirs_and_stopped_only_with_
     """A shared cluster holds everyone's jobs and one token lets anyone stop any of them."""
     server = submit.connect(None, start=False)
     theirs = server.submit(f"{server.python} -c 'import time; time.sleep(600)'", {},
-                           {"densenet_pipe_job": "train", "user": "someone@elsewhere"},
+                           {"densenet_pipe_job": "train", "user": "someone@elsewhere", "name": "their-run"},
                            f"train-theirs-{secrets.token_hex(2)}")
     mine = cli("doctor", "--quick", "--detach").stdout.strip()
     assert _wait_status(cli, theirs, {"RUNNING"}) == "RUNNING"
     listed = cli("jobs", "list")
     row = next(line for line in listed.stdout.splitlines() if line.startswith(theirs))
-    assert "someone@elsewhere" in row
+    assert "someone@elsewhere" in row and " their-run " in row, listed.stdout
+    assert "name:       their-run" in cli("jobs", "status", theirs).stdout
     only_mine = _ids(cli("jobs", "list", "--mine", "--format", "json"))
     assert mine in only_mine and theirs not in only_mine
     assert submit.submitter() in cli("jobs", "status", mine).stdout

@@ -129,3 +129,11 @@ def test_a_job_left_pending_says_what_it_waits_for(monkeypatch):
     assert len(notes) == 1, notes
     assert notes[0].startswith("job prepare-2 has waited ")
     assert "its driver needs 2 CPU(s) and 3.0 GiB of memory free on one node; running now: sweep-1 (" in notes[0]
+
+
+def test_a_train_or_sweep_job_is_listed_with_the_run_or_sweep_it_works_on():
+    from pipeline.submit import job_name
+
+    assert job_name("train", {"cluster": {"run_name": "baseline"}}) == "baseline"
+    assert job_name("sweep", {"sweep": {"name": "s1"}, "cluster": {"run_name": None}}) == "s1"
+    assert job_name("prepare", {"out": "stores/x"}) == "" and job_name("train", {}) == ""

@@ -55,11 +55,12 @@ def list_jobs(address: Address = None, fmt: Format = TableFormat.table,
         output.info("no jobs of yours yet" if mine else "no jobs yet")
         return
     output.table(
-        ["ID", "JOB", "STATUS", "USER", "STARTED", "TOOK", "CONFIG"],
+        ["ID", "JOB", "NAME", "STATUS", "USER", "STARTED", "TOOK", "CONFIG"],
         [[j["submission_id"], (j.get("metadata") or {}).get("densenet_pipe_job", ""),
+          (j.get("metadata") or {}).get("name", ""),
           j.get("status"), _user(j), _when(j.get("start_time")), _took(j),
           (j.get("metadata") or {}).get("config_digest", "")] for j in jobs],
-        align="lllllrl",
+        align="llllllrl",
     )
 
 
@@ -75,7 +76,8 @@ def status(job_id: JobId, address: Address = None, fmt: Format = TableFormat.tab
     meta = job.get("metadata") or {}
     fields = [
         ("id", job.get("submission_id")), ("status", job.get("status")),
-        ("job", meta.get("densenet_pipe_job", "")), ("user", meta.get("user", "")),
+        ("job", meta.get("densenet_pipe_job", "")), ("name", meta.get("name", "")),
+        ("user", meta.get("user", "")),
         ("config", meta.get("config_digest", "")),
         ("started", _when(job.get("start_time"))), ("ended", _when(job.get("end_time"))),
         ("took", _took(job)), ("exit code", job.get("driver_exit_code")),
