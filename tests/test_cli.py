@@ -240,6 +240,12 @@ def test_a_resume_sizes_the_local_cluster_by_the_runs_own_nodes(tiny_store, tmp_
                                 "--epochs", "3", *more])
         assert r.exit_code == 0, r.output
         assert asked[-1]["nodes"] == asked[-1]["max_nodes"] == nodes
+    # --dry-run shows what the job will train with: the run's batch and nodes, the new epochs.
+    r = runner.invoke(app, ["train", "densenet_simple", "--storage", str(tmp_path), "--resume", "r",
+                            "--epochs", "3", "--dry-run"])
+    shown = json.loads(r.stdout)
+    assert (shown["optim"]["batch_size"], shown["cluster"]["nodes"], shown["train"]["epochs"]) == (48, 3, 3)
+    assert shown["model"]["name"] == "densenet_simple" and shown["train"]["resume"] is True
 
 
 def test_w_and_b_s_environment_sets_tracking_under_the_flags(tiny_store, tmp_path, monkeypatch):

@@ -142,6 +142,8 @@ def test_real_sweep_with_asha_table_plot_wandb_and_resume(ray_cluster, cli, hard
     # is refused before anything is submitted, and no other flag is needed.
     r = cli("sweep", "densenet_bc", "--resume", "s1", "--storage", tmp_path, "--epochs", "5")
     assert r.exit_code == 2 and "train.epochs was 4, now 5" in r.stderr and "submitted" not in r.output, r.output
+    shown = json.loads(cli("sweep", "densenet_bc", "--resume", "s1", "--storage", tmp_path, "--dry-run").stdout)
+    assert shown["sweep"]["growth_rates"] == [4, 8] and shown["train"]["epochs"] == 4 and shown["sweep"]["resume"]
     r = cli("sweep", "densenet_bc", "--resume", "s1", "--storage", tmp_path)
     assert r.exit_code == 0, r.output
     assert "resuming sweep s1" in r.output

@@ -93,6 +93,6 @@ def sweep(
         placed = resumed_sweep(cfg, cfg.cluster.storage)
         plan_space(placed)
     if dry_run:
-        output.result(cfg.to_json())
+        output.result(placed.to_json())
         return
     raise typer.Exit(submit_job("sweep", cfg, address, detach, stop_on_interrupt, placed=placed))

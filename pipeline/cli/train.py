@@ -161,11 +161,13 @@ def train(
     placed = cfg
     if cfg.train.resume and address is None:
         placed = runs.resumed(cfg, cfg.cluster.storage)
+    # What the job will train with: for a resume seen here, the run's own config and the
+    # changes asked for, not the recipe's defaults it never used.
     if save_config:
         check_config_out(save_config)
-        cfg.save(save_config)
+        placed.save(save_config)
     if dry_run:
-        output.result(cfg.to_json())
+        output.result(placed.to_json())
         return
     code = submit_job("train", cfg, address, detach, stop_on_interrupt, placed=placed)
     raise typer.Exit(code)
