@@ -265,7 +265,7 @@ def test_w_and_b_s_environment_sets_tracking_under_the_flags(tiny_store, tmp_pat
     monkeypatch.setenv("WANDB_ENTITY", "lab")
     monkeypatch.setenv("WANDB_RUN_GROUP", "week-49")
     assert tracking() | {"tags": []} == {"wandb": "off", "project": "pets", "entity": "lab",
-                                        "group": "week-49", "tags": []}
+                                        "group": "week-49", "tags": [], "run_id": None}
     flagged = tracking("--wandb", "offline", "--wandb-project", "other", "--set", "tracking.entity=me")
     assert (flagged["wandb"], flagged["project"], flagged["entity"]) == ("offline", "other", "me")
     monkeypatch.setenv("WANDB_MODE", "dryrun")
