@@ -312,6 +312,15 @@ def resumed(cfg, storage: str):
     return merged
 
 
+def check_same_store(kind: str, name: str, trained_on: str | None, store: str, digest: str) -> None:
+    """A resumed run (or sweep) goes on only on the store it trained on: the same manifest hash."""
+    if trained_on and digest and trained_on != digest:
+        who = "the run trained" if kind == "run" else "the sweep's trials trained"
+        raise UserError(f"--resume {name}: {who} on a store whose manifest sha256 is {trained_on[:12]}, and "
+                        f"{store} has {digest[:12]}: pass the {kind}'s own store with --data (or none), or "
+                        f"start a new {kind}")
+
+
 def trained_epochs(run_dir: str) -> int:
     """The epoch of a run folder's newest complete checkpoint (0 without one)."""
     from .train import checkpoint

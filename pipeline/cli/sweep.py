@@ -58,7 +58,7 @@ def sweep(
     from ..runs import resumed_sweep
     from ..storage import is_uri
     from ..tune.space import plan_space
-    from .train import build_config
+    from .train import build_config, given_keys
 
     if family not in ("densenet", "densenet_bc"):
         raise UserError(f"unknown family {family!r}: sweep densenet or densenet_bc")
@@ -79,9 +79,7 @@ def sweep(
     # A resume goes on with the sweep's saved config; the flags given are checked against it.
     cfg = build_config(recipe or "cifar", None, flags, sets, check=not resume)
     if resume:
-        changed = sorted({k for k, v in flags.items() if v is not None}
-                         | {s.split("=", 1)[0].strip() for s in sets or []})
-        cfg = apply_overrides(cfg, {"sweep.resume_changes": changed})
+        cfg = apply_overrides(cfg, {"sweep.resume_changes": given_keys(flags, sets)})
     else:
         for line in plan_space(cfg).dropped:
             output.info(line)

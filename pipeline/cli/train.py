@@ -50,6 +50,11 @@ def default_store(model_name: str, recipe: str | None, local: bool) -> str:
                     f"{'the store_root setting' if settings.get('store_root').value else './stores'})")
 
 
+def given_keys(flags: dict[str, Any], sets: list[str] | None) -> list[str]:
+    """The config keys the user gave: flags with a value and --set keys (what a resume checks)."""
+    return sorted({k for k, v in flags.items() if v is not None} | {s.split("=", 1)[0].strip() for s in sets or []})
+
+
 def build_config(recipe: str | None, model_name: str | None, flags: dict[str, Any],
                  sets: list[str] | None, check: bool = True) -> C.Config:
     """Recipe defaults, then W&B's environment (WANDB_MODE, WANDB_PROJECT, ...), then flags
@@ -149,8 +154,7 @@ def train(
         if name and name != resume:
             raise UserError(f"--resume {resume} and --name {name} disagree: give only --resume")
         # The job trains with the run's saved config; these are the keys the user gave.
-        changed = sorted({k for k, v in flags.items() if v is not None} | {"model.name"}
-                         | {s.split("=", 1)[0].strip() for s in sets or []})
+        changed = sorted({*given_keys(flags, sets), "model.name"})
         cfg = C.apply_overrides(cfg, {"cluster.run_name": resume, "train.resume": True,
                                       "train.resume_changes": changed,
                                       "train.resume_from_epoch": from_epoch})

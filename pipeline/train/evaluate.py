@@ -57,8 +57,7 @@ def trained_store(state: dict[str, Any], checkpoint_path: str) -> str:
     if not path:
         raise UserError(f"{storage.display(checkpoint_path)} does not record the store it trained on: "
                         "pass --data STORE")
-    there = storage.exists(storage.join(path, "manifest.json")) if storage.is_uri(path) else (Path(path) / "manifest.json").is_file()
-    if not there:
+    if not storage.is_file(storage.join(path, "manifest.json")):
         raise UserError(f"the net trained on {storage.display(path)}, which is not there now (moved or "
                         "removed): pass --data STORE with the same classes")
     return path

@@ -257,11 +257,8 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
             checkpoint.set_aside_after(folder, cfg.train.resume_from_epoch)
         # A corrupt latest checkpoint would otherwise fail every worker restart in turn.
         state = checkpoint.load(folder)
-        trained_on = state.get("store", {}).get("manifest_sha256")
-        if trained_on and manifest_sha256 and trained_on != manifest_sha256:
-            raise UserError(f"--resume {cfg.cluster.run_name}: the run trained on a store whose manifest "
-                            f"sha256 is {trained_on[:12]}, and {cfg.data.store} has {manifest_sha256[:12]}: "
-                            "pass the run's own store with --data (or none), or start a new run")
+        runs.check_same_store("run", cfg.cluster.run_name, state.get("store", {}).get("manifest_sha256"),
+                              cfg.data.store, manifest_sha256)
         print(f"resuming {cfg.cluster.run_name} after epoch {state['epoch']}", flush=True)
     placement = plan_placement(cfg)
     check_nodes(cfg, manifest_sha256, placement.workers_per_node * placement.cpus_per_worker)

@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import runs, storage
 from ..config import Config, apply_overrides, validate
-from ..errors import JobFailed, UserError, last_line
+from ..errors import JobFailed, last_line
 from ..models import spec as model_spec
 from ..tracking import new_run_id, recorder_name
 from ..train.plots import save_png
@@ -162,12 +162,8 @@ def run(cfg: Config, manifest, manifest_sha256: str = "") -> str:
     check_nodes(cfg, manifest_sha256, 0.0)
     if s.resume:
         runs.hold_folder(folder, "sweep", s.name)
-        saved = runs.saved_sweep(folder)
-        trained_on = (saved or {}).get("manifest_sha256")
-        if trained_on and manifest_sha256 and trained_on != manifest_sha256:
-            raise UserError(f"--resume {s.name}: the sweep's trials trained on a store whose manifest "
-                            f"sha256 is {trained_on[:12]}, and {cfg.data.store} has {manifest_sha256[:12]}: "
-                            "pass the sweep's own store with --data (or none), or start a new sweep")
+        runs.check_same_store("sweep", s.name, (runs.saved_sweep(folder) or {}).get("manifest_sha256"),
+                              cfg.data.store, manifest_sha256)
     elif not storage.claim_dir(folder):
         # Another job took the name since the check above (two submitted at once).
         runs.check_new_or_resumed("sweep", s.name, cfg.cluster.storage, False, True)
